@@ -1,0 +1,501 @@
+"""Reading and writing microscopy images, pairing images with masks, validating a dataset.
+
+Axes conventions: a 2D image is returned as ``(H, W, C)`` ("YXC"), a mask as ``(H, W)``,
+a 3D stack as ``(Z, Y, X, C)``. TIFF files are read with tifffile, PNG/JPEG/BMP with Pillow.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+IMAGE_DTYPES = ("uint8", "uint16", "int32", "float32")
+MASK_DTYPES = ("uint8", "uint16", "int32", "uint32")
+# A dimension this small next to two large ones is taken for channels, not for space.
+MAX_CHANNELS = 16
+
+
+class ImageReadError(Exception):
+    """A file could not be read as an image (unreadable, truncated, or of an unusable layout)."""
+
+
+class DatasetError(Exception):
+    """Every problem found in a dataset, reported at once.
+
+    ``problems`` is the list of one-line messages; ``str(error)`` is the full report.
+    """
+
+    def __init__(self, problems: list[str], title: str = "The dataset has problems"):
+        self.problems = list(problems)
+        lines = [f"{title} ({len(self.problems)}); nothing was written:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What a file holds, read from its header where the format allows it.
+
+    ``shape`` is ``(H, W, C)`` for a 2D image (C = 1 for greyscale) or ``(Z, Y, X, C)`` for a stack.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    axes: str
+
+    @property
+    def is_volume(self) -> bool:
+        return len(self.shape) == 4
+
+
+# Axes
+
+
+def _canonical_axes(shape: tuple[int, ...], axes: str | None, path: Path) -> tuple[str, tuple[int, ...]]:
+    """Work out the axes of an array as stored, returning a canonical axes string for it.
+
+    The result uses ``Y``, ``X``, ``C`` (channels), ``Z`` (planes). A dimension of length 1
+    other than Y/X is dropped from the answer later by :func:`_to_canonical`.
+    """
+    ndim = len(shape)
+    if axes:
+        # tifffile names samples S and channels C; time T, planes Z, anything else Q/I.
+        mapped = []
+        for a in axes.upper():
+            if a in "SC":
+                mapped.append("C")
+            elif a in "YX":
+                mapped.append(a)
+            else:
+                mapped.append("Z")
+        merged = "".join(mapped)
+        if merged.count("Y") == 1 and merged.count("X") == 1 and merged.count("C") <= 1:
+            if merged.count("Z") <= 1:
+                return merged, shape
+    # No usable axes metadata: guess from the sizes.
+    if ndim == 2:
+        return "YX", shape
+    if ndim == 3:
+        first, last = shape[0], shape[-1]
+        if last <= MAX_CHANNELS < min(shape[0], shape[1]):
+            return "YXC", shape
+        if first <= MAX_CHANNELS < min(shape[1], shape[2]):
+            return "CYX", shape
+        return "ZYX", shape
+    if ndim == 4:
+        if shape[-1] <= MAX_CHANNELS:
+            return "ZYXC", shape
+        if shape[1] <= MAX_CHANNELS:
+            return "ZCYX", shape
+    raise ImageReadError(f"cannot tell the axes of an array of shape {shape} in {path}; "
+                         "save 2D images as YX or YXC and stacks as ZYX or ZYXC")
+
+
+def _to_canonical(array: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """Reorder ``array`` (with ``axes``) to ``(Y, X, C)`` or ``(Z, Y, X, C)``."""
+    # Drop singleton non-spatial axes so that e.g. TZCYX with T = 1 works.
+    while len(axes) > 3 and any(a == "Z" and n == 1 for a, n in zip(axes, array.shape)):
+        i = next(i for i, (a, n) in enumerate(zip(axes, array.shape)) if a == "Z" and n == 1)
+        array = array.reshape(array.shape[:i] + array.shape[i + 1:])
+        axes = axes[:i] + axes[i + 1:]
+    if axes.count("Z") > 1:
+        raise ImageReadError(f"{path} has more than one non-spatial axis ({axes}, shape {array.shape}); "
+                             "save one 2D image or one ZYX(C) stack per file")
+    if "C" not in axes:
+        array = array[..., np.newaxis]
+        axes = axes + "C"
+    target = "ZYXC" if "Z" in axes else "YXC"
+    order = [axes.index(a) for a in target]
+    return np.ascontiguousarray(np.transpose(array, order)) if order != list(range(len(order))) else array
+
+
+# Reading
+
+
+def _pil_open(path: Path):
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # microscopy images are legitimately huge
+    return Image.open(path)
+
+
+def read_info(path: str | os.PathLike) -> ImageInfo:
+    """Shape, dtype and axes of an image file, from its header (pixels are not decoded).
+
+    Raises ``ImageReadError`` when the file is not a readable image.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+        else:
+            with _pil_open(path) as im:
+                shape, dtype, axes = _pil_shape_dtype(im)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # any decoder failure means the same thing to the user
+        raise ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    canon, _ = _canonical_axes(shape, axes, path)
+    sizes = dict(zip(canon, shape))
+    # Singleton non-spatial axes are dropped as in _to_canonical.
+    z_axes = [n for a, n in zip(canon, shape) if a == "Z" and n != 1]
+    channels = sizes.get("C", 1)
+    if z_axes:
+        out_shape = (z_axes[0], sizes["Y"], sizes["X"], channels)
+    else:
+        out_shape = (sizes["Y"], sizes["X"], channels)
+    return ImageInfo(shape=tuple(int(s) for s in out_shape), dtype=dtype.name, axes=canon)
+
+
+def _pil_shape_dtype(im) -> tuple[tuple[int, ...], np.dtype, str]:
+    width, height = im.size
+    mode = im.mode
+    table = {"1": ("bool", 1), "L": ("uint8", 1), "P": ("uint8", 1), "LA": ("uint8", 2),
+             "RGB": ("uint8", 3), "RGBA": ("uint8", 4), "CMYK": ("uint8", 4), "YCbCr": ("uint8", 3),
+             "I;16": ("uint16", 1), "I;16B": ("uint16", 1), "I;16L": ("uint16", 1),
+             "I": ("int32", 1), "F": ("float32", 1)}
+    if mode not in table:
+        raise ImageReadError(f"unsupported image mode {mode!r}")
+    dtype, channels = table[mode]
+    if channels == 1:
+        return (height, width), np.dtype(dtype), "YX"
+    return (height, width, channels), np.dtype(dtype), "YXS"
+
+
+def _read_raw(path: Path) -> tuple[np.ndarray, str | None]:
+    """Decode the whole file: the array as stored and its axes (None when unknown)."""
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return series.asarray(), series.axes
+    with _pil_open(path) as im:
+        im.load()
+        if im.mode == "P":
+            im = im.convert("L")
+        if im.mode in ("I;16", "I;16B", "I;16L"):
+            array = np.array(im, dtype=np.uint16)
+        elif im.mode == "CMYK" or im.mode == "YCbCr":
+            array = np.array(im.convert("RGB"))
+        else:
+            array = np.array(im)
+    return array, ("YX" if array.ndim == 2 else "YXS")
+
+
+def read_any(path: str | os.PathLike) -> np.ndarray:
+    """Read a 2D image or a 3D stack: ``(H, W, C)`` or ``(Z, Y, X, C)``.
+
+    Raises ``ImageReadError`` for unreadable or truncated files and unknown layouts.
+    """
+    path = Path(path)
+    try:
+        array, axes = _read_raw(path)
+    except Exception as exc:
+        raise ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    canon, _ = _canonical_axes(array.shape, axes, path)
+    return _to_canonical(array, canon, path)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a 2D image as ``(H, W, C)`` in its stored dtype (C = 1 for greyscale).
+
+    Raises ``ImageReadError`` when the file is unreadable or holds a 3D stack.
+    """
+    array = read_any(path)
+    if array.ndim != 3:
+        raise ImageReadError(f"{path} holds a stack of shape (Z, Y, X, C) = {array.shape}, "
+                             "not a 2D image; use read_volume for stacks")
+    return array
+
+
+def read_volume(path: str | os.PathLike) -> np.ndarray:
+    """Read a 3D stack as ``(Z, Y, X, C)``; a 2D image becomes a stack of one plane."""
+    array = read_any(path)
+    return array[np.newaxis] if array.ndim == 3 else array
+
+
+def read_mask(path: str | os.PathLike, binary_255: bool = True) -> np.ndarray:
+    """Read a label mask as ``(H, W)`` integers.
+
+    A mask whose values are exactly {0, 255} (or {255}) becomes 0/1 when ``binary_255``
+    (masks saved by image editors). A boolean mask becomes uint8. A float mask whose values
+    are all non-negative integers is converted to the smallest fitting unsigned dtype.
+    RGB masks are accepted when their channels are identical.
+
+    Raises ``ImageReadError`` for unreadable files, multi-channel masks, negative or
+    non-integer values and unsupported dtypes.
+    """
+    path = Path(path)
+    array = read_image(path)
+    if array.shape[2] > 1:
+        first = array[..., :1]
+        # grey + alpha or RGB + alpha: the alpha channel carries no label
+        colour = array[..., :-1] if array.shape[2] in (2, 4) else array
+        if not np.all(colour == colour[..., :1]):
+            raise ImageReadError(f"mask must have one channel; got {array.shape[2]} channels in {path}. "
+                                 "Save label masks as single-channel images")
+        array = first
+    mask = array[..., 0]
+    mask = _integer_mask(mask, path)
+    if binary_255 and mask.dtype == np.uint8:
+        values = np.unique(mask) if mask.size <= 1 << 16 else None
+        top = int(mask.max()) if mask.size else 0
+        if top == 255:
+            if values is None:
+                values = np.unique(mask)
+            if set(values.tolist()) <= {0, 255}:
+                mask = (mask == 255).astype(np.uint8)
+    return mask
+
+
+def _integer_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    if mask.dtype == bool:
+        return mask.astype(np.uint8)
+    if mask.dtype.kind == "f":
+        if not np.all(np.isfinite(mask)) or not np.all(mask == np.round(mask)):
+            raise ImageReadError(f"mask values must be integers; got non-integer values in {path}. "
+                                 "Save masks with integer labels (uint8/uint16)")
+        if mask.size and mask.min() < 0:
+            raise ImageReadError(f"mask values must be >= 0; got {mask.min():g} in {path}")
+        return mask.astype(smallest_uint(int(mask.max()) if mask.size else 0))
+    if mask.dtype.kind not in "ui":
+        raise ImageReadError(f"mask dtype must be one of {', '.join(MASK_DTYPES)}; got {mask.dtype} in {path}")
+    if mask.dtype.kind == "i" and mask.size and mask.min() < 0:
+        raise ImageReadError(f"mask values must be >= 0; got {int(mask.min())} in {path}. "
+                             "Labels are 0 (background) to N")
+    if mask.dtype.name not in MASK_DTYPES:
+        top = int(mask.max()) if mask.size else 0
+        return mask.astype(smallest_uint(top))
+    return mask
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    """The smallest unsigned dtype holding ``max_value``: uint8, uint16, uint32 or uint64."""
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"label value {max_value} does not fit in uint64")
+
+
+# Writing
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, compression: str | None = None) -> Path:
+    """Write a 2D image ``(H, W)`` / ``(H, W, C)`` or a stack atomically (temporary name, then rename).
+
+    TIFF keeps any dtype; PNG takes uint8/uint16 with 1, 3 or 4 channels.
+    Raises ``ValueError`` for a format that cannot hold the array.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(f"output format must be one of {', '.join(IMAGE_EXTENSIONS)}; got {path.name!r}")
+    array = np.asarray(array)
+    if suffix not in TIFF_EXTENSIONS:
+        squeezed = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+        if squeezed.dtype.name not in ("uint8", "uint16", "bool") or squeezed.ndim not in (2, 3):
+            raise ValueError(f"{suffix} holds 2D uint8/uint16 images; got {array.dtype} of shape {array.shape} "
+                             f"for {path}. Use .tif")
+        if squeezed.dtype == np.uint16 and squeezed.ndim == 3:
+            raise ValueError(f"{suffix} cannot hold multi-channel uint16 images; got shape {array.shape} for {path}. "
+                             "Use .tif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix in TIFF_EXTENSIONS:
+            import tifffile
+
+            photometric = "rgb" if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8 \
+                else "minisblack"
+            tifffile.imwrite(tmp, array, photometric=photometric, compression=compression,
+                             bigtiff=array.nbytes > 2**31)
+        else:
+            from PIL import Image
+
+            data = squeezed.astype(np.uint8) if squeezed.dtype == bool else squeezed
+            Image.fromarray(data).save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG"}.get(suffix, suffix[1:].upper()))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# Folders and pairing
+
+
+def list_images(folder: str | os.PathLike, image_format: str | None = None) -> tuple[dict[str, Path], list[str]]:
+    """Image files of a folder by key (file stem).
+
+    ``image_format`` restricts the extension ("tif" also takes ".tiff"). Returns
+    ``(files, problems)``; two files with the same stem are a problem (ambiguous key).
+    Raises ``FileNotFoundError`` when the folder does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder must exist; got {str(folder)!r} (not a directory)")
+    extensions = IMAGE_EXTENSIONS
+    if image_format:
+        fmt = "." + image_format.lower().lstrip(".")
+        extensions = TIFF_EXTENSIONS if fmt in TIFF_EXTENSIONS else (".jpg", ".jpeg") if fmt in (".jpg", ".jpeg") \
+            else (fmt,)
+    files: dict[str, Path] = {}
+    problems = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file() or entry.suffix.lower() not in extensions:
+            continue
+        if entry.stem in files:
+            problems.append(f"two files share the key {entry.stem!r} in {folder}: {files[entry.stem].name} and "
+                            f"{entry.name}; keep one")
+            continue
+        files[entry.stem] = entry
+    return files, problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    key: str
+    image: Path
+    mask: Path
+
+
+def infer_mask_suffix(image_keys: Iterable[str], mask_keys: Iterable[str]) -> str:
+    """The suffix that turns image keys into mask keys ("" when the stems are equal).
+
+    Looks at mask keys that start with an image key followed by a separator ("_", "-", ".")
+    and takes the most common remainder ("_mask" for ``0001.tif`` / ``0001_mask.png``).
+    """
+    image_keys = set(image_keys)
+    mask_keys = set(mask_keys)
+    exact = len(image_keys & mask_keys)
+    counts: collections.Counter[str] = collections.Counter()
+    for mask_key in mask_keys - image_keys:
+        for cut in range(1, len(mask_key)):
+            if mask_key[cut] in "_-." and mask_key[:cut] in image_keys:
+                counts[mask_key[cut:]] += 1
+    if counts:
+        suffix, n = counts.most_common(1)[0]
+        if n > exact:
+            return suffix
+    return ""
+
+
+def pair_images_masks(images: dict[str, Path], masks: dict[str, Path],
+                      mask_suffix: str | None = None) -> tuple[list[Pair], list[str]]:
+    """Pair images with masks by key, never by position.
+
+    ``mask_suffix`` None: inferred with :func:`infer_mask_suffix`. A mask key is the image key
+    plus the suffix; with an inferred suffix an exact stem match is accepted too.
+    Returns ``(pairs, problems)`` where problems name every image without a mask and every
+    mask without an image.
+    """
+    explicit = mask_suffix is not None
+    suffix = mask_suffix if explicit else infer_mask_suffix(images, masks)
+    pairs, problems, used = [], [], set()
+    for key, image_path in images.items():
+        mask_key = key + suffix
+        if mask_key not in masks and not explicit and key in masks:
+            mask_key = key
+        if mask_key in masks:
+            pairs.append(Pair(key, image_path, masks[mask_key]))
+            used.add(mask_key)
+    orphans_img = [images[k].name for k in images if k not in {p.key for p in pairs}]
+    orphans_mask = [masks[k].name for k in masks if k not in used]
+    hint = f" (mask key = image key + {suffix!r})" if suffix else ""
+    if orphans_img:
+        problems.append(f"{len(orphans_img)} image(s) have no mask{hint}: {', '.join(orphans_img)}")
+    if orphans_mask:
+        problems.append(f"{len(orphans_mask)} mask(s) have no image{hint}: {', '.join(orphans_mask)}")
+    return pairs, problems
+
+
+# Validation
+
+
+@dataclasses.dataclass
+class PairCheck:
+    """The outcome of checking one image/mask pair."""
+
+    key: str
+    problems: list[str]
+    image_shape: tuple[int, ...] | None = None  # (H, W, C)
+    image_dtype: str | None = None
+    mask_shape: tuple[int, ...] | None = None  # (H, W)
+    max_label: int | None = None
+
+
+def check_pair_headers(pair: Pair) -> PairCheck:
+    """Check a pair from file headers only: readability, layout, dtypes, sizes."""
+    check = PairCheck(pair.key, [])
+    try:
+        info = read_info(pair.image)
+        if info.is_volume:
+            check.problems.append(f"image must be 2D; got a stack of shape (Z, Y, X, C) = {info.shape} "
+                                  f"in {pair.image}")
+        elif info.dtype not in IMAGE_DTYPES:
+            check.problems.append(f"image dtype must be one of {', '.join(IMAGE_DTYPES)}; got {info.dtype} in "
+                                  f"{pair.image}. Convert it (e.g. float64 -> float32)")
+        else:
+            check.image_shape, check.image_dtype = info.shape, info.dtype
+    except ImageReadError as exc:
+        check.problems.append(f"unreadable image: {exc}")
+    try:
+        minfo = read_info(pair.mask)
+        if minfo.is_volume:
+            check.problems.append(f"mask must be 2D; got a stack of shape {minfo.shape} in {pair.mask}")
+        else:
+            check.mask_shape = minfo.shape[:2]
+            if minfo.shape[2] > 1 and minfo.shape[2] not in (2, 3, 4):
+                check.problems.append(f"mask must have one channel; got {minfo.shape[2]} in {pair.mask}")
+    except ImageReadError as exc:
+        check.problems.append(f"unreadable mask: {exc}")
+    if check.image_shape and check.mask_shape and check.image_shape[:2] != check.mask_shape:
+        check.problems.append(f"image and mask sizes differ: {pair.image} is {check.image_shape[0]}x"
+                              f"{check.image_shape[1]} (HxW), {pair.mask} is {check.mask_shape[0]}x"
+                              f"{check.mask_shape[1]}")
+    return check
+
+
+def check_mask_values(mask: np.ndarray, path: Path, number_classes: int | None,
+                      mask_type: str) -> list[str]:
+    """Problems with the values of a decoded mask (classes out of range)."""
+    if mask_type == "semantic" and number_classes is not None and mask.size:
+        top = int(mask.max())
+        if top >= number_classes:
+            values = np.unique(mask)
+            bad = values[values >= number_classes]
+            shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            return [f"mask values must be < number_classes={number_classes}; got {shown} in {path}. "
+                    "Raise --number_classes or fix the mask"]
+    return []
+
+
+def cross_check(checks: list[PairCheck]) -> list[str]:
+    """Problems that involve several images: differing channel counts and image dtypes."""
+    problems = []
+    for what, get in (("channel count", lambda c: c.image_shape[2]), ("image dtype", lambda c: c.image_dtype)):
+        groups: dict[object, list[str]] = collections.defaultdict(list)
+        for c in checks:
+            if c.image_shape is not None:
+                groups[get(c)].append(c.key)
+        if len(groups) > 1:
+            parts = []
+            for value, keys in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+                parts.append(f"{value} in {len(keys)} image(s) ({shown})")
+            problems.append(f"{what} must be the same for all images; got " + "; ".join(parts))
+    return problems
