@@ -435,7 +435,7 @@ class PairCheck:
     image_shape: tuple[int, ...] | None = None  # (H, W, C)
     image_dtype: str | None = None
     mask_shape: tuple[int, ...] | None = None  # (H, W)
-    max_label: int | None = None
+    mask_dtype: str | None = None
 
 
 def check_pair_headers(pair: Pair) -> PairCheck:
@@ -458,7 +458,7 @@ def check_pair_headers(pair: Pair) -> PairCheck:
         if minfo.is_volume:
             check.problems.append(f"mask must be 2D; got a stack of shape {minfo.shape} in {pair.mask}")
         else:
-            check.mask_shape = minfo.shape[:2]
+            check.mask_shape, check.mask_dtype = minfo.shape[:2], minfo.dtype
             if minfo.shape[2] > 1 and minfo.shape[2] not in (2, 3, 4):
                 check.problems.append(f"mask must have one channel; got {minfo.shape[2]} in {pair.mask}")
     except ImageReadError as exc:

@@ -310,3 +310,22 @@ class LmdbReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def summarize(path: str | os.PathLike) -> str:
+    """A few lines describing a database: records, tiles, classes, statistics, provenance."""
+    with LmdbReader(path) as reader:
+        m = reader.metadata
+        counts = np.asarray(m["class_pixel_counts"], dtype=np.float64)
+        fractions = ", ".join(f"{i}: {c / max(counts.sum(), 1):.1%}" for i, c in enumerate(counts))
+        n_sources = len(set(m["tiles"]["source"]))
+        image, label = reader[0] if len(reader) else (None, None)
+        shape = f"{image.shape} {image.dtype}, label {label.dtype}" if image is not None else "empty"
+        return "\n".join([
+            f"{path}: {len(reader)} records from {n_sources} images ({m['split']}), tile {shape}",
+            f"  {m['label_kind']} labels, {m['number_classes']} classes, pixel fractions {{{fractions}}}",
+            f"  tiles containing each class: {[len(t) for t in m['class_tiles']]}",
+            "  channel mean " + ", ".join(f"{v:.1f}" for v in m["channel_mean"])
+            + "; std " + ", ".join(f"{v:.1f}" for v in m["channel_std"])
+            + (f"; {m['folds']} folds" if m.get("folds") else ""),
+        ])

@@ -1,0 +1,33 @@
+# Two entry points, both self-contained on a fresh machine with Python 3.11:
+#   make demo   generate example data -> build LMDB databases -> print a summary
+#   make test   run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(PY) data/generate.py --output_folder demo_output/data --n_images 16 --seed 0
+	$(PY) build_lmdb.py --image_folder demo_output/data/images --mask_folder demo_output/data/masks \
+		--output_folder demo_output/db --dataset_name demo --number_classes 3 --train_fraction 0.75 \
+		--tile_size 256 --folds 4 --overwrite --quiet
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/bench_build_lmdb.py
+
+clean:
+	rm -rf demo_output .pytest_cache .hypothesis

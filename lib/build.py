@@ -1,0 +1,452 @@
+"""Building the train/test LMDB databases from image and mask folders.
+
+The build runs in three steps:
+
+1. pairing by key and a header check of every file (no pixels decoded), so that layout
+   problems are reported in seconds;
+2. a split of the source images (seeded), a k-fold assignment of the training images and
+   the tile grid of every image, all known before any pixel is read;
+3. one pass over the pairs in a process pool: each worker decodes a pair, checks its
+   values, cuts its tiles and writes them straight into the database of its split (LMDB
+   serialises the writers), returning only small statistics.
+
+Everything is written inside a hidden temporary folder next to the outputs, renamed into
+place only when complete; any problem, exception or signal removes it. A killed build
+therefore never leaves a database that looks valid at the output path.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .config import BuildConfig
+from .images import (DatasetError, ImageReadError, Pair, PairCheck, check_mask_values, check_pair_headers,
+                     cross_check, list_images, pair_images_masks, read_image, read_mask)
+from .lmdb_store import FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
+from .tiling import pad_to, tile_grid
+
+TMP_PREFIX = ".building-"
+PAGE = 4096
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """What a build wrote."""
+
+    databases: dict[str, Path]  # split -> database folder
+    split_csv: Path
+    n_records: dict[str, int]
+    n_images: dict[str, int]
+    seconds: float
+    input_bytes: int
+    warnings: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs to process one pair."""
+
+    index: int
+    pair: Pair
+    split: str  # "train" | "test" | "" (validate only)
+    first_record: int
+    grid: tuple[tuple[int, int], ...]
+    tile_h: int
+    tile_w: int
+
+
+# Worker side. Module-level state is set by the pool initializer, once per worker.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(db_paths: dict[str, str], map_size: dict[str, int], settings: dict[str, Any]) -> None:
+    import lmdb
+
+    # A build interrupted by the user is cleaned up by the parent; workers just stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _WORKER["settings"] = settings
+    _WORKER["envs"] = {split: lmdb.open(path, map_size=map_size[split], subdir=True, sync=False, metasync=False)
+                       for split, path in db_paths.items()}
+
+
+def _close_worker_envs() -> None:
+    for env in _WORKER.get("envs", {}).values():
+        env.close()
+    _WORKER.clear()
+
+
+def _process(job: _Job) -> dict[str, Any]:
+    """Decode, check, tile and (unless validating only) write one pair. Returns statistics."""
+    s = _WORKER["settings"]
+    out: dict[str, Any] = {"index": job.index, "problems": [], "input_bytes": 0}
+    try:
+        image = read_image(job.pair.image)
+    except ImageReadError as exc:
+        out["problems"].append(f"unreadable image: {exc}")
+        image = None
+    try:
+        mask = read_mask(job.pair.mask, binary_255=s["mask_type"] == "semantic")
+    except ImageReadError as exc:
+        out["problems"].append(f"unreadable or invalid mask: {exc}")
+        mask = None
+    if mask is not None:
+        out["problems"] += check_mask_values(mask, job.pair.mask, s["number_classes"], s["mask_type"])
+        if mask.size and int(mask.max()) > np.iinfo(s["label_dtype"]).max:
+            out["problems"].append(f"mask values must fit in {s['label_dtype']}; got {int(mask.max())} in "
+                                   f"{job.pair.mask}")
+    if image is not None and mask is not None and image.shape[:2] != mask.shape:
+        out["problems"].append(f"image and mask sizes differ: {job.pair.image} is {image.shape[0]}x{image.shape[1]}"
+                               f" (HxW), {job.pair.mask} is {mask.shape[0]}x{mask.shape[1]}")
+    if out["problems"] or not job.split:
+        return out
+    out["input_bytes"] = image.nbytes + mask.nbytes
+    label = mask.astype(s["label_dtype"], copy=False)
+    n_classes = s["n_classes"]
+    height, width = mask.shape
+    # Statistics over the image itself (tiles overlap; the image does not).
+    flat = image.reshape(-1, image.shape[2]).astype(np.float64)
+    mean = flat.mean(axis=0)
+    out["stats"] = (flat.shape[0], mean.tolist(), ((flat - mean) ** 2).sum(axis=0).tolist())
+    semantic_view = label if s["mask_type"] == "semantic" else (label > 0).astype(np.uint8)
+    out["class_counts"] = np.bincount(semantic_view.ravel(), minlength=n_classes).tolist()
+    image_p = pad_to(image, job.tile_h, job.tile_w, "reflect")
+    label_p = pad_to(label, job.tile_h, job.tile_w, "zero")
+    tiles = []
+    env = _WORKER["envs"][job.split]
+    with env.begin(write=True) as txn:
+        for i, (y, x) in enumerate(job.grid):
+            img_t = image_p[y:y + job.tile_h, x:x + job.tile_w]
+            lab_t = label_p[y:y + job.tile_h, x:x + job.tile_w]
+            valid_h, valid_w = min(job.tile_h, height - y), min(job.tile_w, width - x)
+            present = np.bincount(semantic_view[y:y + valid_h, x:x + valid_w].ravel(), minlength=n_classes)
+            tiles.append((y, x, valid_h, valid_w, np.flatnonzero(present).tolist()))
+            txn.put(record_key(job.first_record + i), encode_record(img_t, lab_t))
+    out["tiles"] = tiles
+    return out
+
+
+# Main side
+
+
+def _stale_cleanup(output: Path) -> None:
+    """Remove temporary build folders left by builds that were killed (their process is gone)."""
+    for entry in output.glob(TMP_PREFIX + "*"):
+        pid = entry.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _split(keys: list[str], train_fraction: float, seed: int, folds: int) -> tuple[dict[str, str], dict[str, int]]:
+    """Seeded split of source images by key, and a k-fold assignment of the training images.
+
+    Returns ``(split, fold)``: split[key] in {"train", "test"}; fold[key] in 0..K-1 for
+    training images when ``folds`` >= 2 (K = min(folds, number of training images)), else -1.
+    """
+    rng = np.random.default_rng(seed)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    n_train = int(round(train_fraction * len(keys)))
+    if train_fraction < 1.0 and len(keys) >= 2:
+        n_train = min(max(n_train, 1), len(keys) - 1)
+    split = {k: ("train" if i < n_train else "test") for i, k in enumerate(order)}
+    fold = {k: -1 for k in keys}
+    train_keys = order[:n_train]
+    n_folds = min(folds, len(train_keys)) if folds >= 2 else 0
+    if n_folds >= 2:
+        fold_order = [train_keys[i] for i in np.random.default_rng([seed, 1]).permutation(len(train_keys))]
+        for i, k in enumerate(fold_order):
+            fold[k] = i % n_folds
+    return split, fold
+
+
+def _label_dtype(mask_dtypes: list[str], mask_type: str, number_classes: int | None) -> np.dtype:
+    if mask_type == "semantic" and number_classes is not None:
+        return np.dtype(np.uint8 if number_classes <= 256 else np.uint16)
+    widest = max((np.dtype(d).itemsize for d in mask_dtypes), default=1)
+    if widest <= 1:
+        return np.dtype(np.uint8)
+    if widest == 2 or mask_type == "semantic":
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+def _map_size(jobs: list[_Job], record_bytes: dict[int, int]) -> int:
+    # Each value lives in its own overflow pages; add room for the B-tree, metadata and slack.
+    pages = sum(len(j.grid) * (math.ceil((record_bytes[j.index] + 64) / PAGE) + 1) for j in jobs)
+    return int(pages * PAGE * 1.25) + (64 << 20)
+
+
+def _run_jobs(jobs: list[_Job], workers: int, db_paths: dict[str, str], map_sizes: dict[str, int],
+              settings: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs), unit="image", desc="building" if db_paths else "checking", disable=not progress,
+               file=sys.stderr, mininterval=0.5)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            _init_worker(db_paths, map_sizes, settings)
+            signal.signal(signal.SIGINT, sigint)
+            signal.signal(signal.SIGTERM, sigterm)
+            try:
+                for job in jobs:
+                    results.append(_process(job))
+                    bar.update()
+            finally:
+                _close_worker_envs()
+        else:
+            # fork is cheap and build_lmdb never loads TensorFlow; elsewhere use forkserver.
+            method = "fork" if "tensorflow" not in sys.modules else "forkserver"
+            ctx = multiprocessing.get_context(method)
+            pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_worker,
+                            initargs=(db_paths, map_sizes, settings))
+            try:
+                for result in pool.imap_unordered(_process, jobs, chunksize=1):
+                    results.append(result)
+                    bar.update()
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
+    finally:
+        bar.close()
+    results.sort(key=lambda r: r["index"])
+    return results
+
+
+def build_databases(config: BuildConfig, command: str = "", progress: bool = True,
+                    log: Callable[[str], None] = print) -> BuildResult:
+    """Validate the dataset of ``config`` and write ``train-NAME.lmdb`` / ``test-NAME.lmdb``.
+
+    Raises ``ConfigError`` for invalid settings, ``DatasetError`` listing every problem of the
+    input folders (nothing is written then), ``FileExistsError`` when an output exists and
+    ``config.overwrite`` is false.
+    """
+    start = time.perf_counter()
+    config.validate()
+    output = Path(config.output_folder)
+    name = config.dataset_name
+    finals = {"train": output / f"train-{name}.lmdb", "test": output / f"test-{name}.lmdb"}
+    split_csv = output / f"split-{name}.csv"
+    existing = [p for p in (*finals.values(), split_csv) if p.exists()]
+    if existing and not config.overwrite:
+        raise FileExistsError(f"output must not exist; found {', '.join(str(p) for p in existing)}. "
+                              "Pass --overwrite to replace it, or choose another --output_folder/--dataset_name")
+
+    # Step 1: pairing and headers
+    images, problems = list_images(config.image_folder, config.image_format)
+    masks, mask_problems = list_images(config.mask_folder)
+    problems += mask_problems
+    if not images:
+        fmt = f" with format {config.image_format!r}" if config.image_format else ""
+        problems.append(f"image_folder must hold images{fmt} (.tif, .tiff, .png, .jpg, .bmp); found none in "
+                        f"{config.image_folder}")
+    pairs, pair_problems = pair_images_masks(images, masks, config.mask_suffix)
+    problems += pair_problems
+    checks: list[PairCheck] = [check_pair_headers(p) for p in pairs]
+    for c in checks:
+        problems += c.problems
+    problems += cross_check(checks)
+    warnings: list[str] = []
+    ok_checks = [c for c in checks if c.image_shape is not None and c.mask_shape is not None]
+    if config.use_tiling and ok_checks:
+        small = [c.key for c in ok_checks if min(c.image_shape[:2]) < config.tile_size]
+        if len(small) == len(ok_checks):
+            warnings.append(f"tile_size {config.tile_size} is larger than every image (largest "
+                            f"{max(max(c.image_shape[:2]) for c in ok_checks)} px); all tiles will be padded. "
+                            "A smaller --tile_size stores less padding")
+        elif small:
+            warnings.append(f"{len(small)} image(s) are smaller than tile_size {config.tile_size} along an axis and "
+                            f"are padded (reflection for the image, background for the mask): "
+                            f"{', '.join(small[:10])}{' ...' if len(small) > 10 else ''}")
+    for w in warnings:
+        log(f"warning: {w}")
+
+    label_dtype = _label_dtype([c.mask_dtype for c in checks if c.mask_dtype], config.mask_type,
+                               config.number_classes)
+    # None: the number of classes is learnt from the masks (largest value + 1).
+    n_classes = 2 if config.mask_type == "instance" else config.number_classes
+    settings = {"mask_type": config.mask_type, "number_classes": config.number_classes,
+                "label_dtype": label_dtype, "n_classes": n_classes or 0}
+
+    if problems:
+        # Decode the pairs that passed the header check too, so the report is complete.
+        jobs = [_Job(i, p, "", 0, (), 0, 0) for i, (p, c) in enumerate(zip(pairs, checks)) if not c.problems]
+        results = _run_jobs(jobs, config.workers, {}, {}, settings, progress)
+        for r in results:
+            problems += r["problems"]
+        raise DatasetError(problems)
+
+    # Step 2: split, folds, grids
+    keys = [p.key for p in pairs]
+    split, fold = _split(keys, config.train_fraction, config.seed, config.folds)
+    jobs, next_record, record_bytes = [], {"train": 0, "test": 0}, {}
+    channels = checks[0].image_shape[2]
+    image_itemsize = np.dtype(checks[0].image_dtype).itemsize
+    for i, (pair, check) in enumerate(zip(pairs, checks)):
+        h, w = check.image_shape[:2]
+        if config.use_tiling:
+            tile_h = tile_w = config.tile_size
+            grid = tuple(tile_grid(h, w, config.tile_size, config.effective_stride))
+        else:
+            tile_h, tile_w, grid = h, w, ((0, 0),)
+        s = split[pair.key]
+        jobs.append(_Job(i, pair, s, next_record[s], grid, tile_h, tile_w))
+        next_record[s] += len(grid)
+        record_bytes[i] = HEADER.size + tile_h * tile_w * (channels * image_itemsize + label_dtype.itemsize)
+    splits = [s for s in ("train", "test") if next_record[s] > 0]
+    if "test" not in splits:
+        log("note: train_fraction 1.0 leaves no test images; no test database is written")
+
+    # Step 3: write into a temporary folder, rename when complete
+    output.mkdir(parents=True, exist_ok=True)
+    _stale_cleanup(output)
+    tmp = output / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    previous_term = signal.getsignal(signal.SIGTERM)
+
+    def _on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_term)
+        db_paths = {s: str(tmp / finals[s].name) for s in splits}
+        map_sizes = {s: _map_size([j for j in jobs if j.split == s], record_bytes) for s in splits}
+        for s in splits:
+            # Create the environments here so workers only open them.
+            LmdbWriter(db_paths[s], map_size=map_sizes[s]).close()
+        results = _run_jobs(jobs, config.workers, db_paths, map_sizes, settings, progress)
+        for r in results:
+            problems += r["problems"]
+        if problems:
+            raise DatasetError(problems)
+        sources = [{"key": p.key, "image": str(p.image.resolve()), "mask": str(p.mask.resolve()), "height": c.image_shape[0],
+                    "width": c.image_shape[1], "split": split[p.key], "fold": fold[p.key]}
+                   for p, c in zip(pairs, checks)]
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        n_folds = max(fold.values()) + 1 if fold and max(fold.values()) >= 0 else 0
+        if n_classes is None:
+            # Largest value seen in any mask + 1, the same for both databases.
+            n_classes = max([2] + [len(r["class_counts"]) for r in results])
+        for s in splits:
+            metadata = _metadata(config, s, [(j, r) for j, r in zip(jobs, results) if j.split == s], sources,
+                                 channels, checks[0].image_dtype, label_dtype, n_classes, n_folds, command, created)
+            with LmdbWriter(db_paths[s], map_size=map_sizes[s]) as writer:
+                writer.put_metadata(metadata)
+        _write_split_csv(tmp / split_csv.name, pairs, checks, split, fold, jobs)
+        # Publish: replace old outputs only now that the new ones are complete.
+        trash = tmp / ".old"
+        trash.mkdir()
+        for final in (*[finals[s] for s in splits], split_csv):
+            if final.exists():
+                os.replace(final, trash / final.name)
+            os.replace(tmp / final.name, final)
+        for s in ("train", "test"):
+            if s not in splits and finals[s].exists():  # a stale database from an older build
+                os.replace(finals[s], trash / finals[s].name)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_term)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BuildResult(databases={s: finals[s] for s in splits}, split_csv=split_csv,
+                       n_records={s: next_record[s] for s in splits},
+                       n_images={s: sum(1 for j in jobs if j.split == s) for s in splits},
+                       seconds=time.perf_counter() - start,
+                       input_bytes=sum(r["input_bytes"] for r in results), warnings=warnings)
+
+
+def _metadata(config: BuildConfig, split: str, items: list[tuple[_Job, dict[str, Any]]], sources: list[dict],
+              channels: int, image_dtype: str, label_dtype: np.dtype, n_classes: int, n_folds: int, command: str,
+              created: str) -> dict[str, Any]:
+    # Pool per-image (n, mean, M2) into dataset statistics (Chan et al.'s parallel variance).
+    n_total, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
+    class_counts = np.zeros(n_classes, dtype=np.int64)  # workers' counts may be shorter: pad
+    class_tiles: list[list[int]] = [[] for _ in range(n_classes)]
+    tiles: dict[str, list[int]] = {"source": [], "y": [], "x": [], "valid_h": [], "valid_w": []}
+    for job, r in items:
+        n, m, s2 = r["stats"]
+        m, s2 = np.asarray(m), np.asarray(s2)
+        delta = m - mean
+        total = n_total + n
+        mean = mean + delta * n / total
+        m2 = m2 + s2 + delta ** 2 * n_total * n / total
+        n_total = total
+        counts = np.asarray(r["class_counts"], dtype=np.int64)
+        class_counts[:len(counts)] += counts
+        for i, (y, x, vh, vw, present) in enumerate(r["tiles"]):
+            index = job.first_record + i
+            for c in present:
+                class_tiles[c].append(index)
+            tiles["source"].append(job.index)
+            tiles["y"].append(y)
+            tiles["x"].append(x)
+            tiles["valid_h"].append(vh)
+            tiles["valid_w"].append(vw)
+    std = np.sqrt(m2 / max(n_total, 1))
+    for c in class_tiles:
+        c.sort()
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset_name": config.dataset_name,
+        "split": split,
+        "n_records": len(tiles["source"]),
+        "tile_size": config.tile_size if config.use_tiling else None,
+        "stride": config.effective_stride if config.use_tiling else None,
+        "channels": channels,
+        "image_dtype": image_dtype,
+        "label_dtype": label_dtype.name,
+        "label_kind": config.mask_type,
+        "number_classes": n_classes,
+        "class_pixel_counts": class_counts.tolist(),
+        "class_tiles": class_tiles,
+        "channel_mean": mean.tolist(),
+        "channel_std": std.tolist(),
+        "sources": sources,
+        "tiles": tiles,
+        "folds": n_folds,
+        "build_command": command,
+        "build_config": config.to_dict(),
+        "created": created,
+        "toolkit_version": __version__,
+    }
+
+
+def _write_split_csv(path: Path, pairs: list[Pair], checks: list[PairCheck], split: dict[str, str],
+                     fold: dict[str, int], jobs: list[_Job]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "image", "mask", "height", "width", "channels", "split", "fold", "n_tiles",
+                         "first_record"])
+        for pair, check, job in zip(pairs, checks, jobs):
+            writer.writerow([pair.key, pair.image, pair.mask, check.image_shape[0], check.image_shape[1],
+                             check.image_shape[2], split[pair.key], fold[pair.key], len(job.grid), job.first_record])
