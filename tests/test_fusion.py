@@ -1,0 +1,448 @@
+"""Tests of lib/fusion.py and fuse_masks.py: hand-computed cases, SimpleITK as an oracle, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fuse_masks
+from lib import fusion, images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def noisy_copies(truth: np.ndarray, rates, n_classes: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One mask per rate: ``truth`` with that share of pixels replaced by a random class."""
+    masks = []
+    for rate in rates:
+        mask = truth.copy()
+        flip = rng.random(truth.shape) < rate
+        mask[flip] = rng.integers(0, n_classes, int(flip.sum()))
+        masks.append(mask.astype(np.uint8))
+    return masks
+
+
+def structured(shape=(96, 112), n_classes=2) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    field = np.sin(xx / 9.0) + np.cos(yy / 7.0) + 2.0  # 0..4
+    return np.clip((field * n_classes / 4.0).astype(int), 0, n_classes - 1).astype(np.uint8)
+
+
+# Hand-computed cases
+
+
+def test_decision_patterns_counts_each_vector_once():
+    a = np.array([[0, 1], [1, 1]], np.uint8)
+    b = np.array([[0, 1], [0, 1]], np.uint8)
+    patterns = fusion.decision_patterns([a, b], 2)
+    found = {tuple(p): int(n) for p, n in zip(patterns.patterns, patterns.counts)}
+    assert found == {(0, 0): 1, (1, 1): 2, (1, 0): 1}
+    per_pixel = patterns.expand(np.arange(len(patterns.counts)))
+    assert per_pixel.shape == (2, 2)
+    np.testing.assert_array_equal(patterns.patterns[per_pixel][..., 0], a)
+    np.testing.assert_array_equal(patterns.patterns[per_pixel][..., 1], b)
+
+
+@pytest.mark.parametrize("n_classes, n_experts", [(300, 4), (2, 70)])
+def test_decision_patterns_without_counting_table(n_classes, n_experts):
+    # 300^4 codes: np.unique on codes; 2^70 codes: np.unique on rows. Vote checked by brute force.
+    rng = np.random.default_rng(3)
+    masks = [rng.integers(0, n_classes, (6, 7)).astype(np.uint16) for _ in range(n_experts)]
+    masks[0][0, 0] = n_classes - 1
+    fused = fusion.majority_vote(masks, undecided_label=n_classes).labels
+    stack = np.stack(masks)
+    for y, x in np.ndindex(6, 7):
+        votes = np.bincount(stack[:, y, x], minlength=n_classes)
+        winners = np.flatnonzero(votes == votes.max())
+        assert fused[y, x] == (winners[0] if len(winners) == 1 else n_classes)
+
+
+VOTE_CASES = [
+    # experts' labels at 4 pixels, undecided label, fused
+    ([[0, 1, 1, 0], [0, 1, 0, 1]], 0, [0, 1, 0, 0]),  # two experts disagree: ties -> background
+    ([[0, 1, 1, 0], [0, 1, 0, 1]], 7, [0, 1, 7, 7]),
+    ([[0, 1, 1, 0], [0, 1, 0, 1], [1, 1, 0, 1]], 0, [0, 1, 0, 1]),
+    ([[0, 1, 2, 2], [1, 1, 2, 0], [2, 1, 1, 1]], 5, [5, 1, 2, 5]),  # three-way tie, unanimous, 2:1, three-way
+]
+
+
+@pytest.mark.parametrize("labels, undecided, expected", VOTE_CASES)
+def test_majority_vote_ties(labels, undecided, expected):
+    masks = [np.array([row], np.uint8) for row in labels]
+    result = fusion.majority_vote(masks, undecided_label=undecided, return_probabilities=True)
+    np.testing.assert_array_equal(result.labels[0], expected)
+    assert result.iterations == 0 and result.sensitivity is None
+
+
+def test_majority_vote_shares_agreement_and_dice_are_exact():
+    a = np.array([[1, 1, 0, 0]], np.uint8)
+    b = np.array([[1, 0, 1, 0]], np.uint8)
+    c = np.array([[1, 1, 1, 0]], np.uint8)
+    result = fusion.majority_vote([a, b, c], return_probabilities=True)
+    np.testing.assert_array_equal(result.labels, [[1, 1, 1, 0]])
+    np.testing.assert_allclose(result.probabilities, [[1, 2 / 3, 2 / 3, 0]], rtol=1e-6)
+    np.testing.assert_array_equal(result.agreement, [[3, 2, 2, 0]])
+    # foreground Dice: a 2*2/(2+3), b 2*2/(2+3), c 2*3/(3+3); background: a 2*1/(2+1), b the same, c 1
+    np.testing.assert_allclose(result.dice[:, 1], [0.8, 0.8, 1.0])
+    np.testing.assert_allclose(result.dice[:, 0], [2 / 3, 2 / 3, 1.0])
+
+
+def test_staple_unanimous_experts_give_their_mask_back():
+    mask = structured()
+    result = fusion.staple_binary([mask] * 4, return_probabilities=True)
+    np.testing.assert_array_equal(result.labels, mask)
+    np.testing.assert_array_equal(result.probabilities, mask.astype(np.float32))
+    np.testing.assert_array_equal(result.sensitivity, np.ones(4))
+    np.testing.assert_array_equal(result.specificity, np.ones(4))
+    np.testing.assert_array_equal(result.dice[:, 1], np.ones(4))
+    assert result.converged
+
+
+def test_staple_complement_expert_gets_zero_sensitivity():
+    mask = structured()
+    result = fusion.staple_binary([mask, mask, mask, 1 - mask])
+    np.testing.assert_array_equal(result.labels, mask)
+    assert result.sensitivity[3] < 1e-6 and result.specificity[3] < 1e-6
+    np.testing.assert_allclose(result.sensitivity[:3], 1.0)
+    assert result.dice[3, 1] == 0.0
+
+
+def test_staple_multiclass_unanimous_and_degenerate_inputs():
+    mask = structured(n_classes=3)
+    result = fusion.staple_multiclass([mask] * 3, return_probabilities=True)
+    np.testing.assert_array_equal(result.labels, mask)
+    np.testing.assert_allclose(result.sensitivity, 1.0)
+    np.testing.assert_allclose(result.specificity, 1.0)
+    assert result.probabilities.shape == mask.shape + (3,)
+    np.testing.assert_allclose(result.confusion, np.broadcast_to(np.eye(3), (3, 3, 3)))
+
+    empty = np.zeros((5, 5), np.uint8)
+    nothing = fusion.staple_binary([empty, empty])
+    np.testing.assert_array_equal(nothing.labels, empty)
+    assert np.isnan(nothing.sensitivity).all() and (nothing.specificity == 1).all()
+    assert np.isnan(nothing.dice[:, 1]).all()
+
+
+def test_staple_warns_when_it_stops_before_converging(caplog):
+    rng = np.random.default_rng(0)
+    masks = noisy_copies(structured(), [0.1, 0.3, 0.45], 2, rng)
+    with caplog.at_level(logging.WARNING, logger=fusion.__name__):
+        result = fusion.staple_binary(masks, max_iterations=1)
+    assert not result.converged and result.iterations == 1
+    assert "did not converge in 1 iterations" in caplog.text
+
+
+def test_instance_ridge_keeps_touching_instances_apart():
+    instances = np.zeros((8, 10), np.uint16)
+    instances[1:7, 1:5] = 3
+    instances[1:7, 5:9] = 9  # touches object 3 along a column
+    semantic = fusion.instances_to_semantic(instances)
+    expected = (instances > 0).astype(np.uint8)
+    expected[1:7, 4] = 0  # the lower-numbered object's border column becomes background
+    np.testing.assert_array_equal(semantic, expected)
+    # three experts, one drawing object 9 a column wider: the fused mask still has two objects
+    wider = instances.copy()
+    wider[1:7, 4] = 9
+    fused, result, metrics = fusion.fuse_masks([instances, instances, wider], "instance")
+    assert int(fused.max()) == 2
+    np.testing.assert_array_equal(fusion.relabel(semantic), fused)
+    assert [m["f1_iou50"] for m in metrics] == [1.0, 1.0, 1.0]
+
+
+def test_ridge_separates_diagonal_neighbours():
+    instances = np.array([[1, 0], [0, 2]], np.uint8)
+    np.testing.assert_array_equal(fusion.instances_to_semantic(instances), [[0, 0], [0, 1]])
+
+
+def test_matching_f1_counts_pairs_with_iou_above_half():
+    reference = np.zeros((4, 8), np.uint8)
+    reference[0:2, 0:2] = 1  # area 4
+    reference[0:2, 4:8] = 2  # area 8
+    prediction = np.zeros_like(reference)
+    prediction[0:2, 0:2] = 5  # identical to 1: IoU 1
+    prediction[0:2, 4:6] = 6  # half of 2: IoU exactly 0.5, not a match
+    prediction[3, 7] = 7  # spurious
+    assert fusion.matching_f1(reference, prediction) == pytest.approx(2 * 1 / (2 + 3))
+    assert fusion.matching_f1(reference, reference) == 1.0
+    assert np.isnan(fusion.matching_f1(np.zeros((3, 3), np.uint8), np.zeros((3, 3), np.uint8)))
+    sparse = reference.astype(np.uint32) * 1_000_000  # labels far above the pixel count
+    assert fusion.matching_f1(sparse, reference) == 1.0
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: [structured(), structured()], "binary"),
+    (lambda: [structured(n_classes=3), structured(n_classes=3)], "multiclass"),
+    (lambda: [np.kron(np.arange(6, dtype=np.uint8).reshape(2, 3), np.ones((4, 4), np.uint8))] * 2, "instance"),
+])
+def test_detect_mask_type(make, expected):
+    assert fusion.detect_mask_type(make())[0] == expected
+
+
+def test_fuse_masks_multiclass_metrics_per_class():
+    truth = structured(n_classes=3)
+    _, result, metrics = fusion.fuse_masks([truth, truth, truth], "multiclass")
+    assert set(metrics[0]) == {"dice", "dice_class_1", "dice_class_2", "sensitivity_class_1", "sensitivity_class_2",
+                               "specificity_class_1", "specificity_class_2"}
+    assert all(v == pytest.approx(1.0) for v in metrics[0].values())
+
+
+ERROR_CASES = [
+    (lambda: fusion.staple_binary([np.zeros((3, 3), np.uint8)]), "number of masks must be at least 2; got 1"),
+    (lambda: fusion.majority_vote([np.zeros((3, 3), np.uint8), np.zeros((3, 4), np.uint8)]),
+     "same shape; got (3, 3) for mask 0 and (3, 4) for mask 1"),
+    (lambda: fusion.majority_vote([np.zeros(3, np.uint8)] * 2), "must be 2D"),
+    (lambda: fusion.majority_vote([np.zeros((2, 2))] * 2), "integer labels; got dtype float64"),
+    (lambda: fusion.majority_vote([np.full((2, 2), -1)] * 2), "must be >= 0; got -1"),
+    (lambda: fusion.majority_vote([np.full((2, 2), 3, np.uint8)] * 2, n_classes=3), "must be < n_classes=3; got 3"),
+    (lambda: fusion.majority_vote([np.zeros((2, 2), np.uint8)] * 2, n_classes=1), "n_classes must be at least 2"),
+    (lambda: fusion.staple_binary([np.zeros((2, 2), np.uint8)] * 2, max_iterations=0), "max_iterations must be"),
+    (lambda: fusion.staple_multiclass([np.zeros((2, 2), np.uint8)] * 2, tolerance=0.0), "tolerance must be"),
+    (lambda: fusion.matching_f1(np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8), 0.3), "iou_threshold"),
+    (lambda: fusion.matching_f1(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8)), "the same shape"),
+    (lambda: fusion.instances_to_semantic(np.zeros(4, np.uint8)), "must be 2D (H, W)"),
+    (lambda: fusion.fuse_masks([np.zeros((2, 2), np.uint8)] * 2, "binary", "mean"), "method must be one of"),
+    (lambda: fusion.fuse_masks([np.zeros((2, 2), np.uint8)] * 2, "semantic"), "mask_type must be one of"),
+    (lambda: fusion.plan_fusion(ROOT, output_format="jpg"), "output_format must be one of png, tif"),
+    (lambda: fusion.find_experts(ROOT / "no_such_folder"), "input_folder must be an existing folder"),
+]
+
+
+@pytest.mark.parametrize("call, message", ERROR_CASES)
+def test_errors_say_what_and_why(call, message):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        call()
+    assert message in str(info.value)
+
+
+# SimpleITK as the oracle
+
+
+@pytest.fixture
+def sitk():
+    return pytest.importorskip("SimpleITK")
+
+
+def to_sitk(sitk, masks):
+    return [sitk.GetImageFromArray(np.ascontiguousarray(m)) for m in masks]
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_binary_staple_matches_simpleitk(sitk, kind):
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 2, (80, 90)).astype(np.uint8) if kind == "random" else structured()
+    masks = noisy_copies(truth, [0.02, 0.1, 0.2, 0.3, 0.4], 2, rng)
+    oracle = sitk.STAPLEImageFilter()
+    probabilities = sitk.GetArrayFromImage(oracle.Execute(to_sitk(sitk, masks)))
+    ours = fusion.staple_binary(masks, return_probabilities=True)
+    np.testing.assert_allclose(ours.probabilities, probabilities, atol=1e-3)
+    np.testing.assert_allclose(ours.sensitivity, oracle.GetSensitivity(), atol=1e-3)
+    np.testing.assert_allclose(ours.specificity, oracle.GetSpecificity(), atol=1e-3)
+    np.testing.assert_array_equal(ours.labels, probabilities >= 0.5)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("structured", None), ("random", 1e-9)])
+def test_multiclass_staple_matches_simpleitk(sitk, kind, tolerance):
+    # At SimpleITK's own tolerance (1e-5) both stop before the fixed point on noisy masks, from
+    # slightly different starts (see the module docstring); at 1e-9 both reach the same one.
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 4, (80, 90)).astype(np.uint8) if kind == "random" else structured(n_classes=4)
+    masks = noisy_copies(truth, [0.05, 0.1, 0.2, 0.3, 0.5], 4, rng)
+    oracle = sitk.MultiLabelSTAPLEImageFilter()
+    oracle.SetLabelForUndecidedPixels(0)
+    if tolerance:
+        oracle.SetTerminationUpdateThreshold(tolerance)
+    expected = sitk.GetArrayFromImage(oracle.Execute(to_sitk(sitk, masks)))
+    ours = fusion.staple_multiclass(masks, tolerance=tolerance or fusion.DEFAULT_TOLERANCE["multiclass"])
+    assert np.mean(ours.labels == expected) >= 0.999
+
+
+@pytest.mark.parametrize("n_classes, undecided", [(2, 0), (2, 9), (4, 0), (4, 9)])
+def test_majority_vote_matches_simpleitk_label_voting(sitk, n_classes, undecided):
+    rng = np.random.default_rng(n_classes)
+    masks = [rng.integers(0, n_classes, (50, 60)).astype(np.uint8) for _ in range(4)]  # 4 experts: many ties
+    expected = sitk.GetArrayFromImage(sitk.LabelVoting(to_sitk(sitk, masks), undecided))
+    np.testing.assert_array_equal(fusion.majority_vote(masks, undecided_label=undecided).labels, expected)
+
+
+# The command line
+
+
+def write_experts(root: Path, masks: dict[str, dict[str, np.ndarray]], suffix=".png") -> Path:
+    for expert, by_key in masks.items():
+        for key, mask in by_key.items():
+            images.write_image(root / expert / f"{key}{suffix}", mask)
+    return root
+
+
+@pytest.fixture
+def binary_experts(tmp_path):
+    rng = np.random.default_rng(2)
+    truth = structured((40, 48))
+    experts = {f"expert{e}": {} for e in range(1, 4)}
+    for key in ("a", "b"):
+        for e, mask in enumerate(noisy_copies(truth, [0.0, 0.05, 0.1], 2, rng), start=1):
+            experts[f"expert{e}"][key] = mask * 255
+    return write_experts(tmp_path / "in", experts), truth
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_fuses_binary_masks_and_reports(binary_experts, tmp_path):
+    source, truth = binary_experts
+    out = tmp_path / "out"
+    assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(out), "--save_probabilities"]) == 0
+    fused = images.read_mask(out / "a.png")
+    raw = images.read_image(out / "a.png")[..., 0]
+    assert set(np.unique(raw)) <= {0, 255}
+    masks = [images.read_mask(source / f"expert{e}" / "a.png") for e in (1, 2, 3)]
+    np.testing.assert_array_equal(fused, fusion.staple_binary(masks).labels)
+    np.testing.assert_array_equal(images.read_mask(out / "agreement" / "a.png", binary_255=False), sum(masks))
+    probabilities = images.read_image(out / "probabilities" / "a.tif")
+    assert probabilities.dtype == np.float32 and probabilities.shape == truth.shape + (1,)
+    rows = read_csv(out / fusion.PER_IMAGE_CSV)
+    assert [(r["image"], r["expert"]) for r in rows] == [(k, f"expert{e}") for k in "ab" for e in (1, 2, 3)]
+    assert list(rows[0])[:8] == ["image", "expert", "mask_file", "n_experts", "dice", "sensitivity", "specificity",
+                                 "iterations"]
+    summary = read_csv(out / fusion.SUMMARY_CSV)
+    assert [s["expert"] for s in summary] == ["expert1", "expert2", "expert3"]
+    assert float(summary[0]["dice_mean"]) > float(summary[2]["dice_mean"])
+    settings = json.loads((out / fusion.SETTINGS_JSON).read_text())
+    assert settings["mask_type"] == "binary" and settings["tolerance"] == 1e-7
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_cli_multiclass_majority_vote_tif_to_png(tmp_path):
+    rng = np.random.default_rng(4)
+    truth = structured((32, 40), n_classes=3)
+    experts = {f"e{e}": {"img": m} for e, m in enumerate(noisy_copies(truth, [0.1, 0.1, 0.2], 3, rng))}
+    source = write_experts(tmp_path / "in", experts, suffix=".tif")
+    out = tmp_path / "out"
+    code = fuse_masks.main(["--input_folder", str(source), "--output_folder", str(out), "--method", "majority_vote",
+                            "--mask_type", "multiclass", "--output_format", "png", "--undecided_label", "0"])
+    assert code == 0
+    expected = fusion.majority_vote(list(next(iter(e.values())) for e in experts.values())).labels
+    np.testing.assert_array_equal(images.read_mask(out / "img.png"), expected)
+    rows = read_csv(out / fusion.PER_IMAGE_CSV)
+    assert {"dice_class_1", "dice_class_2"} <= set(rows[0]) and "sensitivity" not in rows[0]
+
+
+def test_cli_instances_are_relabelled(tmp_path):
+    instances = np.zeros((20, 20), np.uint8)
+    instances[2:10, 2:10], instances[2:10, 10:18], instances[12:18, 4:16] = 1, 2, 3
+    source = write_experts(tmp_path / "in", {f"e{e}": {"cells": instances} for e in range(3)})
+    out = tmp_path / "out"
+    assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(out), "--quiet"]) == 0
+    fused = images.read_mask(out / "cells.png", binary_255=False)
+    assert int(fused.max()) == 3
+    rows = read_csv(out / fusion.PER_IMAGE_CSV)
+    assert [float(r["f1_iou50"]) for r in rows] == [1.0, 1.0, 1.0]
+
+
+def test_cli_warns_about_missing_expert_and_fuses_the_rest(binary_experts, tmp_path, caplog):
+    source, _ = binary_experts
+    (source / "expert2" / "b.png").unlink()
+    with caplog.at_level(logging.INFO, logger=fusion.__name__):
+        assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(tmp_path / "out")]) == 0
+    assert "expert expert2 has no mask for 1 image(s): b" in caplog.text
+    rows = read_csv(tmp_path / "out" / fusion.PER_IMAGE_CSV)
+    assert [r["expert"] for r in rows if r["image"] == "b"] == ["expert1", "expert3"]
+    assert {r["n_experts"] for r in rows if r["image"] == "b"} == {"2"}
+
+
+def assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+@pytest.mark.parametrize("damage, messages", [
+    (lambda src: [p.unlink() for p in (src / "expert2").iterdir()] and None,
+     ["expert folder must hold mask files", "expert2"]),
+    (lambda src: [(src / "expert2" / "a.png").unlink(), (src / "expert3" / "a.png").unlink()],
+     ["image 'a' must have masks from at least two experts; got only expert1", "expert1/a.png"]),
+    (lambda src: images.write_image(src / "expert3" / "b.png", np.zeros((40, 50), np.uint8)),
+     ["masks of image 'b' must all have the same shape; got 40x48 (HxW) in", "expert1/b.png", "40x50 in",
+      "expert3/b.png"]),
+    (lambda src: (src / "expert1" / "b.png").write_bytes(b"not an image"), ["unreadable mask", "expert1/b.png"]),
+])
+def test_cli_layout_errors_stop_before_writing(binary_experts, tmp_path, capsys, damage, messages):
+    source, _ = binary_experts
+    damage(source)
+    out = tmp_path / "out"
+    assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(out)]) == 1
+    error = capsys.readouterr().err
+    for message in messages:
+        assert message in error
+    assert_nothing_written(tmp_path, out)
+
+
+def test_cli_single_expert_is_an_error(tmp_path, capsys):
+    source = write_experts(tmp_path / "in", {"only": {"a": np.zeros((4, 4), np.uint8)}})
+    assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(tmp_path / "out")]) == 1
+    assert "at least two; got 1 (only)" in capsys.readouterr().err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_cli_value_error_midway_leaves_outputs_untouched(binary_experts, tmp_path, capsys):
+    source, _ = binary_experts
+    images.write_image(source / "expert3" / "b.png", np.full((40, 48), 2, np.uint8))  # not binary
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "binary mask values must be 0 and 1" in error and "expert3/b.png" in error
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max_iterations", "0"], "--max_iterations must be >= 1"),
+    (["--tolerance", "-1"], "--tolerance must be a finite number > 0"),
+    (["--undecided_label", "-3"], "--undecided_label must be in 0..65535"),
+    (["--method", "mean"], "invalid choice: 'mean'"),
+])
+def test_cli_misuse_exits_2(binary_experts, tmp_path, capsys, extra, message):
+    source, _ = binary_experts
+    with pytest.raises(SystemExit) as info:
+        fuse_masks.parse_args(["--input_folder", str(source), "--output_folder", str(tmp_path / "out")] + extra)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_rejects_output_inside_input_and_missing_input(binary_experts, tmp_path, capsys):
+    source, _ = binary_experts
+    for argv, message in ((["--input_folder", str(source), "--output_folder", str(source / "fused")],
+                           "--output_folder must not be inside --input_folder"),
+                          (["--input_folder", str(tmp_path / "nope"), "--output_folder", str(tmp_path / "out")],
+                           "--input_folder must be an existing folder")):
+        with pytest.raises(SystemExit) as info:
+            fuse_masks.main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fuse_folder_rejects_bad_settings(binary_experts, tmp_path):
+    source, _ = binary_experts
+    for kwargs, message in (({"method": "mean"}, "method must be one of"), ({"mask_type": "x"}, "mask_type must be"),
+                            ({"undecided_label": -1}, "undecided_label must be"),
+                            ({"output_folder": source / "x"}, "must not be inside input_folder")):
+        arguments = {"input_folder": source, "output_folder": tmp_path / "out", **kwargs}
+        with pytest.raises(ValueError, match=message):
+            fusion.fuse_folder(**arguments)
+
+
+def test_cli_help_is_instant_and_imports_no_tensorflow():
+    code = ("import sys, fuse_masks\n"
+            "try:\n    fuse_masks.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'tensorflow' not in sys.modules and 'SimpleITK' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--input_folder" in done.stdout and "--undecided_label" in done.stdout
