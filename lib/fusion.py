@@ -767,8 +767,6 @@ def fuse_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLik
     jobs, problems = plan_fusion(input_folder, output_format)
     if problems:
         raise images.DatasetError(problems, title=f"The expert masks in {input_folder} have problems")
-    if not jobs:
-        raise images.DatasetError([f"input_folder must hold masks to fuse; got none in {input_folder}"])
     experts = list(find_experts(input_folder))
     _warn_missing(jobs, experts)
 

@@ -59,56 +59,49 @@ class ImageInfo:
 # Axes
 
 
-def _canonical_axes(shape: tuple[int, ...], axes: str | None, path: Path) -> tuple[str, tuple[int, ...]]:
-    """Work out the axes of an array as stored, returning a canonical axes string for it.
+def _squeeze_axes(shape: tuple[int, ...], axes: str | None) -> tuple[tuple[int, ...], str | None]:
+    """Drop length-1 dimensions other than Y and X; forget axes that name unknown dimensions."""
+    if axes is None or len(axes) != len(shape):
+        keep = [i for i, n in enumerate(shape) if n != 1] if len(shape) > 2 else list(range(len(shape)))
+        if len(keep) < 2:
+            keep = list(range(len(shape)))[-2:]
+        return tuple(shape[i] for i in keep), None
+    keep = [i for i, (a, n) in enumerate(zip(axes.upper(), shape)) if n != 1 or a in "YX"]
+    axes = "".join(axes.upper()[i] for i in keep)
+    shape = tuple(shape[i] for i in keep)
+    # Q and I are tifffile's "unknown": the sizes say more than the name.
+    return shape, (None if any(a in "QI" for a in axes) else axes)
 
-    The result uses ``Y``, ``X``, ``C`` (channels), ``Z`` (planes). A dimension of length 1
-    other than Y/X is dropped from the answer later by :func:`_to_canonical`.
-    """
+
+def _canonical_axes(shape: tuple[int, ...], axes: str | None, path: Path) -> str:
+    """The axes of a (squeezed) array as a string of Y, X, C (channels) and Z (planes)."""
     ndim = len(shape)
     if axes:
-        # tifffile names samples S and channels C; time T, planes Z, anything else Q/I.
-        mapped = []
-        for a in axes.upper():
-            if a in "SC":
-                mapped.append("C")
-            elif a in "YX":
-                mapped.append(a)
-            else:
-                mapped.append("Z")
-        merged = "".join(mapped)
-        if merged.count("Y") == 1 and merged.count("X") == 1 and merged.count("C") <= 1:
-            if merged.count("Z") <= 1:
-                return merged, shape
+        mapped = "".join("C" if a in "SC" else a if a in "YX" else "Z" for a in axes)
+        if mapped.count("Y") == 1 and mapped.count("X") == 1 and mapped.count("C") <= 1 and mapped.count("Z") <= 1:
+            return mapped
+        raise ImageReadError(f"{path} has axes {axes} (shape {shape}); save one 2D image (YX, YXC) or one stack "
+                             "(ZYX, ZYXC) per file")
     # No usable axes metadata: guess from the sizes.
     if ndim == 2:
-        return "YX", shape
+        return "YX"
     if ndim == 3:
-        first, last = shape[0], shape[-1]
-        if last <= MAX_CHANNELS < min(shape[0], shape[1]):
-            return "YXC", shape
-        if first <= MAX_CHANNELS < min(shape[1], shape[2]):
-            return "CYX", shape
-        return "ZYX", shape
+        if shape[-1] <= MAX_CHANNELS < min(shape[0], shape[1]):
+            return "YXC"
+        if shape[0] <= MAX_CHANNELS < min(shape[1], shape[2]):
+            return "CYX"
+        return "ZYX"
     if ndim == 4:
         if shape[-1] <= MAX_CHANNELS:
-            return "ZYXC", shape
+            return "ZYXC"
         if shape[1] <= MAX_CHANNELS:
-            return "ZCYX", shape
+            return "ZCYX"
     raise ImageReadError(f"cannot tell the axes of an array of shape {shape} in {path}; "
                          "save 2D images as YX or YXC and stacks as ZYX or ZYXC")
 
 
-def _to_canonical(array: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    """Reorder ``array`` (with ``axes``) to ``(Y, X, C)`` or ``(Z, Y, X, C)``."""
-    # Drop singleton non-spatial axes so that e.g. TZCYX with T = 1 works.
-    while len(axes) > 3 and any(a == "Z" and n == 1 for a, n in zip(axes, array.shape)):
-        i = next(i for i, (a, n) in enumerate(zip(axes, array.shape)) if a == "Z" and n == 1)
-        array = array.reshape(array.shape[:i] + array.shape[i + 1:])
-        axes = axes[:i] + axes[i + 1:]
-    if axes.count("Z") > 1:
-        raise ImageReadError(f"{path} has more than one non-spatial axis ({axes}, shape {array.shape}); "
-                             "save one 2D image or one ZYX(C) stack per file")
+def _to_canonical(array: np.ndarray, axes: str) -> np.ndarray:
+    """Reorder a squeezed ``array`` with canonical ``axes`` to ``(Y, X, C)`` or ``(Z, Y, X, C)``."""
     if "C" not in axes:
         array = array[..., np.newaxis]
         axes = axes + "C"
@@ -147,13 +140,12 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
         raise
     except Exception as exc:  # any decoder failure means the same thing to the user
         raise ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    canon, _ = _canonical_axes(shape, axes, path)
+    shape, axes = _squeeze_axes(shape, axes)
+    canon = _canonical_axes(shape, axes, path)
     sizes = dict(zip(canon, shape))
-    # Singleton non-spatial axes are dropped as in _to_canonical.
-    z_axes = [n for a, n in zip(canon, shape) if a == "Z" and n != 1]
     channels = sizes.get("C", 1)
-    if z_axes:
-        out_shape = (z_axes[0], sizes["Y"], sizes["X"], channels)
+    if "Z" in sizes:
+        out_shape = (sizes["Z"], sizes["Y"], sizes["X"], channels)
     else:
         out_shape = (sizes["Y"], sizes["X"], channels)
     return ImageInfo(shape=tuple(int(s) for s in out_shape), dtype=dtype.name, axes=canon)
@@ -205,8 +197,9 @@ def read_any(path: str | os.PathLike) -> np.ndarray:
         array, axes = _read_raw(path)
     except Exception as exc:
         raise ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    canon, _ = _canonical_axes(array.shape, axes, path)
-    return _to_canonical(array, canon, path)
+    shape, axes = _squeeze_axes(array.shape, axes)
+    array = array.reshape(shape)
+    return _to_canonical(array, _canonical_axes(shape, axes, path))
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -319,10 +312,18 @@ def write_image(path: str | os.PathLike, array: np.ndarray, compression: str | N
         if suffix in TIFF_EXTENSIONS:
             import tifffile
 
-            photometric = "rgb" if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8 \
-                else "minisblack"
-            tifffile.imwrite(tmp, array, photometric=photometric, compression=compression,
-                             bigtiff=array.nbytes > 2**31)
+            data, options = array, {"photometric": "minisblack"}
+            if array.ndim == 3 and array.shape[2] == 1:
+                data = array[..., 0]
+            elif array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+                options = {"photometric": "rgb"}
+            elif array.ndim == 3:
+                # Planes of a channel-first image, named so that readers do not take them for Z.
+                data, options["metadata"] = np.moveaxis(array, -1, 0), {"axes": "CYX"}
+            elif array.ndim == 4:
+                options["metadata"] = {"axes": "ZYXC"} if array.shape[3] > 1 else {"axes": "ZYX"}
+                data = array if array.shape[3] > 1 else array[..., 0]
+            tifffile.imwrite(tmp, data, compression=compression, bigtiff=array.nbytes > 2**31, **options)
         else:
             from PIL import Image
 

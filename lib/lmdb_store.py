@@ -214,6 +214,34 @@ class LmdbWriter:
             self.abort()
 
 
+# py-lmdb refuses to open one environment twice in a process, so readers of the same
+# database share it (reference-counted); each reader has its own read transaction.
+_ENVS: dict[tuple[str, int], list] = {}
+
+
+def _acquire_env(path: Path):
+    import lmdb
+
+    key = (str(path.resolve()), os.getpid())
+    entry = _ENVS.get(key)
+    if entry is None:
+        env = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
+        entry = _ENVS[key] = [env, 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def _release_env(path: Path) -> None:
+    key = (str(path.resolve()), os.getpid())
+    entry = _ENVS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        entry[0].close()
+        del _ENVS[key]
+
+
 class LmdbReader:
     """Random access to the records of a database, with its metadata.
 
@@ -238,10 +266,7 @@ class LmdbReader:
         self._n = int(self.metadata["n_records"])
 
     def _open(self) -> None:
-        import lmdb
-
-        self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=True,
-                              max_readers=512)
+        self._env = _acquire_env(self.path)
         self._txn = self._env.begin(buffers=True)
         self._pid = os.getpid()
 
@@ -296,7 +321,7 @@ class LmdbReader:
     def close(self) -> None:
         if self._env is not None and self._pid == os.getpid():
             self._txn.abort()
-            self._env.close()
+            _release_env(self.path)
         self._env = self._txn = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -446,3 +446,24 @@ def test_cli_help_is_instant_and_imports_no_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--input_folder" in done.stdout and "--undecided_label" in done.stdout
+
+
+def test_cli_merges_into_an_existing_output_folder(binary_experts, tmp_path):
+    source, _ = binary_experts
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert fuse_masks.main(["--input_folder", str(source), "--output_folder", str(out), "--quiet"]) == 0
+    assert {"keep.txt", "a.png", "b.png", "agreement", fusion.PER_IMAGE_CSV} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_more_instances_than_png_holds_are_written_as_tif(tmp_path, caplog):
+    dots = np.zeros((512, 512), np.uint8)
+    dots[::2, ::2] = 1  # 65536 separate one-pixel objects: uint32 ids
+    source = write_experts(tmp_path / "in", {"e1": {"dots": dots}, "e2": {"dots": dots}})
+    with caplog.at_level(logging.WARNING, logger=fusion.__name__):
+        fusion.fuse_folder(source, tmp_path / "out", mask_type="instance")
+    assert "PNG cannot hold" in caplog.text
+    fused = images.read_mask(tmp_path / "out" / "dots.tif")
+    assert fused.dtype == np.uint32 and int(fused.max()) == 65536
