@@ -126,8 +126,12 @@ def decision_patterns(masks: Sequence[np.ndarray], n_classes: int) -> DecisionPa
 
     Each pixel's vector is encoded as one integer (base ``n_classes``). Up to 2^22 possible
     codes they are counted with ``np.bincount``; beyond, found with ``np.unique``.
+    Raises ``ValueError`` for invalid masks or labels >= ``n_classes``.
     """
     masks = _stack_check(masks)
+    top = max(int(m.max()) if m.size else 0 for m in masks)
+    if top >= n_classes:
+        raise ValueError(f"mask labels must be < n_classes={n_classes}; got {top}")
     n_experts = len(masks)
     shape = masks[0].shape
     n_codes = n_classes ** n_experts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fuse_masks
 from lib import fusion, images
@@ -191,6 +194,77 @@ def test_fuse_masks_multiclass_metrics_per_class():
     assert set(metrics[0]) == {"dice", "dice_class_1", "dice_class_2", "sensitivity_class_1", "sensitivity_class_2",
                                "specificity_class_1", "specificity_class_2"}
     assert all(v == pytest.approx(1.0) for v in metrics[0].values())
+
+
+@contextlib.contextmanager
+def quiet_fusion_log():
+    """Silence the expected "did not converge" warnings of deliberately short runs."""
+    log = logging.getLogger(fusion.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def pixelwise_staple_binary(masks, iterations):
+    """ITK's STAPLEImageFilter written pixel by pixel (no patterns), for a fixed number of rounds."""
+    d = np.stack([m.ravel() for m in masks], axis=1).astype(np.float64)
+    weight = d.mean(axis=1)
+    prior = weight.mean()
+    for _ in range(iterations):
+        p = (d * weight[:, None]).sum(0) / weight.sum()
+        q = ((1 - d) * (1 - weight[:, None])).sum(0) / (1 - weight).sum()
+        alpha = np.prod(np.where(d == 1, p, 1 - p), axis=1) * prior
+        beta = np.prod(np.where(d == 1, 1 - q, q), axis=1) * (1 - prior)
+        weight = alpha / (alpha + beta)
+    return weight.reshape(masks[0].shape), p, q
+
+
+def pixelwise_staple_multiclass(masks, n_classes, iterations):
+    """ITK's MultiLabelSTAPLE pixel by pixel: start from the vote (undecided pixels left out), then EM."""
+    d = np.stack([m.ravel() for m in masks], axis=1)
+    n_experts = d.shape[1]
+    prior = np.bincount(d.ravel(), minlength=n_classes) / d.size
+    votes = np.stack([np.count_nonzero(d == c, axis=1) for c in range(n_classes)], axis=1)
+    decided = np.count_nonzero(votes == votes.max(axis=1, keepdims=True), axis=1) == 1
+    confusion = np.zeros((n_experts, n_classes, n_classes))
+    for r in range(n_experts):
+        np.add.at(confusion[r], (d[decided, r], votes[decided].argmax(axis=1)), 1.0)
+    rows = confusion.sum(axis=2, keepdims=True)
+    confusion = np.divide(confusion, rows, out=confusion, where=rows > 0)
+    for _ in range(iterations):
+        weight = prior * np.prod(confusion[np.arange(n_experts), d, :], axis=1)
+        sums = weight.sum(axis=1, keepdims=True)  # zero where no class explains the pixel (ITK: skip)
+        weight = np.divide(weight, sums, out=weight, where=sums > 0)
+        updated = np.zeros_like(confusion)
+        for r in range(n_experts):
+            np.add.at(updated[r], d[:, r], weight)
+        columns = updated.sum(axis=1, keepdims=True)
+        confusion = np.divide(updated, columns, out=updated, where=columns > 0)
+    return confusion
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_experts=st.integers(2, 6), rounds=st.integers(1, 6))
+def test_pattern_em_equals_pixelwise_em(seed, n_experts, rounds):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, (9, 11))
+    masks = noisy_copies(truth, rng.uniform(0.0, 0.4, n_experts), 2, rng)
+    masks[0][0, 0], masks[1][0, 1] = 0, 1  # both classes present
+    with quiet_fusion_log():
+        ours = fusion.staple_binary(masks, max_iterations=rounds, tolerance=1e-300, return_probabilities=True)
+    weight, p, q = pixelwise_staple_binary(masks, rounds)
+    np.testing.assert_allclose(ours.probabilities, weight, atol=1e-6)
+    np.testing.assert_allclose(ours.sensitivity, p, atol=1e-12)
+    np.testing.assert_allclose(ours.specificity, q, atol=1e-12)
+
+    masks = noisy_copies(rng.integers(0, 3, (9, 11)), rng.uniform(0.0, 0.4, n_experts), 3, rng)
+    masks[0][0, :3] = [0, 1, 2]  # every class present
+    with quiet_fusion_log():
+        ours = fusion.staple_multiclass(masks, max_iterations=rounds, tolerance=1e-300)
+    np.testing.assert_allclose(ours.confusion, pixelwise_staple_multiclass(masks, 3, rounds), atol=1e-10)
 
 
 ERROR_CASES = [
