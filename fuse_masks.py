@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="staple: EM over per-expert sensitivity/specificity (binary) or confusion matrices "
                             "(multi-class); majority_vote: the label most experts gave")
     group.add_argument("--undecided_label", type=int, default=0,
-                       help="label of pixels without a unique winner (vote ties, STAPLE ties); 0 = background")
+                       help="label of pixels without a unique winner (vote ties, STAPLE ties); 0 = background. "
+                            "Binary outputs are written 0/255; an undecided label other than 0 or 1 is written as is")
     group.add_argument("--max_iterations", type=int, default=fusion.DEFAULT_MAX_ITERATIONS,
                        help="STAPLE: most EM iterations per image (a warning says when they did not suffice)")
     group.add_argument("--tolerance", type=float, default=None,
