@@ -19,8 +19,8 @@ Design (see ARCHITECTURE.md, "Reader batch"):
 * The test reader (``mode="test"``) visits every record exactly once per pass, in record
   order, in batches of ``batch_size`` (the last may be short), whatever the worker count.
 * Starvation monitor: when the consumer has to wait for a batch the log says
-  ``Input Queue Starvation`` (once), and ``Input Queue Starvation Over`` once a whole ring's
-  worth of batches in a row was ready on time; :meth:`ImageReader.input_stats` gives the
+  ``Input Queue Starvation`` (once), and ``Input Queue Starvation Over`` once half a ring's
+  worth of batches (at least 2) in a row was ready on time; :meth:`ImageReader.input_stats` gives the
   fraction of time spent waiting (the trainer's "input-bound %").
 * Lifecycle: a context manager. Every wait has a timeout and watches the workers' process
   sentinels, so a worker that raises or is killed surfaces in the consumer within a second;
@@ -393,7 +393,7 @@ class _Shutdown:
         self.shm: shared_memory.SharedMemory | None = None
         self.producer: BatchProducer | None = None
 
-    def __call__(self, timeout: float = 5.0) -> None:
+    def __call__(self, timeout: float = 3.0) -> None:
         if self.stop is not None:
             self.stop.set()
         for connection in self.free:
@@ -785,9 +785,9 @@ class ImageReader:
                 self._wait_s += time.perf_counter() - started
         else:
             self._served_without_wait += 1
-            # Over only once a whole ring's worth of batches was ready on time, so a lucky
+            # Over only once half a ring's worth of batches in a row was ready on time, so a lucky
             # batch in the middle of a starved stretch does not flip the state back and forth.
-            if self._starved and self._served_without_wait >= self.capacity:
+            if self._starved and self._served_without_wait >= max(2, self.capacity // 2):
                 self._starved = False
                 ready_now = sum(len(q) for q in self._ready.values())
                 logger.warning("%s: %d batches in a row were ready on time, %d of %d slots ready now",
