@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from lib import fusion, images
@@ -85,9 +87,16 @@ def _configure_logging(quiet: bool) -> None:
         log.addHandler(handler)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SLURM pre-emption sends SIGTERM: exit through Python so that staged outputs are removed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging(args.quiet)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not args.quiet:
         print("fuse_masks settings:")
         for name, value in vars(args).items():

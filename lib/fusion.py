@@ -60,8 +60,12 @@ OUTPUT_FORMATS = ("png", "tif")
 DEFAULT_TOLERANCE = {"binary": 1e-7, "multiclass": 1e-5}
 DEFAULT_MAX_ITERATIONS = 10000
 IOU_THRESHOLD = 0.5
+# More distinct labels than this in one image: instance masks, not classes.
+MAX_SEMANTIC_LABELS = 255
 # Above this many possible decision vectors, patterns are found by sorting instead of counting.
 _MAX_COUNTED_CODES = 1 << 22
+# Multi-class STAPLE holds (decision patterns x classes) posterior values, several times over.
+MAX_POSTERIOR_VALUES = 1 << 26
 PER_IMAGE_CSV = "fusion_per_image.csv"
 SUMMARY_CSV = "fusion_summary.csv"
 SETTINGS_JSON = "fusion.json"
@@ -203,17 +207,49 @@ def _unique_argmax(scores: np.ndarray, undecided_label: int) -> np.ndarray:
     return np.where(decided, labels, undecided_label)
 
 
+def _vote(decisions: np.ndarray, undecided_label: int) -> np.ndarray:
+    """Per pattern (P, R): the label given by most experts when it is unique, else undecided.
+
+    Works on the sorted decisions, so memory is O(P * R^2) whatever the number of classes.
+    """
+    ordered = np.sort(decisions, axis=1)
+    votes = (ordered[:, :, None] == ordered[:, None, :]).sum(axis=2)  # (P, R): votes for each entry's label
+    best = votes.max(axis=1)
+    # the winning label occupies `best` entries; any other label with as many votes doubles that
+    unique = np.count_nonzero(votes == best[:, None], axis=1) == best
+    winner = ordered[np.arange(len(ordered)), votes.argmax(axis=1)]
+    return np.where(unique, winner, undecided_label)
+
+
+def _one_hot(decisions: np.ndarray, n_classes: int):
+    """(P, R * C) indicator of (expert r says j) at column r * C + j: dense when small, else sparse CSR."""
+    n_patterns, n_experts = decisions.shape
+    columns = decisions + np.arange(n_experts) * n_classes
+    if n_patterns * n_experts * n_classes <= 1 << 22:
+        dense = np.zeros((n_patterns, n_experts * n_classes))
+        dense[np.arange(n_patterns)[:, None], columns] = 1.0
+        return dense
+    from scipy import sparse
+
+    rows = np.repeat(np.arange(n_patterns), n_experts)
+    return sparse.csr_matrix((np.ones(rows.size), (rows, columns.ravel())),
+                             shape=(n_patterns, n_experts * n_classes))
+
+
 def _pattern_dice(patterns: np.ndarray, counts: np.ndarray, fused: np.ndarray, n_classes: int) -> np.ndarray:
     """(R, C) Dice of each expert against the fused labels, from pattern counts."""
-    classes = np.arange(n_classes)
-    expert_is = (patterns[:, :, None] == classes).astype(np.float64)  # (P, R, C)
-    fused_is = (fused[:, None] == classes).astype(np.float64) * counts[:, None]  # (P, C)
-    intersection = np.einsum("prc,pc->rc", expert_is, fused_is)
-    expert_area = np.einsum("prc,p->rc", expert_is, counts.astype(np.float64))
-    fused_area = fused_is.sum(axis=0)
-    total = expert_area + fused_area
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, 2 * intersection / total, np.nan)
+    weights = counts.astype(np.float64)
+    decided = fused < n_classes  # an undecided label >= C belongs to no class
+    fused_area = np.bincount(fused[decided], weights=weights[decided], minlength=n_classes)[:n_classes]
+    dice = np.empty((patterns.shape[1], n_classes))
+    for r in range(patterns.shape[1]):
+        said = patterns[:, r]
+        same = said == fused
+        intersection = np.bincount(said[same], weights=weights[same], minlength=n_classes)
+        total = np.bincount(said, weights=weights, minlength=n_classes) + fused_area
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice[r] = np.where(total > 0, 2 * intersection / total, np.nan)
+    return dice
 
 
 def _labels_dtype(n_labels: int, undecided_label: int) -> np.dtype:
@@ -327,21 +363,22 @@ def _staple_multiclass_em(decisions: np.ndarray, counts: np.ndarray, n_classes: 
     """
     n_patterns, n_experts = decisions.shape
     n = counts.astype(np.float64)
-    says = (decisions[:, :, None] == np.arange(n_classes)).astype(np.float64)  # (P, R, C)
-    prior = np.einsum("prc,p->c", says, n)
+    says = _one_hot(decisions, n_classes)  # (P, R * C)
+    prior = np.bincount(decisions.ravel(), weights=np.repeat(n, n_experts), minlength=n_classes)
     prior /= prior.sum()
     # Start from the majority vote: [r, j, c] = share of expert r's label-j pixels voted c.
-    vote = _unique_argmax(says.sum(axis=1), n_classes)
-    voted = (vote[:, None] == np.arange(n_classes)) * n[:, None]  # undecided rows are all zero
-    says = says.reshape(n_patterns, n_experts * n_classes)  # one-hot of (expert, label)
-    confusion = says.T @ voted  # (R * J, C)
+    vote = _vote(decisions, n_classes)
+    voted = np.zeros((n_patterns, n_classes))
+    decided = vote < n_classes  # undecided patterns are left out
+    voted[np.flatnonzero(decided), vote[decided]] = n[decided]
+    confusion = np.asarray(says.T @ voted)  # (R * J, C)
     row_sums = confusion.reshape(n_experts, n_classes, n_classes).sum(axis=2).reshape(-1, 1)
     confusion = np.divide(confusion, row_sums, out=confusion, where=row_sums > 0)
     log_prior = _log(prior)
 
     def posterior(confusion: np.ndarray) -> np.ndarray:
         # prior[c] * prod_r confusion[r, d_r, c], as one matrix product in the log domain
-        return np.exp(says @ _log(confusion) + log_prior)  # (P, C)
+        return np.exp(np.asarray(says @ _log(confusion)) + log_prior)  # (P, C)
 
     iteration, converged = 0, False
     for iteration in range(1, max_iterations + 1):
@@ -349,7 +386,7 @@ def _staple_multiclass_em(decisions: np.ndarray, counts: np.ndarray, n_classes: 
         sums = weight.sum(axis=1, keepdims=True)
         np.divide(weight, sums, out=weight, where=sums > 0)
         weight *= n[:, None]
-        updated = (says.T @ weight).reshape(n_experts, n_classes, n_classes)
+        updated = np.asarray(says.T @ weight).reshape(n_experts, n_classes, n_classes)
         column_sums = updated.sum(axis=1, keepdims=True)
         updated = np.divide(updated, column_sums, out=updated, where=column_sums > 0).reshape(-1, n_classes)
         change = float(np.abs(updated - confusion).max())
@@ -375,6 +412,12 @@ def staple_multiclass(masks: Sequence[np.ndarray], n_classes: int | None = None,
     masks = _stack_check(masks)
     n_classes = _check_classes(masks, n_classes)
     patterns = decision_patterns(masks, n_classes)
+    size = len(patterns.counts) * n_classes
+    if size > MAX_POSTERIOR_VALUES:
+        raise ValueError(f"multi-class STAPLE must hold at most {MAX_POSTERIOR_VALUES} posterior values (decision "
+                         f"patterns x classes); got {len(patterns.counts)} x {n_classes} = {size}. With this many "
+                         "classes the masks are likely instance masks (mask_type instance); otherwise use "
+                         "majority voting")
     weight, confusion, _, iterations, converged = _staple_multiclass_em(
         patterns.patterns, patterns.counts, n_classes, max_iterations, tolerance)
     if not converged:
@@ -397,9 +440,9 @@ def staple_multiclass(masks: Sequence[np.ndarray], n_classes: int | None = None,
 def _class_rates(decisions: np.ndarray, counts: np.ndarray, posterior: np.ndarray,
                  n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(R, C) per-class sensitivity and specificity of each expert under the posterior (P, C)."""
-    says = (decisions[:, :, None] == np.arange(n_classes)).astype(np.float64)
     # mass[r, j, c]: expected number of pixels where expert r says j and the truth is c
-    mass = np.einsum("prj,pc->rjc", says, posterior * counts[:, None])
+    mass = np.asarray(_one_hot(decisions, n_classes).T @ (posterior * counts[:, None]))
+    mass = mass.reshape(decisions.shape[1], n_classes, n_classes)
     truth = mass.sum(axis=1)  # (R, C)
     diagonal = np.einsum("rcc->rc", mass)
     said = mass.sum(axis=2)  # (R, J)
@@ -426,12 +469,17 @@ def majority_vote(masks: Sequence[np.ndarray], n_classes: int | None = None, und
     masks = _stack_check(masks)
     n_classes = _check_classes(masks, n_classes)
     patterns = decision_patterns(masks, n_classes)
-    votes = (patterns.patterns[:, :, None] == np.arange(n_classes)).sum(axis=1)  # (P, C)
-    fused = _unique_argmax(votes, undecided_label)
+    decisions = patterns.patterns
+    fused = _vote(decisions, undecided_label)
     shares = None
     if return_probabilities:
-        share = (votes / patterns.patterns.shape[1]).astype(np.float32)
-        shares = patterns.expand(share[:, 1] if n_classes == 2 else share)
+        if n_classes == 2:
+            share = decisions.mean(axis=1).astype(np.float32)
+        else:
+            share = np.zeros((len(decisions), n_classes), np.float32)
+            for r in range(decisions.shape[1]):
+                share[np.arange(len(decisions)), decisions[:, r]] += 1.0 / decisions.shape[1]
+        shares = patterns.expand(share)
     binary = n_classes == 2
     agreement = patterns.patterns.sum(axis=1) if binary else np.count_nonzero(patterns.patterns == fused[:, None], axis=1)
     return FusionResult(
@@ -519,22 +567,30 @@ def _compact_labels(labels: np.ndarray) -> np.ndarray:
 def detect_mask_type(masks: Sequence[np.ndarray]) -> tuple[str, str]:
     """Guess the kind of the masks of one image: ``(mask_type, reason)``.
 
-    binary: every label is 0 or 1. instance: every non-zero label of every mask is one
-    8-connected region (one object per label). multiclass: otherwise. A multi-class mask
-    with exactly one region per class looks like an instance mask; say so explicitly then.
+    binary: every label is 0 or 1. instance: more than ``MAX_SEMANTIC_LABELS`` distinct
+    labels, or (nearly) every non-zero label of every mask is one 8-connected region (one
+    object per label; a tenth of the labels may be split, e.g. by a stray stroke).
+    multiclass: otherwise. A multi-class mask with one region per class looks like an
+    instance mask; pass the type explicitly then.
     """
     from skimage import measure
 
     top = max(int(np.max(m)) if np.size(m) else 0 for m in masks)
     if top <= 1:
         return "binary", "every label is 0 or 1"
+    present = np.zeros(top + 1, bool)
     for m in masks:
-        n_labels = np.count_nonzero(np.bincount(m.ravel())[1:]) if m.size else 0
-        n_regions = int(measure.label(m, background=0, connectivity=2).max())
-        if n_regions != n_labels:
-            return "multiclass", (f"labels up to {top}, and some label forms several separate regions "
-                                  f"({n_regions} regions for {n_labels} labels)")
-    return "instance", f"labels up to {top}, each label one connected region"
+        present |= np.bincount(m.ravel(), minlength=top + 1) > 0
+    n_labels = int(np.count_nonzero(present[1:]))
+    if n_labels > MAX_SEMANTIC_LABELS:
+        return "instance", f"{n_labels} distinct labels, more than a multi-class mask would hold"
+    for m in masks:
+        labels = int(np.count_nonzero(np.bincount(m.ravel())[1:])) if m.size else 0
+        regions = int(measure.label(m, background=0, connectivity=2).max())
+        if regions > labels + labels // 10:
+            return "multiclass", (f"labels up to {top}, and labels form several separate regions "
+                                  f"({regions} regions for {labels} labels)")
+    return "instance", f"labels up to {top}, each label (nearly always) one connected region"
 
 
 def _check_values(masks: list[np.ndarray], paths: list[Path], mask_type: str, how: str) -> None:

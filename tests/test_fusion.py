@@ -267,6 +267,29 @@ def test_pattern_em_equals_pixelwise_em(seed, n_experts, rounds):
     np.testing.assert_allclose(ours.confusion, pixelwise_staple_multiclass(masks, 3, rounds), atol=1e-10)
 
 
+def test_sparse_path_for_many_patterns_equals_pixelwise_em():
+    # 16 classes, 5 experts, 90 000 noisy pixels: over 52 000 patterns, so the (expert, label) indicator is sparse
+    rng = np.random.default_rng(8)
+    truth = rng.integers(0, 16, (300, 300))
+    masks = noisy_copies(truth, [0.5, 0.6, 0.7, 0.8, 0.9], 16, rng)
+    with quiet_fusion_log():
+        ours = fusion.staple_multiclass(masks, max_iterations=2, tolerance=1e-300)
+    assert len(fusion.decision_patterns(masks, 16).counts) * 5 * 16 > 1 << 22
+    np.testing.assert_allclose(ours.confusion, pixelwise_staple_multiclass(masks, 16, 2), atol=1e-10)
+
+
+def test_multiclass_staple_refuses_huge_posteriors(monkeypatch):
+    monkeypatch.setattr(fusion, "MAX_POSTERIOR_VALUES", 10)
+    masks = noisy_copies(structured(n_classes=4), [0.3, 0.3], 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="likely instance masks"):
+        fusion.staple_multiclass(masks)
+
+
+def test_many_labels_are_detected_as_instances():
+    many = np.arange(300 * 4, dtype=np.uint16).reshape(30, 40) % 300  # labels repeat: several regions each
+    assert fusion.detect_mask_type([many, many])[0] == "instance"
+
+
 ERROR_CASES = [
     (lambda: fusion.staple_binary([np.zeros((3, 3), np.uint8)]), "number of masks must be at least 2; got 1"),
     (lambda: fusion.majority_vote([np.zeros((3, 3), np.uint8), np.zeros((3, 4), np.uint8)]),
