@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     cap = args.sitk_noisy_iterations
     short = max(1, cap // 4)
     multi.SetMaximumNumberOfIterations(short)
-    capped_short, _ = timed(lambda: multi.Execute(images), 1)
+    capped_short, _ = timed(lambda: multi.Execute(images), args.sitk_repeats)
     multi.SetMaximumNumberOfIterations(cap)
-    capped, _ = timed(lambda: multi.Execute(images), 1)
+    capped, _ = timed(lambda: multi.Execute(images), args.sitk_repeats)
     per_iteration = (capped - capped_short) / (cap - short) if cap > short else capped / cap
     estimate = capped + per_iteration * (result.iterations - cap)
     logging.getLogger(fusion.__name__).setLevel(logging.ERROR)  # the capped run warns that it did not converge
