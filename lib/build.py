@@ -41,6 +41,7 @@ from .lmdb_store import FORMAT_VERSION, HEADER, LmdbWriter, encode_record, recor
 from .tiling import pad_to, tile_grid
 
 TMP_PREFIX = ".building-"
+SMALL_BUILD_BYTES = 32 << 20  # below this many bytes of records, decode in this process
 PAGE = 4096
 
 
@@ -81,6 +82,7 @@ def _init_worker(db_paths: dict[str, str], map_size: dict[str, int], settings: d
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER["settings"] = settings
+    # No writemap: on a fresh file its page faults cost more than LMDB's write() at commit.
     _WORKER["envs"] = {split: lmdb.open(path, map_size=map_size[split], subdir=True, sync=False, metasync=False)
                        for split, path in db_paths.items()}
 
@@ -106,10 +108,10 @@ def _process(job: _Job) -> dict[str, Any]:
         out["problems"].append(f"unreadable or invalid mask: {exc}")
         mask = None
     if mask is not None:
-        out["problems"] += check_mask_values(mask, job.pair.mask, s["number_classes"], s["mask_type"])
-        if mask.size and int(mask.max()) > np.iinfo(s["label_dtype"]).max:
-            out["problems"].append(f"mask values must fit in {s['label_dtype']}; got {int(mask.max())} in "
-                                   f"{job.pair.mask}")
+        top = int(mask.max()) if mask.size else 0
+        out["problems"] += check_mask_values(mask, job.pair.mask, s["number_classes"], s["mask_type"], top)
+        if top > np.iinfo(s["label_dtype"]).max:
+            out["problems"].append(f"mask values must fit in {s['label_dtype']}; got {top} in {job.pair.mask}")
     if image is not None and mask is not None and image.shape[:2] != mask.shape:
         out["problems"].append(f"image and mask sizes differ: {job.pair.image} is {image.shape[0]}x{image.shape[1]}"
                                f" (HxW), {job.pair.mask} is {mask.shape[0]}x{mask.shape[1]}")
@@ -120,25 +122,47 @@ def _process(job: _Job) -> dict[str, Any]:
     n_classes = s["n_classes"]
     height, width = mask.shape
     # Statistics over the image itself (tiles overlap; the image does not).
-    flat = image.reshape(-1, image.shape[2]).astype(np.float64)
-    mean = flat.mean(axis=0)
-    out["stats"] = (flat.shape[0], mean.tolist(), ((flat - mean) ** 2).sum(axis=0).tolist())
+    out["stats"] = _moments(image)
     semantic_view = label if s["mask_type"] == "semantic" else (label > 0).astype(np.uint8)
     out["class_counts"] = np.bincount(semantic_view.ravel(), minlength=n_classes).tolist()
     image_p = pad_to(image, job.tile_h, job.tile_w, "reflect")
     label_p = pad_to(label, job.tile_h, job.tile_w, "zero")
-    tiles = []
-    env = _WORKER["envs"][job.split]
-    with env.begin(write=True) as txn:
-        for i, (y, x) in enumerate(job.grid):
-            img_t = image_p[y:y + job.tile_h, x:x + job.tile_w]
-            lab_t = label_p[y:y + job.tile_h, x:x + job.tile_w]
-            valid_h, valid_w = min(job.tile_h, height - y), min(job.tile_w, width - x)
-            present = np.bincount(semantic_view[y:y + valid_h, x:x + valid_w].ravel(), minlength=n_classes)
-            tiles.append((y, x, valid_h, valid_w, np.flatnonzero(present).tolist()))
-            txn.put(record_key(job.first_record + i), encode_record(img_t, lab_t))
+    tiles, records = [], []
+    for y, x in job.grid:
+        valid_h, valid_w = min(job.tile_h, height - y), min(job.tile_w, width - x)
+        present = np.bincount(semantic_view[y:y + valid_h, x:x + valid_w].ravel(), minlength=n_classes)
+        tiles.append((y, x, valid_h, valid_w, np.flatnonzero(present).tolist()))
+        records.append(encode_record(image_p[y:y + job.tile_h, x:x + job.tile_w],
+                                     label_p[y:y + job.tile_h, x:x + job.tile_w]))
+    # The write lock is shared by all workers: hold it only for the copies into LMDB.
+    with _WORKER["envs"][job.split].begin(write=True) as txn:
+        for i, record in enumerate(records):
+            txn.put(record_key(job.first_record + i), record)
     out["tiles"] = tiles
     return out
+
+
+def _moments(image: np.ndarray) -> tuple[int, list[float], list[float]]:
+    """Pixel count, per-channel mean and per-channel sum of squared deviations of ``image`` (H, W, C).
+
+    Large 8- and 16-bit images go through a histogram (exact, and 3x faster than float64 arithmetic).
+    """
+    n = image.shape[0] * image.shape[1]
+    means, m2s = [], []
+    for c in range(image.shape[2]):
+        channel = image[..., c]
+        if image.dtype in (np.uint8, np.uint16) and n > 4 * (1 << (8 * image.dtype.itemsize)):
+            counts = np.bincount(channel.ravel()).astype(np.float64)
+            values = np.arange(len(counts), dtype=np.float64)
+            mean = float(counts @ values) / n
+            m2 = float(counts @ (values - mean) ** 2)
+        else:
+            flat = channel.astype(np.float64).ravel()
+            mean = float(flat.mean())
+            m2 = float(((flat - mean) ** 2).sum())
+        means.append(mean)
+        m2s.append(m2)
+    return n, means, m2s
 
 
 # Main side
@@ -345,7 +369,10 @@ def build_databases(config: BuildConfig, command: str = "", progress: bool = Tru
         for s in splits:
             # Create the environments here so workers only open them.
             LmdbWriter(db_paths[s], map_size=map_sizes[s]).close()
-        results = _run_jobs(jobs, config.workers, db_paths, map_sizes, settings, progress)
+        # A pool pays for its start-up only when there is enough to decode.
+        total = sum(len(j.grid) * record_bytes[j.index] for j in jobs)
+        workers = config.workers if total >= SMALL_BUILD_BYTES else 0
+        results = _run_jobs(jobs, workers, db_paths, map_sizes, settings, progress)
         for r in results:
             problems += r["problems"]
         if problems:

@@ -243,14 +243,9 @@ def read_mask(path: str | os.PathLike, binary_255: bool = True) -> np.ndarray:
         array = first
     mask = array[..., 0]
     mask = _integer_mask(mask, path)
-    if binary_255 and mask.dtype == np.uint8:
-        values = np.unique(mask) if mask.size <= 1 << 16 else None
-        top = int(mask.max()) if mask.size else 0
-        if top == 255:
-            if values is None:
-                values = np.unique(mask)
-            if set(values.tolist()) <= {0, 255}:
-                mask = (mask == 255).astype(np.uint8)
+    if binary_255 and mask.dtype == np.uint8 and mask.size and int(mask.max()) == 255:
+        if not np.any((mask != 0) & (mask != 255)):
+            mask = (mask == 255).astype(np.uint8)
     return mask
 
 
@@ -472,10 +467,10 @@ def check_pair_headers(pair: Pair) -> PairCheck:
 
 
 def check_mask_values(mask: np.ndarray, path: Path, number_classes: int | None,
-                      mask_type: str) -> list[str]:
-    """Problems with the values of a decoded mask (classes out of range)."""
+                      mask_type: str, top: int | None = None) -> list[str]:
+    """Problems with the values of a decoded mask (classes out of range). ``top``: mask.max() if known."""
     if mask_type == "semantic" and number_classes is not None and mask.size:
-        top = int(mask.max())
+        top = int(mask.max()) if top is None else top
         if top >= number_classes:
             values = np.unique(mask)
             bad = values[values >= number_classes]
