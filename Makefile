@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11:
-#   make demo   generate example data -> build LMDB databases -> print a summary
+#   make demo   generate example data -> fuse experts' masks -> build LMDB databases -> print a summary
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -22,6 +22,10 @@ demo: $(VENV)/.runtime
 	$(PY) build_lmdb.py --image_folder demo_output/data/images --mask_folder demo_output/data/masks \
 		--output_folder demo_output/db --dataset_name demo --number_classes 3 --train_fraction 0.75 \
 		--tile_size 256 --folds 4 --overwrite --quiet
+	$(PY) fuse_masks.py --input_folder demo_output/data/experts --output_folder demo_output/fused --quiet
+	$(PY) build_lmdb.py --image_folder demo_output/data/images --mask_folder demo_output/fused \
+		--output_folder demo_output/db --dataset_name fused --number_classes 2 --train_fraction 0.75 \
+		--tile_size 256 --overwrite --quiet
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
