@@ -16,16 +16,9 @@ import shlex
 import sys
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no; got {text!r}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from lib.config import flag_bool
+
     parser = argparse.ArgumentParser(
         prog="build_lmdb.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -46,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     split.add_argument("--seed", type=int, default=0, help="seed of the train/test split and fold assignment")
     split.add_argument("--folds", type=int, default=0,
                        help="record a k-fold assignment of the training images (0 = none)")
-    split.add_argument("--use_tiling", type=_bool, nargs="?", const=True, default=True,
+    split.add_argument("--use_tiling", type=flag_bool, nargs="?", const=True, default=True,
                        help="cut images into tiles (0: store whole images)")
     split.add_argument("--tile_size", type=int, default=256, help="tile edge in pixels")
     split.add_argument("--stride", type=int, default=None, help="step between tiles (default: tile_size, no overlap)")

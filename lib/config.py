@@ -93,6 +93,18 @@ class BuildConfig:
         return _from_dict(cls, values)
 
 
+def flag_bool(text: str) -> bool:
+    """Parse a command-line truth value as NIST's scripts take them: 1/0, true/false, yes/no, on/off."""
+    import argparse
+
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no; got {text!r}")
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)

@@ -52,6 +52,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lib.augment import AugmentParams, Transform, apply_transform, augment, crop_centre
+from lib.config import flag_bool
 from lib.images import smallest_uint
 from lib.lmdb_store import LmdbReader, StoreError
 
@@ -462,6 +463,8 @@ class ImageReader:
     start_method : "forkserver" (default on Linux), "spawn" or "fork"
     timeout : seconds ``get_batch`` waits while the workers are alive but silent before raising
     check_labels : verify each semantic label is below ``number_classes`` (one max per example)
+    channel_stats : ``(mean, std)`` per channel for ``normalization="dataset"`` instead of this
+        database's own (a test reader normalises with the training statistics)
 
     Raises
     ------
@@ -474,7 +477,8 @@ class ImageReader:
                  patch_shape: Sequence[int] | int | None = None, augment_params: AugmentParams | None = None,
                  sampling: str = "uniform", normalization: str = "dataset", reader_count: int = 1, seed: int = 0,
                  start_epoch: int = 0, batches_per_epoch: int | None = None, slots_per_worker: int = 3,
-                 start_method: str | None = None, timeout: float = 120.0, check_labels: bool = True):
+                 start_method: str | None = None, timeout: float = 120.0, check_labels: bool = True,
+                 channel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
         self.database = Path(database)
         problems = []
         if mode not in MODES:
@@ -525,8 +529,11 @@ class ImageReader:
         if missing:
             raise StoreError(f"database metadata must hold {', '.join(missing)} for these settings; missing in "
                              f"{self.database}. Rebuild it with build_lmdb.py")
-        mean = tuple(float(v) for v in metadata.get("channel_mean") or [0.0] * channels)
-        std = tuple(float(v) for v in metadata.get("channel_std") or [1.0] * channels)
+        if channel_stats is not None:
+            mean, std = (tuple(float(v) for v in values) for values in channel_stats)
+        else:
+            mean = tuple(float(v) for v in metadata.get("channel_mean") or [0.0] * channels)
+            std = tuple(float(v) for v in metadata.get("channel_std") or [1.0] * channels)
         if normalization == "dataset" and (len(mean) != channels or len(std) != channels):
             raise StoreError(f"channel_mean and channel_std must have one value per channel ({channels}); got "
                              f"{len(mean)} and {len(std)} in {self.database}. Rebuild the database")
@@ -946,7 +953,8 @@ def add_reader_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--sampling", choices=SAMPLINGS, default="uniform",
                        help="uniform over tiles; balanced: a class uniformly, then a tile holding it; "
                             "foreground: crop centres weighted by inverse class frequency")
-    group.add_argument("--balance_classes", action="store_true", help="same as --sampling balanced")
+    group.add_argument("--balance_classes", type=flag_bool, nargs="?", const=True, default=False,
+                       help="same as --sampling balanced (NIST's flag: --balance_classes 1)")
     group.add_argument("--normalization", choices=NORMALIZATIONS, default="dataset",
                        help="z-score with the database statistics, or with each patch's own")
     group.add_argument("--save_aug_samples", metavar="DIR", default=None,
