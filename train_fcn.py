@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
-"""train_fcn.py: not yet available (see the open issues: `issues`)."""
+"""Train an FCN-8s/16s/32s segmentation model (VGG16-style encoder) on LMDB databases from build_lmdb.py.
+
+    python train_fcn.py --train_database db/train-cells.lmdb --test_database db/test-cells.lmdb \
+        --output_dir runs/fcn --number_classes 2 --variant fcn8
+
+Trained from scratch unless --model_options '{"backbone_weights": "vgg16.weights.h5"}' names a
+local weights file (nothing is downloaded). Rerunning the same command resumes.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train_fcn.py", description="Not yet available: this tool is being built.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return parser.parse_known_args(argv)[0]
+ARCHITECTURES = {"fcn8": "fcn8", "fcn16": "fcn16", "fcn32": "fcn32"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_args(argv)
-    print("train_fcn.py is not yet available in this version of the toolkit.", file=sys.stderr)
-    return 2
+    from lib.train_cli import run
+
+    return run(argv, "train_fcn.py", __doc__.split("\n\n")[0], ARCHITECTURES, "fcn8", "--variant")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
-"""train_unet.py: not yet available (see the open issues: `issues`)."""
+"""Train a UNet or FC-DenseNet segmentation model on LMDB databases written by build_lmdb.py.
+
+    python train_unet.py --train_database db/train-cells.lmdb --test_database db/test-cells.lmdb \
+        --output_dir runs/cells --number_classes 2
+
+Rerunning the same command after the job was stopped or killed resumes from the last checkpoint.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train_unet.py", description="Not yet available: this tool is being built.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return parser.parse_known_args(argv)[0]
+ARCHITECTURES = {"unet": "unet", "fc-densenet56": "fc-densenet56", "fc-densenet67": "fc-densenet67",
+                 "fc-densenet103": "fc-densenet103"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_args(argv)
-    print("train_unet.py is not yet available in this version of the toolkit.", file=sys.stderr)
-    return 2
+    from lib.train_cli import run
+
+    return run(argv, "train_unet.py", __doc__.split("\n\n")[0], ARCHITECTURES, "unet", "--architecture")
 
 
 if __name__ == "__main__":

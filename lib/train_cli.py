@@ -1,0 +1,126 @@
+"""Command line shared by train_unet.py and train_fcn.py (NIST's flags kept as users type them).
+
+Nothing heavy is imported here: TensorFlow is loaded only after the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+
+
+def build_parser(prog: str, description: str, architectures: dict[str, str], default_architecture: str,
+                 architecture_flag: str) -> argparse.ArgumentParser:
+    """The parser of a training CLI. ``architectures`` maps the CLI's choice to the registry name."""
+    from .augment import add_augmentation_arguments
+    from .config import flag_bool
+    from .imagereader import add_reader_arguments
+    from .losses import LOSSES
+    from .trainer import LR_SCHEDULES
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("input")
+    data.add_argument("--train_database", required=True, help="train-NAME.lmdb written by build_lmdb.py")
+    data.add_argument("--test_database", required=True, help="test-NAME.lmdb written by build_lmdb.py")
+    data.add_argument("--number_classes", type=int, required=True, help="number of classes the model predicts")
+    data.add_argument("--patch_size", type=int, default=None,
+                      help="training patch edge (random crops of the stored tiles); default: the tile size")
+    model = parser.add_argument_group("model")
+    model.add_argument(architecture_flag, dest="architecture", choices=sorted(architectures),
+                       default=default_architecture, help="network architecture")
+    model.add_argument("--model_options", default="{}",
+                       help='JSON object of builder options, e.g. \'{"base_filters": 16, "depth": 3}\'')
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=8, help="examples per replica (global batch = this x replicas)")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    optim.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decoupled weight decay (kernels only)")
+    optim.add_argument("--loss", choices=LOSSES, default="ce",
+                       help="ce, class-frequency weighted ce, soft dice, or ce + dice")
+    optim.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                       help="after warm-up: constant, halve on plateau (3 evaluations), cosine or one-cycle "
+                            "(cosine and one-cycle need --max_steps)")
+    optim.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    optim.add_argument("--seed", type=int, default=0, help="seed of weights and sampling")
+    run = parser.add_argument_group("schedule and runtime")
+    run.add_argument("--test_every_n_steps", type=int, default=1000, help="steps between evaluations")
+    run.add_argument("--early_stopping", type=int, default=10,
+                     help="stop after this many evaluations without test-loss improvement (1e-4 tolerance)")
+    run.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
+    run.add_argument("--max_minutes", type=float, default=None,
+                     help="stop cleanly (best model exported) after this many minutes, e.g. before a wall time")
+    run.add_argument("--mixed_precision", type=flag_bool, nargs="?", const=True, default=False,
+                     help="bfloat16 compute with float32 weights")
+    run.add_argument("--jit_compile", type=flag_bool, nargs="?", const=True, default=False,
+                     help="compile the forward/backward pass with XLA")
+    run.add_argument("--use_augmentation", type=flag_bool, nargs="?", const=True, default=True,
+                     help="augment training examples (1/0)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", required=True, help="model folder; rerunning the same command resumes it")
+    add_reader_arguments(parser)
+    add_augmentation_arguments(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, architectures: dict[str, str]):
+    """A validated TrainConfig from parsed flags; misuse exits through ``parser.error`` (code 2)."""
+    from .augment import augment_params_from_args
+    from .config import ConfigError
+    from .imagereader import reader_options_from_args
+    from .trainer import TrainConfig
+
+    try:
+        options = json.loads(args.model_options)
+        if not isinstance(options, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        parser.error(f"--model_options must be a JSON object; got {args.model_options!r} ({exc})")
+    reader = reader_options_from_args(args, parser)
+    augmentation = dataclasses.asdict(augment_params_from_args(args, parser))
+    config = TrainConfig(
+        train_database=args.train_database, test_database=args.test_database, output_dir=args.output_dir,
+        number_classes=args.number_classes, architecture=architectures[args.architecture], model_options=options,
+        batch_size=args.batch_size, patch_size=args.patch_size, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, loss=args.loss, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        test_every_n_steps=args.test_every_n_steps, early_stopping=args.early_stopping, max_steps=args.max_steps,
+        max_minutes=args.max_minutes, use_augmentation=args.use_augmentation and not args.no_augmentation,
+        augmentation=augmentation, sampling=reader["sampling"], normalization=reader["normalization"],
+        reader_count=reader["reader_count"], seed=args.seed, mixed_precision=args.mixed_precision,
+        jit_compile=args.jit_compile)
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        parser.error("\n".join(exc.violations))
+
+
+def run(argv: list[str] | None, prog: str, description: str, architectures: dict[str, str],
+        default_architecture: str, architecture_flag: str) -> int:
+    """Parse, validate, train; return the exit code (2 bad input, 130/143 interrupted, 1 training failure)."""
+    parser = build_parser(prog, description, architectures, default_architecture, architecture_flag)
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser, architectures)
+    print("settings: " + json.dumps(config.to_dict()), flush=True)
+
+    from .trainer import TrainingError, TrainingInterrupted, train
+
+    if args.save_aug_samples:
+        from .imagereader import save_augmentation_samples
+        from .augment import AugmentParams
+
+        params = AugmentParams(**config.augmentation) if config.use_augmentation else AugmentParams.none()
+        paths = save_augmentation_samples(config.train_database, args.save_aug_samples, params=params,
+                                          seed=config.seed, patch_shape=(config.patch_size,) * 2
+                                          if config.patch_size else None)
+        print(f"wrote {len(paths)} augmentation samples to {args.save_aug_samples}")
+    try:
+        train(config, log=lambda m: print(m, flush=True))
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if "step" not in str(exc) else 1
+    return 0
