@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11:
-#   make demo   generate example data -> fuse experts' masks -> build LMDB databases -> print a summary
+#   make demo   generate example data -> fuse experts' masks -> build LMDB databases -> train a small UNet
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -26,6 +26,11 @@ demo: $(VENV)/.runtime
 	$(PY) build_lmdb.py --image_folder demo_output/data/images --mask_folder demo_output/fused \
 		--output_folder demo_output/db --dataset_name fused --number_classes 2 --train_fraction 0.75 \
 		--tile_size 256 --overwrite --quiet
+	rm -rf demo_output/run
+	$(PY) train_unet.py --train_database demo_output/db/train-demo.lmdb --test_database demo_output/db/test-demo.lmdb \
+		--output_dir demo_output/run --number_classes 3 --model_options '{"base_filters": 16, "depth": 3}' \
+		--batch_size 4 --patch_size 128 --learning_rate 1e-3 --test_every_n_steps 50 --max_steps 400 \
+		--reader_count 2
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
+import os
 import sys
 
 
@@ -101,6 +101,9 @@ def run(argv: list[str] | None, prog: str, description: str, architectures: dict
     """Parse, validate, train; return the exit code (2 bad input, 130/143 interrupted, 1 training failure)."""
     parser = build_parser(prog, description, architectures, default_architecture, architecture_flag)
     args = parser.parse_args(argv)
+    # TensorFlow's C++ start-up chatter (CUDA probing on CPU nodes, CPU features) buries the
+    # settings and progress lines in batch logs; errors still show. A user's setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     config = config_from_args(args, parser, architectures)
     print("settings: " + json.dumps(config.to_dict()), flush=True)
 
