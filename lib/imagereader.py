@@ -112,6 +112,7 @@ class ReaderSpec:
     number_classes: int
     label_kind: str
     check_labels: bool
+    records: tuple[int, ...] | None = None  # the subset of records to use (k-fold); None = all
 
     @property
     def workers(self) -> int:
@@ -179,7 +180,11 @@ class BatchProducer:
         self.valid = None
         if len(tiles.get("valid_h", ())) == spec.n_records:
             self.valid = np.stack([tiles["valid_h"], tiles["valid_w"]], axis=1).astype(np.int64)
-        self.class_tiles = [np.asarray(t, np.int64) for t in metadata.get("class_tiles") or [] if len(t)]
+        self.subset = None if spec.records is None else np.asarray(spec.records, np.int64)
+        class_tiles = [np.asarray(t, np.int64) for t in metadata.get("class_tiles") or []]
+        if self.subset is not None:
+            class_tiles = [np.intersect1d(t, self.subset) for t in class_tiles]
+        self.class_tiles = [t for t in class_tiles if len(t)]
         counts = np.asarray(metadata.get("class_pixel_counts") or [1] * spec.number_classes, np.float64)
         # Inverse class frequency: every class gets the same share of crop centres on average.
         self.class_weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
@@ -202,7 +207,8 @@ class BatchProducer:
         spec = self.spec
         if spec.mode == "test":
             first = (index % spec.batches_per_epoch) * spec.batch_size
-            chosen = list(range(first, min(first + spec.batch_size, spec.n_records)))
+            order = range(spec.n_records) if self.subset is None else self.subset
+            chosen = [int(r) for r in order[first:first + spec.batch_size]]
         else:
             epoch = spec.epoch_of(index)
             if epoch != self.rng_epoch:
@@ -219,6 +225,8 @@ class BatchProducer:
         if self.spec.sampling == "balanced" and self.class_tiles:
             tiles = self.class_tiles[int(self.rng.integers(len(self.class_tiles)))]
             return int(tiles[int(self.rng.integers(len(tiles)))])
+        if self.subset is not None:
+            return int(self.subset[int(self.rng.integers(len(self.subset)))])
         return int(self.rng.integers(self.spec.n_records))
 
     def _example(self, record: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,6 +467,7 @@ class ImageReader:
     seed : base seed; worker ``w`` in epoch ``e`` draws from ``SeedSequence([seed, w, e])``
     start_epoch : first epoch (resuming a run repeats the batches of an uninterrupted one)
     batches_per_epoch : default ``max(1, n_records // batch_size)`` (train), a full pass (test)
+    records : indices of the records to use (e.g. the tiles of some folds); default all
     slots_per_worker : ring slots each worker owns (>= 2); more absorbs jitter, costs shared memory
     start_method : "forkserver" (default on Linux), "spawn" or "fork"
     timeout : seconds ``get_batch`` waits while the workers are alive but silent before raising
@@ -478,7 +487,8 @@ class ImageReader:
                  sampling: str = "uniform", normalization: str = "dataset", reader_count: int = 1, seed: int = 0,
                  start_epoch: int = 0, batches_per_epoch: int | None = None, slots_per_worker: int = 3,
                  start_method: str | None = None, timeout: float = 120.0, check_labels: bool = True,
-                 channel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
+                 channel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+                 records: Sequence[int] | None = None):
         self.database = Path(database)
         problems = []
         if mode not in MODES:
@@ -518,6 +528,12 @@ class ImageReader:
                 raise StoreError(f"database must hold labels; record 0 of {self.database} has none")
             label_tail, stored_label_dtype = label0.shape[2:], label0.dtype
             n_records = len(db)
+        if records is not None:
+            records = tuple(sorted(set(int(r) for r in records)))
+            if not records or records[0] < 0 or records[-1] >= n_records:
+                raise ValueError(f"records must be a non-empty subset of [0, {n_records}) in {self.database}; got "
+                                 f"{len(records)} indices" + (f" from {records[0]} to {records[-1]}" if records else ""))
+        n_used = n_records if records is None else len(records)
         patch_shape = tuple(int(s) for s in (patch_shape or image_shape0[:2]))
         channels = int(image_shape0[2])
         label_kind = metadata.get("label_kind", "semantic")
@@ -544,15 +560,15 @@ class ImageReader:
             # Instance ids keep their stored width: their largest value is not recorded.
             label_dtype, check = stored_label_dtype, False
         if mode == "test":
-            per_epoch = math.ceil(n_records / batch_size)
+            per_epoch = math.ceil(n_used / batch_size)
         else:
-            per_epoch = batches_per_epoch or max(1, n_records // batch_size)
+            per_epoch = batches_per_epoch or max(1, n_used // batch_size)
         self.spec = ReaderSpec(
             database=str(self.database), mode=mode, batch_size=int(batch_size), patch_shape=patch_shape,
             channels=channels, label_tail=tuple(label_tail), label_dtype=np.dtype(label_dtype).name,
             augment=AugmentParams() if augment_params is None else augment_params,
             sampling=sampling, normalization=normalization, mean=mean, std=std, seed=int(seed),
-            reader_count=int(reader_count), batches_per_epoch=int(per_epoch), n_records=n_records,
+            reader_count=int(reader_count), batches_per_epoch=int(per_epoch), n_records=n_records, records=records,
             number_classes=number_classes, label_kind=label_kind, check_labels=check)
         self.metadata = metadata
         self.layout = SlotLayout(self.spec.batch_size, patch_shape + (channels,), patch_shape + tuple(label_tail),

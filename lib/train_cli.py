@@ -56,6 +56,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                      help="bfloat16 compute with float32 weights")
     run.add_argument("--jit_compile", type=flag_bool, nargs="?", const=True, default=False,
                      help="compile the forward/backward pass with XLA")
+    run.add_argument("--folds", type=int, default=0,
+                     help="k-fold ensemble: train min(K, source images) models, model i validating on fold i of "
+                          "the training database, into OUTPUT/ensemble/ (0 = one model)")
     run.add_argument("--use_augmentation", type=flag_bool, nargs="?", const=True, default=True,
                      help="augment training examples (1/0)")
     out = parser.add_argument_group("output")
@@ -89,7 +92,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         max_minutes=args.max_minutes, use_augmentation=args.use_augmentation and not args.no_augmentation,
         augmentation=augmentation, sampling=reader["sampling"], normalization=reader["normalization"],
         reader_count=reader["reader_count"], seed=args.seed, mixed_precision=args.mixed_precision,
-        jit_compile=args.jit_compile)
+        jit_compile=args.jit_compile, folds=args.folds, fold=0 if args.folds else None)
     try:
         return config.validate()
     except ConfigError as exc:
@@ -107,7 +110,7 @@ def run(argv: list[str] | None, prog: str, description: str, architectures: dict
     config = config_from_args(args, parser, architectures)
     print("settings: " + json.dumps(config.to_dict()), flush=True)
 
-    from .trainer import TrainingError, TrainingInterrupted, train
+    from .trainer import TrainingError, TrainingInterrupted, train, train_kfold
 
     if args.save_aug_samples:
         from .imagereader import save_augmentation_samples
@@ -119,7 +122,8 @@ def run(argv: list[str] | None, prog: str, description: str, architectures: dict
                                           if config.patch_size else None)
         print(f"wrote {len(paths)} augmentation samples to {args.save_aug_samples}")
     try:
-        train(config, log=lambda m: print(m, flush=True))
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        train_kfold(config, log=log) if config.folds else train(config, log=log)
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum

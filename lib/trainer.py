@@ -91,6 +91,8 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: bool = False
     jit_compile: bool = False
+    folds: int = 0  # k-fold run: this model validates on fold `fold` of the training database
+    fold: int | None = None
 
     def validate(self) -> "TrainConfig":
         """Return self or raise ``ConfigError`` listing every invalid field (files are checked by :func:`train`)."""
@@ -124,6 +126,10 @@ class TrainConfig:
             v.append(f"lr_schedule {self.lr_schedule!r} needs max_steps (its length); got none")
         if self.reader_count < 0:
             v.append(f"reader_count must be >= 0; got {self.reader_count}")
+        if self.folds == 1 or self.folds < 0:
+            v.append(f"folds must be 0 (no k-fold) or >= 2; got {self.folds}")
+        if self.folds and self.fold is not None and not 0 <= self.fold < self.folds:
+            v.append(f"fold must be in [0, {self.folds}); got {self.fold}")
         try:
             AugmentParams(**self.augmentation)
         except (TypeError, ValueError) as exc:
@@ -258,6 +264,27 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
     return train, test
 
 
+def fold_records(meta: dict, folds: int, seed: int) -> list[list[int]]:
+    """Record indices of each fold of a training database: ``n = min(folds, source images)`` lists.
+
+    Uses the database's own fold assignment (``build_lmdb.py --folds``) when it has ``folds``
+    folds; otherwise assigns the source images to folds here, seeded, as build_lmdb does.
+    """
+    sources = meta["sources"]
+    in_db = sorted(set(meta["tiles"]["source"]))
+    stored = [sources[i].get("fold", -1) for i in in_db]
+    n = min(folds, len(in_db))
+    if meta.get("folds") == n and all(f >= 0 for f in stored):
+        fold_of = dict(zip(in_db, stored))
+    else:
+        order = np.random.default_rng([seed, 1]).permutation(len(in_db))
+        fold_of = {in_db[j]: i % n for i, j in enumerate(order)}
+    records: list[list[int]] = [[] for _ in range(n)]
+    for record, source in enumerate(meta["tiles"]["source"]):
+        records[fold_of[source]].append(record)
+    return records
+
+
 # Checkpoints
 
 
@@ -335,6 +362,7 @@ def _model_json(config: TrainConfig, train_meta: dict, test_meta: dict, geometry
             "train_records": train_meta["n_records"], "test_records": test_meta["n_records"],
             "class_pixel_counts": train_meta["class_pixel_counts"],
             "build_command": train_meta.get("build_command"),
+            "fold": config.fold, "folds": config.folds,
         },
         "best": best,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -487,15 +515,24 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
         log("class weights from the training pixel counts: " + ", ".join(f"{w:.3g}" for w in class_weights))
     loss_fn = make_loss(config.loss, config.number_classes, class_weights)
 
+    train_records = test_records = None
+    if config.folds:
+        per_fold = fold_records(train_meta, config.folds, config.seed)
+        test_records = per_fold[config.fold]
+        train_records = sorted(r for i, f in enumerate(per_fold) if i != config.fold for r in f)
+        log(f"fold {config.fold} of {len(per_fold)}: {len(train_records)} training tiles, {len(test_records)} "
+            "validation tiles, from different source images")
     augment_params = AugmentParams(**config.augmentation) if config.use_augmentation else AugmentParams.none()
     train_reader = ImageReader(config.train_database, config.batch_size, mode="train", patch_shape=patch,
                                augment_params=augment_params, sampling=config.sampling,
                                normalization=config.normalization, reader_count=config.reader_count,
-                               seed=config.seed * 1000 + worker_index, start_epoch=state["epoch"])
+                               seed=config.seed * 1000 + worker_index, start_epoch=state["epoch"],
+                               records=train_records)
     # The test images are normalised with the training statistics, as inference will do.
     test_reader = ImageReader(config.test_database, global_batch, mode="test", normalization=config.normalization,
                               reader_count=min(config.reader_count, 1), seed=config.seed,
-                              channel_stats=(train_meta["channel_mean"], train_meta["channel_std"]))
+                              channel_stats=(train_meta["channel_mean"], train_meta["channel_std"]),
+                              records=test_records)
 
     train_step = make_train_step(strategy, model, optimizer, loss_fn, global_batch, config.jit_compile)
 
@@ -670,3 +707,37 @@ def _export_saved_model(out: Path, log: Callable[[str], None]) -> None:
     final = out / "saved_model"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def train_kfold(config: TrainConfig, log: Callable[[str], None] = print) -> list[TrainResult]:
+    """Train one model per fold of the training database (deepflash2's scheme).
+
+    Model ``i`` validates on the source images of fold ``i`` and trains on the others; it is
+    written to ``OUTPUT/ensemble/<architecture>_<C>classes-fold<i>/``, and
+    ``OUTPUT/ensemble/folds.csv`` compares the folds. Each fold resumes like a single run.
+    """
+    config.validate()
+    with LmdbReader(config.train_database) as reader:
+        per_fold = fold_records(reader.metadata, config.folds, config.seed)
+    ensemble = Path(config.output_dir) / "ensemble"
+    results = []
+    for i in range(len(per_fold)):
+        fold_config = dataclasses.replace(
+            config, test_database=config.train_database, fold=i,
+            output_dir=str(ensemble / f"{config.architecture}_{config.number_classes}classes-fold{i}"))
+        log(f"=== fold {i + 1} of {len(per_fold)} ===")
+        results.append(train(fold_config, log=log))
+    rows = [{"fold": i, "output_dir": str(r.output_dir), "steps": r.steps, "best_step": r.best_step,
+             "best_test_loss": r.best_test_loss, "mean_iou": r.best_metrics.get("mean_iou"),
+             "mean_foreground_iou": r.best_metrics.get("mean_foreground_iou"),
+             "pixel_accuracy": r.best_metrics.get("pixel_accuracy"), "stopped_because": r.stopped_because}
+            for i, r in enumerate(results)]
+    tmp = ensemble / ".folds.partial.csv"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, ensemble / "folds.csv")
+    ious = [r["mean_iou"] for r in rows if r["mean_iou"] is not None]
+    log(f"{len(rows)} folds: mean IoU {np.mean(ious):.3f} +- {np.std(ious):.3f}; ensemble in {ensemble}")
+    return results

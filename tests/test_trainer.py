@@ -263,3 +263,36 @@ def test_two_mirrored_replicas_equal_one_device():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["losses_one"] == pytest.approx(figures["losses_two"], rel=1e-4)
     assert figures["max_weight_diff"] < 1e-4
+
+
+def test_fold_records_split_by_source_image(tiny_db):
+    from lib.lmdb_store import LmdbReader
+    from lib.trainer import fold_records
+
+    with LmdbReader(tiny_db / "train-t.lmdb") as reader:
+        meta = reader.metadata
+    folds = fold_records(meta, 3, seed=0)
+    n_sources = len(set(meta["tiles"]["source"]))
+    assert len(folds) == min(3, n_sources)
+    assert sorted(r for f in folds for r in f) == list(range(meta["n_records"]))
+    sources = [{meta["tiles"]["source"][r] for r in f} for f in folds]
+    assert all(a.isdisjoint(b) for i, a in enumerate(sources) for b in sources[i + 1:])
+    assert len(fold_records(meta, 50, seed=0)) == n_sources  # n = min(K, number of images)
+
+
+def test_kfold_trains_one_model_per_fold(tiny_db, tmp_path):
+    import csv as csv_module
+
+    import keras
+
+    from lib.trainer import train_kfold
+
+    keras.backend.clear_session()
+    results = train_kfold(_tiny_config(tiny_db, tmp_path / "kf", folds=2, fold=0, max_steps=6,
+                                       test_every_n_steps=3), log=lambda m: None)
+    assert len(results) == 2
+    rows = list(csv_module.DictReader(open(tmp_path / "kf" / "ensemble" / "folds.csv")))
+    assert [r["fold"] for r in rows] == ["0", "1"]
+    for i in range(2):
+        meta = json.loads((tmp_path / "kf" / "ensemble" / f"unet_3classes-fold{i}" / "model.json").read_text())
+        assert meta["data"]["fold"] == i and meta["data"]["folds"] == 2
