@@ -296,3 +296,70 @@ def test_kfold_trains_one_model_per_fold(tiny_db, tmp_path):
     for i in range(2):
         meta = json.loads((tmp_path / "kf" / "ensemble" / f"unet_3classes-fold{i}" / "model.json").read_text())
         assert meta["data"]["fold"] == i and meta["data"]["folds"] == 2
+
+
+MULTIWORKER_SCRIPT = textwrap.dedent("""
+    import sys, json
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    sys.path.insert(0, sys.argv[1])
+    from lib.losses import make_loss
+    from lib.models import build_model
+    from lib.trainer import _worker_info, make_train_step, select_strategy
+
+    strategy = select_strategy()  # TF_CONFIG is set: MultiWorkerMirroredStrategy
+    index, n_workers = _worker_info(strategy)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model("unet", 1, 2, base_filters=4, depth=1, batch_norm=False, dropout=0.0)
+        optimizer = keras.optimizers.AdamW(learning_rate=1e-2, weight_decay=1e-2)
+        optimizer.build(model.trainable_variables)
+    initial = [w.numpy().copy() for w in model.weights]
+    # Each worker reads its own shard: different data on each.
+    rng = np.random.default_rng(100 + index)
+    images = rng.standard_normal((6, 8, 8, 1)).astype("float32")
+    labels = rng.integers(0, 2, (6, 8, 8)).astype("uint8")
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = dataset.with_options(options)
+    iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: dataset))
+    step = make_train_step(strategy, model, optimizer, make_loss("ce", 2), global_batch=2 * n_workers)
+    losses = [float(step(iterator)) for _ in range(3)]
+    np.savez(sys.argv[2], *[w.numpy() for w in model.weights])
+    changed = max(float(np.abs(w.numpy() - i).max()) for w, i in zip(model.weights, initial))
+    print(json.dumps({"worker": index, "workers": n_workers, "losses": losses, "changed": changed}))
+""")
+
+
+def test_two_multiworker_processes_end_with_identical_weights(tmp_path):
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                   TF_CPP_MIN_LOG_LEVEL="2")
+        procs.append(subprocess.Popen([sys.executable, "-c", MULTIWORKER_SCRIPT, str(ROOT), str(tmp_path / f"w{i}.npz")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=240)
+        finally:
+            p.kill()
+        assert p.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    assert [o["workers"] for o in outputs] == [2, 2]
+    assert outputs[0]["losses"] == pytest.approx(outputs[1]["losses"])  # the reduced loss is global
+    assert outputs[0]["changed"] > 1e-4, "training must have moved the weights"
+    with np.load(tmp_path / "w0.npz") as a, np.load(tmp_path / "w1.npz") as b:
+        assert len(a.files) > 0
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
