@@ -12,6 +12,12 @@ import os
 import sys
 
 
+def _auto_or_bool(text: str) -> bool | None:
+    from .config import flag_bool
+
+    return None if str(text).strip().lower() == "auto" else flag_bool(text)
+
+
 def build_parser(prog: str, description: str, architectures: dict[str, str], default_architecture: str,
                  architecture_flag: str) -> argparse.ArgumentParser:
     """The parser of a training CLI. ``architectures`` maps the CLI's choice to the registry name."""
@@ -52,8 +58,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
     run.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
     run.add_argument("--max_minutes", type=float, default=None,
                      help="stop cleanly (best model exported) after this many minutes, e.g. before a wall time")
-    run.add_argument("--mixed_precision", type=flag_bool, nargs="?", const=True, default=False,
-                     help="bfloat16 compute with float32 weights")
+    run.add_argument("--mixed_precision", type=_auto_or_bool, nargs="?", const=True, default=None,
+                     help="bfloat16 compute with float32 weights: 1, 0, or auto (default: on where the GPU or "
+                          "CPU computes bfloat16 natively)")
     run.add_argument("--jit_compile", type=flag_bool, nargs="?", const=True, default=False,
                      help="compile the forward/backward pass with XLA")
     run.add_argument("--folds", type=int, default=0,

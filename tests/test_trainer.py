@@ -130,7 +130,8 @@ def tiny_db(tmp_path_factory) -> Path:
 def _tiny_config(db: Path, out: Path, **kw) -> TrainConfig:
     values = dict(train_database=str(db / "train-t.lmdb"), test_database=str(db / "test-t.lmdb"),
                   output_dir=str(out), number_classes=3, model_options=TINY, batch_size=4, learning_rate=3e-3,
-                  test_every_n_steps=10, max_steps=30, reader_count=0, use_augmentation=False, seed=1)
+                  test_every_n_steps=10, max_steps=30, reader_count=0, use_augmentation=False, seed=1,
+                  mixed_precision=False)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -174,6 +175,19 @@ def test_tiny_model_learns_and_writes_the_model_folder(tiny_db, tmp_path):
         train(_tiny_config(tiny_db, tmp_path / "run", learning_rate=1e-2), log=lambda m: None)
 
 
+def test_mixed_bfloat16_trains_and_keeps_float32_logits(tiny_db, tmp_path):
+    import keras
+
+    from lib.trainer import train
+
+    keras.backend.clear_session()
+    result = train(_tiny_config(tiny_db, tmp_path / "bf16", max_steps=20, mixed_precision=True), log=lambda m: None)
+    assert math.isfinite(result.best_test_loss)
+    model = keras.models.load_model(tmp_path / "bf16" / "model.keras", safe_mode=True)
+    assert model.output.dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32", "train() restores the global policy"
+
+
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "train_unet.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
@@ -183,7 +197,8 @@ def test_kill_minus_nine_then_rerun_resumes(tiny_db, tmp_path):
     out = tmp_path / "run"
     args = ["--train_database", str(tiny_db / "train-t.lmdb"), "--test_database", str(tiny_db / "test-t.lmdb"),
             "--output_dir", str(out), "--number_classes", "3", "--model_options", json.dumps(TINY),
-            "--batch_size", "2", "--test_every_n_steps", "5", "--reader_count", "1", "--use_augmentation", "0"]
+            "--batch_size", "2", "--test_every_n_steps", "5", "--reader_count", "1", "--use_augmentation", "0",
+            "--mixed_precision", "0"]
     proc = _run_cli(args + ["--max_steps", "400"])
     deadline = time.time() + 120
     state = out / "checkpoint" / "state.json"
