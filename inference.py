@@ -1,22 +1,123 @@
 #!/usr/bin/env python3
-"""inference.py: not yet available (see the open issues: `issues`)."""
+"""Predict label images for a folder of images with a trained model (or an ensemble), and evaluate them.
+
+    python inference.py --model runs/cells --image_folder new_imgs --output_folder preds [--mask_folder masks]
+
+Exact tiled prediction: tiles carry a halo of the model's receptive-field radius, so the
+labels equal whole-image prediction for images of any size. Writes KEY.tif|png label images,
+optional probabilities/ and uncertainty/ maps, records/KEY.json, uncertainty.csv and, with
+--mask_folder, metrics.csv and overlays/. A rerun skips images already done (--overwrite redoes
+them). Exit code 0: all images done; 1: some images failed (listed); 2: bad settings or model.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be K/N with integers (e.g. 0/4); got {text!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise argparse.ArgumentTypeError(f"must be K/N with 0 <= K < N; got {text!r}")
+    return k, n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="inference.py", description="Not yet available: this tool is being built.",
+    parser = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return parser.parse_known_args(argv)[0]
+    data = parser.add_argument_group("input")
+    data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp; 2D or ZYX stacks)")
+    data.add_argument("--image_format", default=None, help="only use images with this extension (e.g. tif)")
+    data.add_argument("--mask_folder", default=None,
+                      help="folder of true masks, paired with images by name: evaluate (metrics.csv, overlays/)")
+    data.add_argument("--mask_suffix", default=None,
+                      help="mask name = image name + this suffix (e.g. _mask); default: inferred")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", "--saved_model_filepath", dest="model", required=True,
+                       help="model folder (model.keras + model.json), folder of model folders (ensemble: mean "
+                            "probabilities), .keras file with model.json beside it, or SavedModel folder")
+    model.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: average the 8 flips/rotations by 90 degrees (8x slower)")
+    tiles = parser.add_argument_group("tiling")
+    tiles.add_argument("--tile_size", type=int, default=None,
+                       help="largest tile edge fed to the model, a multiple of its size divisor "
+                            "(default: a zone of max(512, 2*halo) plus the halo on each side)")
+    tiles.add_argument("--halo", type=int, default=None,
+                       help="pixels of context around each tile's zone (default: the receptive-field radius, "
+                            "exact; smaller is faster and approximate near tile borders)")
+    tiles.add_argument("--batch_size", type=int, default=None, help="tiles per model call (default: ~2 Mpixel)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_folder", required=True, help="folder for the predictions (created)")
+    out.add_argument("--output_format", choices=("tif", "png"), default="tif",
+                     help="label image format (stacks are always tif)")
+    out.add_argument("--probabilities", action="store_true",
+                     help="also write probabilities/KEY.tif: (H, W, classes) float32")
+    out.add_argument("--uncertainty", action="store_true",
+                     help="also write uncertainty/KEY_entropy.tif (normalised entropy of the mean probabilities) "
+                          "and, for ensembles or --tta, KEY_spread.tif (spread of the members)")
+    out.add_argument("--z_filter", type=int, default=0,
+                     help="stacks: median filter of this odd size along z on the probabilities (0 = off)")
+    out.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    run = parser.add_argument_group("runtime")
+    run.add_argument("--shard", type=_shard, default=None,
+                     help="K/N: process only every N-th image starting at K (e.g. $SLURM_ARRAY_TASK_ID/4)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in ("tile_size", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1; got {value}")
+    if args.halo is not None and args.halo < 0:
+        parser.error(f"--halo must be >= 0 pixels; got {args.halo}")
+    if args.z_filter < 0 or args.z_filter == 1 or (args.z_filter and args.z_filter % 2 == 0):
+        parser.error(f"--z_filter must be 0 (off) or an odd size >= 3; got {args.z_filter}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_args(argv)
-    print("inference.py is not yet available in this version of the toolkit.", file=sys.stderr)
-    return 2
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from lib.config import ConfigError
+    from lib.predict import InferenceConfig, ModelError, run_inference
+
+    config = InferenceConfig(
+        model=args.model, image_folder=args.image_folder, output_folder=args.output_folder,
+        mask_folder=args.mask_folder, mask_suffix=args.mask_suffix, image_format=args.image_format,
+        batch_size=args.batch_size, tile_size=args.tile_size, halo=args.halo, output_format=args.output_format,
+        probabilities=args.probabilities, uncertainty=args.uncertainty, tta=args.tta, z_filter=args.z_filter,
+        overwrite=args.overwrite, shard=args.shard)
+    print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+    try:
+        result = run_inference(config, progress=not args.quiet)
+    except (ConfigError, ModelError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished images are kept and a rerun skips them", file=sys.stderr)
+        return 130
+    print(f"{len(result.predicted)} predicted, {len(result.skipped)} skipped (done before), "
+          f"{len(result.failed)} failed in {result.seconds:.1f} s "
+          f"({result.megapixels / max(result.seconds, 1e-9):.2f} Mpixel/s); halo {result.halo} px"
+          + ("" if result.exact else " (approximate)"))
+    if result.overall is not None:
+        o = result.overall
+        print(f"evaluation over all images: mean IoU {o['mean_iou']:.4f}, mean Dice {o['mean_dice']:.4f}, "
+              f"pixel accuracy {o['pixel_accuracy']:.4f}; per class IoU "
+              + ", ".join(f"{k[4:]}: {v:.4f}" for k, v in o.items() if k.startswith("iou_"))
+              + f" -> {result.metrics_csv}, overlays in {result.output_folder / 'overlays'}")
+    if result.uncertainty_csv is not None:
+        print(f"uncertainty per image (most uncertain first): {result.uncertainty_csv}")
+    if result.failed:
+        print(f"error: {len(result.failed)} image(s) failed:", file=sys.stderr)
+        for key, reason in result.failed.items():
+            print(f"  - {key}: {reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

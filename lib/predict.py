@@ -630,3 +630,369 @@ def predict_whole(predictor: Predictor, image: np.ndarray, halo: int | None = No
     statistics = image_statistics(image) if predictor.needs_image_statistics else None
     probabilities, _ = predictor.predict_batch(padded[np.newaxis], statistics)
     return probabilities[0, halo:halo + height, halo:halo + width]
+
+
+# 3D stacks
+
+
+def predict_volume(predictor: Predictor, volume, tile_size: int | None = None, halo: int | None = None,
+                   batch_size: int | None = None, z_filter: int = 0, keep_probabilities: bool = False,
+                   keep_uncertainty: bool = False, on_batch: Callable[[int], None] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict[str, float]]:
+    """Predict a stack ``(Z, Y, X, C)`` plane by plane.
+
+    ``z_filter`` > 1: median filter of that size along z on the probabilities, then argmax
+    (smooths labels that flicker between planes).
+
+    Returns ``(labels (Z, Y, X), probabilities (Z, Y, X, K) float32 or None,
+    entropy (Z, Y, X) float32 or None, scores)``.
+    """
+    keep = keep_probabilities or z_filter > 1
+    planes = [predict_image(predictor, volume[z], tile_size, halo, batch_size, keep_probabilities=keep,
+                            keep_uncertainty=keep_uncertainty, on_batch=on_batch) for z in range(volume.shape[0])]
+    entropy = np.stack([p.entropy for p in planes]) if keep_uncertainty else None
+    probabilities = np.stack([p.probabilities for p in planes]) if keep else None
+    if z_filter > 1:
+        from scipy.ndimage import median_filter
+
+        probabilities = median_filter(probabilities, size=(z_filter, 1, 1, 1), mode="nearest")
+        labels = probabilities.argmax(axis=-1).astype(label_dtype(predictor.number_classes))
+    else:
+        labels = np.stack([p.labels for p in planes])
+    scores = {k: float(np.mean([p.scores[k] for p in planes])) for k in planes[0].scores}
+    return labels, (probabilities if keep_probabilities else None), entropy, scores
+
+
+# Folder runs (inference.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """Settings of one ``inference.py`` run; see the CLI help for each field."""
+
+    model: str
+    image_folder: str
+    output_folder: str
+    mask_folder: str | None = None
+    mask_suffix: str | None = None
+    image_format: str | None = None
+    batch_size: int | None = None
+    tile_size: int | None = None
+    halo: int | None = None
+    output_format: str = "tif"
+    probabilities: bool = False
+    uncertainty: bool = False
+    tta: bool = False
+    z_filter: int = 0
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None  # (K, N): every N-th image starting at K
+
+    def validate(self) -> "InferenceConfig":
+        """Return self, or raise ``lib.config.ConfigError`` listing every invalid field."""
+        from lib.config import ConfigError
+
+        v = []
+        if not Path(self.image_folder).is_dir():
+            v.append(f"image_folder must be an existing folder; got {self.image_folder!r}")
+        elif Path(self.output_folder).resolve() == Path(self.image_folder).resolve():
+            v.append(f"output_folder must differ from image_folder (outputs would replace inputs); got "
+                     f"{self.output_folder!r} for both")
+        if self.mask_folder is not None and not Path(self.mask_folder).is_dir():
+            v.append(f"mask_folder must be an existing folder; got {self.mask_folder!r}")
+        for name in ("batch_size", "tile_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                v.append(f"{name} must be >= 1 (or left unset for automatic); got {value}")
+        if self.halo is not None and self.halo < 0:
+            v.append(f"halo must be >= 0 pixels; got {self.halo}")
+        if self.output_format not in ("tif", "png"):
+            v.append(f"output_format must be 'tif' or 'png'; got {self.output_format!r}")
+        if self.z_filter < 0 or self.z_filter == 1 or (self.z_filter and self.z_filter % 2 == 0):
+            v.append(f"z_filter must be 0 (off) or an odd size >= 3; got {self.z_filter}")
+        if self.shard is not None:
+            k, n = self.shard
+            if not (n >= 1 and 0 <= k < n):
+                v.append(f"shard must be K/N with 0 <= K < N; got {k}/{n}")
+        if v:
+            raise ConfigError(v)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class InferenceResult:
+    """What a run did. ``failed`` maps image key -> one-line reason."""
+
+    output_folder: Path
+    predicted: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    overall: dict[str, object] | None  # metrics over all evaluated images, or None
+    metrics_csv: Path | None
+    uncertainty_csv: Path | None
+    seconds: float
+    megapixels: float  # of the images predicted in this run
+    halo: int
+    exact: bool
+
+
+SETTINGS_FILE = "inference.json"
+
+
+def _suffix(config: InferenceConfig) -> str:
+    return "" if config.shard is None else f"-shard{config.shard[0]}of{config.shard[1]}"
+
+
+def _outputs(out: Path, key: str, config: InferenceConfig, volume: bool, evaluate: bool) -> dict[str, Path]:
+    """Every file one image produces; the record is written last and marks the image as done."""
+    fmt = "tif" if volume else config.output_format
+    paths = {"labels": out / f"{key}.{fmt}"}
+    if config.probabilities:
+        paths["probabilities"] = out / "probabilities" / f"{key}.tif"
+    if config.uncertainty:
+        paths["entropy"] = out / "uncertainty" / f"{key}_entropy.tif"
+    if evaluate and not volume:
+        paths["overlay"] = out / "overlays" / f"{key}.png"
+    paths["record"] = out / "records" / f"{key}.json"
+    return paths
+
+
+def _write_json(path: Path, value: dict) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(value, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix outputs of different models or halos in one folder (unless overwriting)."""
+    path = out / SETTINGS_FILE
+    if overwrite or not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text()).get("compared", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    differing = [k for k in settings["compared"] if previous.get(k) != settings["compared"][k]]
+    if differing:
+        shown = "; ".join(f"{k}: {previous.get(k)!r} -> {settings['compared'][k]!r}" for k in differing)
+        raise FileExistsError(f"output_folder must hold outputs of these settings only; got a folder {out} made with "
+                              f"others ({shown}). Use another --output_folder, or --overwrite to redo every image")
+
+
+def _select(keys: list[str], shard: tuple[int, int] | None) -> list[str]:
+    return keys if shard is None else keys[shard[0]::shard[1]]
+
+
+def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, progress: bool = True,
+                  predictor: Predictor | None = None) -> InferenceResult:
+    """Predict every image of ``config.image_folder`` (or one shard of it) into ``config.output_folder``.
+
+    Per image ``KEY``: ``KEY.tif|png`` labels (smallest integer dtype; stacks always tif),
+    ``probabilities/KEY.tif`` (H, W, K) float32, ``uncertainty/KEY_entropy.tif`` (and
+    ``KEY_spread.tif`` for ensembles/TTA), ``overlays/KEY.png`` when evaluating, and
+    ``records/KEY.json`` (plan, timings, uncertainty scores, confusion matrix), each written
+    atomically; the record last. An image whose outputs all exist is skipped unless
+    ``overwrite``. At the end ``uncertainty.csv`` (images ranked by mean entropy) and, with
+    masks, ``metrics.csv`` (per image and ``ALL``) are written from the records (suffixed
+    ``-shardKofN`` for a shard). Images that cannot be read or do not fit the model are
+    reported in ``failed`` and the others are processed.
+
+    Raises ``ConfigError`` (settings), :class:`ModelError` (model), ``FileExistsError``
+    (an output folder of other settings), ``FileNotFoundError``.
+    """
+    import time
+
+    from lib.evaluate import metrics_row, write_csv
+    from lib.images import list_images, pair_images_masks
+
+    started = time.perf_counter()
+    config.validate()
+    files, problems = list_images(config.image_folder, config.image_format)
+    failed: dict[str, str] = {}
+    for problem in problems:
+        log(f"warning: {problem}")
+    if not files:
+        raise FileNotFoundError(f"image_folder must hold images ({config.image_format or 'tif, png, jpg, bmp'}); "
+                                f"got none in {config.image_folder}")
+    keys = _select(sorted(files), config.shard)
+    masks: dict[str, Path] = {}
+    if config.mask_folder is not None:
+        mask_files, mask_problems = list_images(config.mask_folder)
+        pairs, pair_problems = pair_images_masks({k: files[k] for k in keys}, mask_files, config.mask_suffix)
+        masks = {p.key: p.mask for p in pairs}
+        for problem in mask_problems + [p for p in pair_problems if config.shard is None or "no mask" in p]:
+            log(f"warning: {problem}; those images are predicted but not evaluated"
+                if "no mask" in problem else f"warning: {problem}")
+    if predictor is None:
+        predictor = load_predictor(config.model, tta=config.tta)
+    radius, divisor = predictor.receptive_field_radius, predictor.size_divisor
+    halo = radius if config.halo is None else config.halo
+    exact = halo >= radius
+    plan_tiles(1, 1, divisor, halo, config.tile_size)  # a bad tile size fails before any image
+    out = Path(config.output_folder)
+    settings = {
+        "compared": {"model": predictor.source, "halo": halo, "tta": config.tta,
+                     "tile_size": None if exact else config.tile_size},
+        "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
+        "receptive_field_radius": radius, "size_divisor": divisor, "exact": exact,
+        "number_classes": predictor.number_classes,
+        "tile_size_used": config.tile_size or default_tile_size(halo, divisor),
+    }
+    _check_settings(out, settings, config.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / SETTINGS_FILE).is_file() or config.overwrite:
+        _write_json(out / SETTINGS_FILE, settings)
+    log(f"model {predictor.source}: {len(predictor.members)} member(s), {predictor.number_classes} classes, "
+        f"divisor {divisor}, receptive-field radius {radius}; halo {halo} px "
+        + ("(exact: tiled == whole-image)" if exact else f"(< radius {radius}: approximate near tile borders)")
+        + (", test-time augmentation x8" if config.tta else ""))
+    log(f"{len(keys)} image(s) in {config.image_folder}" + (f" (shard {config.shard[0]}/{config.shard[1]})"
+                                                            if config.shard else "")
+        + (f", {len(masks)} with masks" if config.mask_folder else "") + f" -> {out}")
+
+    predicted, skipped, megapixels = [], [], 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(keys), unit="image", dynamic_ncols=True)
+    try:
+        for key in keys:
+            try:
+                done, pixels = _process_one(predictor, key, files[key], masks.get(key), out, config, halo, log)
+            except Exception as exc:  # one bad image must not stop an unattended run
+                message = str(exc) if isinstance(exc, (InputMismatch, ValueError, OSError)) else \
+                    f"{type(exc).__name__}: {exc}"
+                if "ImageReadError" in type(exc).__name__:
+                    message = str(exc)
+                failed[key] = message.splitlines()[0] if message else type(exc).__name__
+                (bar.write if bar else log)(f"error: {files[key].name}: {failed[key]} (skipped)")
+            else:
+                (predicted if done else skipped).append(key)
+                megapixels += pixels / 1e6
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    records = {}
+    for key in keys:
+        path = out / "records" / f"{key}.json"
+        if key not in failed and path.is_file():
+            records[key] = json.loads(path.read_text())
+    uncertainty_rows = sorted(({"image": key, **record["scores"]} for key, record in records.items()),
+                              key=lambda row: -row["mean_entropy"])
+    uncertainty_csv = write_csv(out / f"uncertainty{_suffix(config)}.csv", uncertainty_rows) if records else None
+    overall = metrics_csv = None
+    evaluated = {k: np.asarray(r["confusion_matrix"]) for k, r in records.items() if r.get("confusion_matrix")}
+    if evaluated:
+        rows = [metrics_row(key, cm) for key, cm in evaluated.items()]
+        overall = metrics_row("ALL", sum(evaluated.values()))
+        metrics_csv = write_csv(out / f"metrics{_suffix(config)}.csv", rows + [overall])
+    return InferenceResult(out, predicted, skipped, failed, overall, metrics_csv, uncertainty_csv,
+                           time.perf_counter() - started, megapixels, halo, exact)
+
+
+def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Path | None, out: Path,
+                 config: InferenceConfig, halo: int, log: Callable[[str], None]) -> tuple[bool, int]:
+    """Predict, write and evaluate one image. Returns (predicted now, pixels); False: skipped (done before)."""
+    import time
+
+    from lib.images import read_info, read_volume, write_image
+
+    info = read_info(image_path)
+    volume = info.is_volume
+    paths = _outputs(out, key, config, volume, mask_path is not None)
+    if predictor.samples > 1 and config.uncertainty:
+        paths["spread"] = out / "uncertainty" / f"{key}_spread.tif"
+    if not config.overwrite and all(p.is_file() for p in paths.values()):
+        return False, 0
+    predictor.check_image(info.shape, info.dtype, str(image_path))
+    started = time.perf_counter()
+    record: dict[str, Any] = {"image": str(image_path), "shape": list(info.shape), "dtype": info.dtype, "halo": halo}
+    classes = predictor.number_classes
+    if volume:
+        stack = read_volume(image_path)
+        labels, probabilities, entropy, scores = predict_volume(
+            predictor, stack, config.tile_size, halo, config.batch_size, config.z_filter,
+            keep_probabilities=config.probabilities, keep_uncertainty=config.uncertainty)
+        spread = None
+        pixels = int(np.prod(info.shape[:3]))
+        write_image(paths["labels"], labels[..., np.newaxis])
+        if probabilities is not None:
+            write_image(paths["probabilities"], probabilities)
+        if entropy is not None:
+            write_image(paths["entropy"], entropy[..., np.newaxis])
+        paths.pop("spread", None)
+        if mask_path is not None:
+            log(f"warning: {image_path.name} is a stack; evaluation takes 2D images only (not evaluated)")
+    else:
+        image = _open_image(image_path, info)
+        prediction = predict_image(predictor, image, config.tile_size, halo, config.batch_size,
+                                   keep_probabilities=config.probabilities, keep_uncertainty=config.uncertainty)
+        labels, scores, pixels = prediction.labels, prediction.scores, info.shape[0] * info.shape[1]
+        plan = prediction.plan
+        record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
+                          "tiles": plan.n_tiles}
+        write_image(paths["labels"], labels)
+        if prediction.probabilities is not None:
+            write_image(paths["probabilities"], prediction.probabilities)
+        if prediction.entropy is not None:
+            write_image(paths["entropy"], prediction.entropy)
+        if prediction.spread is not None and "spread" in paths:
+            write_image(paths["spread"], prediction.spread)
+        if mask_path is not None:
+            record.update(_evaluate_one(image, labels, mask_path, classes, paths["overlay"]))
+    record["scores"] = scores
+    record["seconds"] = time.perf_counter() - started
+    record["outputs"] = {name: str(p.relative_to(out)) for name, p in paths.items() if name != "record"}
+    _write_json(paths["record"], record)
+    return True, pixels
+
+
+# Images above this many pixels are memory-mapped when the file allows it.
+MEMMAP_PIXELS = 2 ** 24
+
+
+def _open_image(path: Path, info):
+    """The image as (H, W, C): memory-mapped when large and an uncompressed contiguous YX/YXC TIFF, else decoded."""
+    from lib.images import TIFF_EXTENSIONS, read_image
+
+    if path.suffix.lower() in TIFF_EXTENSIONS and info.axes in ("YX", "YXC") and \
+            info.shape[0] * info.shape[1] > MEMMAP_PIXELS:
+        import tifffile
+
+        try:
+            mapped = tifffile.memmap(path, mode="r")
+        except (ValueError, OSError, TypeError, IndexError):
+            mapped = None
+        if mapped is not None:
+            if mapped.size == int(np.prod(info.shape)):
+                return mapped.reshape(info.shape)
+    return read_image(path)
+
+
+def _evaluate_one(image, labels: np.ndarray, mask_path: Path, classes: int, overlay_path: Path) -> dict:
+    from lib.evaluate import evaluate_labels, metrics_row, overlay
+    from lib.images import read_mask, write_image
+
+    mask = read_mask(mask_path)
+    try:
+        cm = evaluate_labels(labels, mask, classes)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {mask_path}") from None
+    write_image(overlay_path, overlay(image, labels, mask))
+    row = metrics_row("", cm)
+    return {"mask": str(mask_path), "confusion_matrix": cm.tolist(),
+            "metrics": {k: v for k, v in row.items() if k != "image"}}
