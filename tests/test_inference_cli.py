@@ -1,0 +1,192 @@
+"""inference.py end to end: outputs, resume, failures by name, shards, evaluation, --help without TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+import inference  # noqa: E402
+from lib.images import read_image, read_volume, write_image  # noqa: E402
+from tests.conftest import write_pairs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    keras = pytest.importorskip("keras")
+    from lib.models import build_model, model_geometry
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    options = {"base_filters": 4, "depth": 2}
+    divisor, radius = model_geometry("unet", **options)
+    folder = tmp_path_factory.mktemp("model") / "run"
+    folder.mkdir()
+    build_model("unet", 1, 3, **options).save(folder / "model.keras")
+    meta = {"architecture": "unet", "model_options": options, "label_kind": "semantic", "number_classes": 3,
+            "input_channels": 1, "input_dtype": "uint16",
+            "normalization": {"mode": "dataset", "mean": [30000.0], "std": [17000.0]},
+            "size_divisor": divisor, "receptive_field_radius": radius}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_pairs(tmp_path / "data", [(70, 90), (64, 64), (33, 80), (100, 50)])
+
+
+def run(*args) -> int:
+    return inference.main([str(a) for a in args] + ["--quiet"])
+
+
+def test_help_does_not_import_tensorflow():
+    code = ("import sys, contextlib, io\nimport inference\nwith contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        inference.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "assert '--saved_model_filepath' in out.getvalue() and '--shard' in out.getvalue()\n"
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False False"
+
+
+def test_predicts_evaluates_and_writes_every_output(model_folder, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run("--saved_model_filepath", model_folder, "--image_folder", data / "images", "--mask_folder",
+               data / "masks", "--output_folder", out, "--probabilities", "--uncertainty", "--tile_size", "64",
+               "--batch_size", "2")
+    assert code == 0
+    labels = read_image(out / "img_00.tif")
+    assert labels.shape == (70, 90, 1) and labels.dtype == np.uint8 and labels.max() < 3
+    probabilities = read_image(out / "probabilities" / "img_00.tif")
+    assert probabilities.shape == (70, 90, 3) and probabilities.dtype == np.float32
+    assert np.array_equal(probabilities.argmax(-1), labels[..., 0])
+    assert read_image(out / "uncertainty" / "img_03_entropy.tif").shape == (100, 50, 1)
+    assert read_image(out / "overlays" / "img_02.png").shape == (33, 80, 3)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("image,pixels,pixel_accuracy,mean_iou") and len(rows) == 6
+    assert rows[-1].startswith("ALL,") and int(rows[-1].split(",")[1]) == 70 * 90 + 64 * 64 + 33 * 80 + 100 * 50
+    assert len((out / "uncertainty.csv").read_text().splitlines()) == 5
+    settings = json.loads((out / "inference.json").read_text())
+    assert settings["compared"]["halo"] == 23 and settings["exact"]
+    record = json.loads((out / "records" / "img_00.json").read_text())
+    assert record["halo"] == 23 and record["plan"]["tiles"] > 1
+    assert not list(out.rglob("*.partial*"))
+    printed = capsys.readouterr().out
+    assert "halo 23 px (exact" in printed and "mean IoU" in printed
+
+
+def test_png_labels_and_rerun_resumes(model_folder, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", model_folder, "--image_folder", data / "images", "--output_folder", out,
+            "--output_format", "png"]
+    assert run(*args) == 0
+    first = read_image(out / "img_01.png")
+    assert first.dtype == np.uint8
+    # An interrupted run: one image's record and labels missing, a stale temporary left behind.
+    (out / "records" / "img_01.json").unlink()
+    (out / "img_01.png").unlink()
+    (out / ".img_01.abc.partial.png").write_bytes(b"")
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("img_0*.png")}
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert "1 predicted, 3 skipped" in capsys.readouterr().out
+    assert np.array_equal(read_image(out / "img_01.png"), first)
+    assert all((out / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())
+    assert run(*args, "--overwrite") == 0
+    assert "4 predicted, 0 skipped" in capsys.readouterr().out
+
+
+def test_bad_images_are_reported_by_name_and_the_others_predicted(model_folder, data, tmp_path, capsys):
+    write_image(data / "images" / "rgb.tif", np.zeros((40, 40, 3), np.uint16))
+    write_image(data / "images" / "bytes.png", np.zeros((40, 40), np.uint8))
+    (data / "images" / "broken.tif").write_bytes(b"II*\x00garbage")
+    out = tmp_path / "out"
+    assert run("--model", model_folder, "--image_folder", data / "images", "--output_folder", out) == 1
+    err = capsys.readouterr().err
+    assert "3 image(s) failed" in err
+    assert "rgb: image channels must be 1" in err and "rgb.tif" in err
+    assert "bytes: image dtype must be uint16" in err
+    assert "broken: cannot read" in err
+    assert sorted(p.name for p in out.glob("*.tif")) == [f"img_0{i}.tif" for i in range(4)]
+
+
+def test_shards_split_the_folder_without_collisions(model_folder, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--model", model_folder, "--image_folder", data / "images", "--output_folder", out,
+            "--mask_folder", data / "masks"]
+    assert run(*base, "--shard", "0/3") == 0
+    assert sorted(p.name for p in out.glob("*.tif")) == ["img_00.tif", "img_03.tif"]
+    assert run(*base, "--shard", "1/3") == 0 and run(*base, "--shard", "2/3") == 0
+    assert len((out / "metrics-shard1of3.csv").read_text().splitlines()) == 3
+    capsys.readouterr()
+    # Gathering run: every image is done, metrics.csv covers them all.
+    assert run(*base) == 0
+    assert "0 predicted, 4 skipped" in capsys.readouterr().out
+    assert len((out / "metrics.csv").read_text().splitlines()) == 6
+
+
+def test_other_settings_in_the_same_folder_are_refused(model_folder, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", model_folder, "--image_folder", data / "images", "--output_folder", out]
+    assert run(*args) == 0
+    assert run(*args, "--halo", "8") == 2
+    assert "made with others (halo: 23 -> 8" in capsys.readouterr().err
+    assert run(*args, "--halo", "8", "--overwrite") == 0
+
+
+def test_stacks_are_predicted_plane_by_plane(model_folder, tmp_path):
+    images = tmp_path / "stacks"
+    stack = np.random.default_rng(0).integers(0, 60000, (3, 30, 41, 1)).astype(np.uint16)
+    write_image(images / "stack.tif", stack)
+    out = tmp_path / "out"
+    assert run("--model", model_folder, "--image_folder", images, "--output_folder", out, "--z_filter", "3",
+               "--output_format", "png") == 0
+    labels = read_volume(out / "stack.tif")
+    assert labels.shape == (3, 30, 41, 1) and labels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "3/3"], "--shard: must be K/N with 0 <= K < N"),
+    (["--shard", "a"], "--shard: must be K/N with integers"),
+    (["--tile_size", "0"], "--tile_size must be >= 1"),
+    (["--halo", "-1"], "--halo must be >= 0"),
+    (["--z_filter", "2"], "--z_filter must be 0 (off) or an odd size"),
+])
+def test_flag_errors_exit_2(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--model", "m", "--image_folder", str(tmp_path), "--output_folder", "o", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_model", "not found"),
+    ("same_folder", "output_folder must differ from image_folder"),
+    ("tile", "tile_size must be a multiple of the model's size divisor 4"),
+    ("empty", "image_folder must hold images"),
+])
+def test_setting_errors_exit_2_before_writing(model_folder, data, tmp_path, case, message, capsys):
+    model, images, out = model_folder, data / "images", tmp_path / "out"
+    extra = []
+    if case == "no_model":
+        model = tmp_path / "nothing"
+    elif case == "same_folder":
+        out = images
+    elif case == "tile":
+        extra = ["--tile_size", "90"]
+    elif case == "empty":
+        images = tmp_path / "empty"
+        images.mkdir()
+    assert run("--model", model, "--image_folder", images, "--output_folder", out, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
