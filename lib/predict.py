@@ -632,6 +632,153 @@ def predict_whole(predictor: Predictor, image: np.ndarray, halo: int | None = No
     return probabilities[0, halo:halo + height, halo:halo + width]
 
 
+# Images of any size: streaming to tiled BigTIFF
+
+# Images above this many pixels are predicted zone row by zone row into tiled BigTIFFs.
+STREAM_PIXELS = 2 ** 26
+TIFF_TILE = 256
+
+
+class _TiledTiffSink:
+    """A tiled (Big)TIFF written by a thread from tiles put in row-major order; renamed into place on close."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype, tile: int | None = None):
+        import queue
+        import tempfile
+        import threading
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.tif", dir=self.path.parent)
+        os.close(fd)
+        self.queue: queue.Queue = queue.Queue(maxsize=16)
+        self.error: BaseException | None = None
+        self.shape, self.dtype, self.tile = shape, np.dtype(dtype), tile or TIFF_TILE
+        self.thread = threading.Thread(target=self._write, daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        import tifffile
+
+        try:
+            tifffile.imwrite(self.tmp, data=self._tiles(), shape=self.shape, dtype=self.dtype,
+                             tile=(self.tile, self.tile), bigtiff=True, compression="zlib",
+                             photometric="minisblack", planarconfig="contig" if len(self.shape) == 3 else None)
+        except BaseException as exc:  # reported to the producer by put/close
+            self.error = exc
+            while self.queue.get() is not None:  # drain so that the producer never blocks
+                pass
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        while (tile := self.queue.get()) is not None:
+            yield tile
+
+    def put(self, tile: np.ndarray | None) -> None:
+        if self.error is not None:
+            raise OSError(f"cannot write {self.path}: {self.error}")
+        self.queue.put(tile)
+
+    def close(self, ok: bool) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+        self.thread.join()
+        if ok and self.error is None:
+            os.replace(self.tmp, self.path)
+            return
+        Path(self.tmp).unlink(missing_ok=True)
+        if ok:
+            raise OSError(f"cannot write {self.path}: {self.error}")
+
+
+class _RowTiler:
+    """Collects full-width row strips and hands complete rows of TIFF tiles to a sink."""
+
+    def __init__(self, sink: _TiledTiffSink, width: int):
+        self.sink, self.width, self.rows = sink, width, []
+
+    def feed(self, strip: np.ndarray, last: bool = False) -> None:
+        self.rows.append(strip)
+        buffered = np.concatenate(self.rows) if len(self.rows) > 1 else self.rows[0]
+        tile = self.sink.tile
+        full = buffered.shape[0] // tile * tile
+        if last:
+            full = buffered.shape[0]
+        for y in range(0, full, tile):
+            for x in range(0, self.width, tile):
+                self.sink.put(buffered[y:y + tile, x:x + tile])
+        self.rows = [buffered[full:]] if full < buffered.shape[0] else []
+
+
+def predict_to_tiff(predictor: Predictor, image, labels_path: Path, tile_size: int | None = None,
+                    halo: int | None = None, batch_size: int | None = None,
+                    probabilities_path: Path | None = None, entropy_path: Path | None = None,
+                    spread_path: Path | None = None, mask: np.ndarray | None = None,
+                    on_batch: Callable[[int], None] | None = None, overview_step: int = 1
+                    ) -> tuple[dict[str, float], TilePlan, np.ndarray | None, np.ndarray]:
+    """Exact tiled prediction of an image of any size ``(H, W, C)`` streamed to tiled BigTIFFs.
+
+    Memory holds one batch of tiles and one row of zones of the outputs, whatever the image
+    size; ``image`` should be memory-mapped for bounded memory. Outputs: labels (H, W) in the
+    smallest dtype, optional probabilities (H, W, K) float32, entropy and spread (H, W) float32,
+    zlib-compressed 256x256 tiles, each written atomically.
+
+    ``mask`` (H, W): also return the confusion matrix ``(K, K)``. Returns ``(scores, plan,
+    confusion matrix or None, labels[::overview_step, ::overview_step])``.
+    """
+    from lib.metrics import confusion_matrix
+
+    height, width = image.shape[:2]
+    halo = predictor.receptive_field_radius if halo is None else halo
+    plan = plan_tiles(height, width, predictor.size_divisor, halo, tile_size)
+    classes = predictor.number_classes
+    want_spread = predictor.samples > 1
+    dtype = label_dtype(classes)
+    sinks = {"labels": _TiledTiffSink(labels_path, (height, width), dtype)}
+    if probabilities_path is not None:
+        sinks["probabilities"] = _TiledTiffSink(probabilities_path, (height, width, classes), np.float32)
+    if entropy_path is not None:
+        sinks["entropy"] = _TiledTiffSink(entropy_path, (height, width), np.float32)
+    if spread_path is not None and want_spread:
+        sinks["spread"] = _TiledTiffSink(spread_path, (height, width), np.float32)
+    tilers = {name: _RowTiler(sink, width) for name, sink in sinks.items()}
+    cm = np.zeros((classes, classes), np.int64) if mask is not None else None
+    overview = []
+    entropy_sum = uncertain = spread_sum = 0.0
+    ok = False
+    try:
+        row: list[ZoneResult] = []
+        rows_done = 0
+        for zone in predict_zones(predictor, image, plan, batch_size, spread=want_spread, on_batch=on_batch):
+            row.append(zone)
+            if zone.box[3] < width:
+                continue
+            y0, y1 = zone.box[:2]
+            strips = {"probabilities": np.concatenate([z.probabilities for z in row], axis=1)}
+            strips["labels"] = strips["probabilities"].argmax(axis=-1).astype(dtype)
+            strips["entropy"] = normalized_entropy(strips["probabilities"])
+            if want_spread:
+                strips["spread"] = np.concatenate([z.spread for z in row], axis=1)
+                spread_sum += float(strips["spread"].sum(dtype=np.float64))
+            entropy_sum += float(strips["entropy"].sum(dtype=np.float64))
+            uncertain += float((strips["entropy"] > UNCERTAIN_ENTROPY).sum())
+            for name, tiler in tilers.items():
+                tiler.feed(strips[name], last=y1 == height)
+            if cm is not None:
+                cm += confusion_matrix(np.asarray(mask[y0:y1]), strips["labels"], classes)
+            first = -(-max(rows_done, y0) // overview_step) * overview_step
+            overview.append(strips["labels"][first - y0::overview_step, ::overview_step])
+            rows_done = y1
+            row = []
+        ok = True
+    finally:
+        for sink in sinks.values():
+            sink.close(ok)
+    pixels = float(height * width)
+    scores = {"mean_entropy": entropy_sum / pixels, "uncertain_fraction": uncertain / pixels,
+              "mean_spread": spread_sum / pixels if want_spread else float("nan")}
+    return scores, plan, cm, np.concatenate(overview)
+
+
 # 3D stacks
 
 
@@ -745,15 +892,18 @@ def _suffix(config: InferenceConfig) -> str:
     return "" if config.shard is None else f"-shard{config.shard[0]}of{config.shard[1]}"
 
 
-def _outputs(out: Path, key: str, config: InferenceConfig, volume: bool, evaluate: bool) -> dict[str, Path]:
-    """Every file one image produces; the record is written last and marks the image as done."""
-    fmt = "tif" if volume else config.output_format
+def _outputs(out: Path, key: str, config: InferenceConfig, tif: bool, evaluate: bool) -> dict[str, Path]:
+    """Every file one image produces; the record is written last and marks the image as done.
+
+    ``tif``: labels as tif whatever the output format (stacks, streamed images).
+    """
+    fmt = "tif" if tif else config.output_format
     paths = {"labels": out / f"{key}.{fmt}"}
     if config.probabilities:
         paths["probabilities"] = out / "probabilities" / f"{key}.tif"
     if config.uncertainty:
         paths["entropy"] = out / "uncertainty" / f"{key}_entropy.tif"
-    if evaluate and not volume:
+    if evaluate:
         paths["overlay"] = out / "overlays" / f"{key}.png"
     paths["record"] = out / "records" / f"{key}.json"
     return paths
@@ -913,7 +1063,8 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
 
     info = read_info(image_path)
     volume = info.is_volume
-    paths = _outputs(out, key, config, volume, mask_path is not None)
+    streamed = not volume and info.shape[0] * info.shape[1] > STREAM_PIXELS
+    paths = _outputs(out, key, config, volume or streamed, mask_path is not None and not volume)
     if predictor.samples > 1 and config.uncertainty:
         paths["spread"] = out / "uncertainty" / f"{key}_spread.tif"
     if not config.overwrite and all(p.is_file() for p in paths.values()):
@@ -937,6 +1088,37 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
         paths.pop("spread", None)
         if mask_path is not None:
             log(f"warning: {image_path.name} is a stack; evaluation takes 2D images only (not evaluated)")
+    elif streamed:
+        pixels = info.shape[0] * info.shape[1]
+        image = _open_image(image_path, info)
+        if config.output_format != "tif":
+            log(f"note: {image_path.name} has {pixels / 1e6:.0f} Mpixel; its labels are streamed to a tiled "
+                "BigTIFF (.tif) whatever --output_format")
+        mask = None
+        if mask_path is not None:
+            from lib.images import read_mask
+
+            mask = read_mask(mask_path)
+            if mask.shape != tuple(info.shape[:2]):
+                raise ValueError(f"mask size must equal the image size; got {mask.shape} for {info.shape[:2]} in "
+                                 f"{mask_path}")
+        from lib.evaluate import OVERLAY_MAX_SIDE
+
+        step = max(1, -(-max(info.shape[:2]) // OVERLAY_MAX_SIDE))
+        scores, plan, cm, overview = predict_to_tiff(
+            predictor, image, paths["labels"], config.tile_size, halo, config.batch_size,
+            probabilities_path=paths.get("probabilities"), entropy_path=paths.get("entropy"),
+            spread_path=paths.get("spread"), mask=mask, overview_step=step)
+        record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
+                          "tiles": plan.n_tiles, "streamed": True}
+        if cm is not None:
+            from lib.evaluate import metrics_row, overlay
+            from lib.images import write_image as write
+
+            write(paths["overlay"], overlay(np.asarray(image[::step, ::step]), overview, mask[::step, ::step]))
+            row = metrics_row("", cm)
+            record.update({"mask": str(mask_path), "confusion_matrix": cm.tolist(),
+                           "metrics": {k: v for k, v in row.items() if k != "image"}})
     else:
         image = _open_image(image_path, info)
         prediction = predict_image(predictor, image, config.tile_size, halo, config.batch_size,

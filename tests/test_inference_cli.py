@@ -190,3 +190,29 @@ def test_setting_errors_exit_2_before_writing(model_folder, data, tmp_path, case
     assert run("--model", model, "--image_folder", images, "--output_folder", out, *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_large_images_stream_to_tiled_bigtiff_equal_to_in_memory(model_folder, data, tmp_path, monkeypatch):
+    import tifffile
+
+    import lib.predict
+
+    args = ["--model", model_folder, "--image_folder", data / "images", "--mask_folder", data / "masks",
+            "--probabilities", "--uncertainty", "--tile_size", "64", "--output_format", "png"]
+    assert run(*args, "--output_folder", tmp_path / "memory") == 0
+    monkeypatch.setattr(lib.predict, "STREAM_PIXELS", 1000)
+    monkeypatch.setattr(lib.predict, "TIFF_TILE", 16)
+    assert run(*args, "--output_folder", tmp_path / "stream") == 0
+    for key in ("img_00", "img_03"):
+        record = json.loads((tmp_path / "stream" / "records" / f"{key}.json").read_text())
+        assert record["plan"]["streamed"]
+        with tifffile.TiffFile(tmp_path / "stream" / f"{key}.tif") as tif:
+            assert tif.is_bigtiff and tif.pages[0].is_tiled
+        assert np.array_equal(read_image(tmp_path / "stream" / f"{key}.tif"),
+                              read_image(tmp_path / "memory" / f"{key}.png"))
+        for sub in ("probabilities/", "uncertainty/"):
+            name = sub + (key if sub == "probabilities/" else key + "_entropy") + ".tif"
+            assert np.allclose(read_image(tmp_path / "stream" / name), read_image(tmp_path / "memory" / name))
+        assert np.array_equal(read_image(tmp_path / "stream" / "overlays" / f"{key}.png"),
+                              read_image(tmp_path / "memory" / "overlays" / f"{key}.png"))
+    assert (tmp_path / "stream" / "metrics.csv").read_text() == (tmp_path / "memory" / "metrics.csv").read_text()
