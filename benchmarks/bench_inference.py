@@ -1,0 +1,196 @@
+"""Benchmark of lib/predict.py: megapixels/s of exact tiled batched prediction, and peak memory.
+
+    .venv/bin/python benchmarks/bench_inference.py [--cases ...] [--repeats 3] [--huge 16384]
+
+For each case (model x image size) three ways of predicting the same synthetic uint16 image
+are timed, each in a fresh process so that its peak resident memory (ru_maxrss) is its own:
+
+- ``tiled``: :func:`lib.predict.predict_image`, batched tiles (default batch: ~2 Mpixel);
+- ``one_tile``: the same tiles, one per model call (batch 1);
+- ``whole``: :func:`lib.predict.predict_whole`, the image in one call (where it fits).
+
+Models have random weights (speed does not depend on them) and the default options of their
+architecture, except ``unet-small`` (base 16 filters, depth 3: the demo's model). The halo is
+the receptive-field radius (exact) except where a case says otherwise: FC-DenseNet56 uses the
+96-px halo of NIST's effective receptive field and 832-px tiles, as NIST's inference does.
+Each process builds the model, predicts once untimed (tracing), then ``--repeats`` times;
+figures are medians. ``--huge N`` also runs ``inference.py``'s library entry on an N x N uint16
+TIFF with the small UNet (streamed to a tiled BigTIFF) and reports its peak resident memory.
+The last line printed is one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# NIST's inference.py on this machine (from issue 5), for context only: not re-measured here.
+NIST_REFERENCE = {"fc-densenet56_2048_mpix_s": 0.07, "fc-densenet56_2048_peak_gib": 17.3}
+CASES = {
+    # name: (architecture, options, size, halo, tile_size, modes)
+    "fcd56-2048": ("fc-densenet56", {}, 2048, 96, 832, ("tiled", "one_tile")),
+    "fcd56-4096": ("fc-densenet56", {}, 4096, 96, 832, ("tiled",)),
+    "unet-2048": ("unet", {}, 2048, None, None, ("tiled", "one_tile", "whole")),
+    "unet-4096": ("unet", {}, 4096, None, None, ("tiled",)),
+    "unet-small-2048": ("unet", {"base_filters": 16, "depth": 3}, 2048, None, None, ("tiled", "one_tile", "whole")),
+    "unet-small-4096": ("unet", {"base_filters": 16, "depth": 3}, 4096, None, None, ("tiled", "one_tile", "whole")),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--modes", default="tiled,one_tile,whole", help="which of tiled, one_tile, whole to run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed predictions per figure (median)")
+    parser.add_argument("--huge", type=int, default=16384, help="edge of the streamed image (0 = skip)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases.split(",") if c and c not in CASES]
+    if unknown:
+        parser.error(f"--cases must be among {', '.join(CASES)}; got {', '.join(unknown)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    return args
+
+
+def _peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def _child(spec: dict) -> dict:
+    """Run one measurement in this process; return its figures."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    if spec["mode"] == "huge":
+        return _child_huge(spec)
+    import keras
+
+    from lib.models import build_model, model_geometry
+    from lib.predict import predict_image, predict_whole, predictor_from_models
+
+    keras.utils.set_random_seed(0)
+    divisor, radius = model_geometry(spec["architecture"], **spec["options"])
+    model = build_model(spec["architecture"], 1, 2, **spec["options"])
+    meta = {"architecture": spec["architecture"], "number_classes": 2, "input_channels": 1, "input_dtype": "uint16",
+            "normalization": {"mode": "dataset", "mean": [1000.0], "std": [300.0]}, "size_divisor": divisor,
+            "receptive_field_radius": radius}
+    predictor = predictor_from_models([(model, meta)])
+    size = spec["size"]
+    image = np.random.default_rng(0).integers(0, 2000, (size, size, 1)).astype(np.uint16)
+    halo = spec["halo"]
+
+    def once():
+        if spec["mode"] == "whole":
+            return predict_whole(predictor, image, halo=halo)
+        return predict_image(predictor, image, tile_size=spec["tile_size"], halo=halo,
+                             batch_size=1 if spec["mode"] == "one_tile" else None)
+
+    first = once()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    plan = getattr(first, "plan", None)
+    return {"seconds": seconds, "mpix_s": size * size / 1e6 / seconds, "peak_gib": _peak_gib(),
+            "halo": radius if halo is None else halo, "radius": radius,
+            "tile": None if plan is None else plan.tile_height, "tiles": None if plan is None else plan.n_tiles}
+
+
+def _child_huge(spec: dict) -> dict:
+    import keras
+    import numpy as np
+    import tifffile
+
+    from lib.models import build_model, model_geometry
+    from lib.predict import InferenceConfig, run_inference
+
+    options = {"base_filters": 16, "depth": 3}
+    size = spec["size"]
+    with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        # Written row block by row block so that this process never holds the image either.
+        mapped = tifffile.memmap(tmp / "images" / "huge.tif", shape=(size, size), dtype=np.uint16,
+                                 photometric="minisblack")
+        rng = np.random.default_rng(0)
+        for y in range(0, size, 1024):
+            mapped[y:y + 1024] = rng.integers(0, 2000, (min(1024, size - y), size), dtype=np.uint16)
+        mapped.flush()
+        del mapped
+        keras.utils.set_random_seed(0)
+        divisor, radius = model_geometry("unet", **options)
+        (tmp / "model").mkdir()
+        build_model("unet", 1, 2, **options).save(tmp / "model" / "model.keras")
+        (tmp / "model" / "model.json").write_text(json.dumps({
+            "architecture": "unet", "number_classes": 2, "input_channels": 1, "input_dtype": "uint16",
+            "normalization": {"mode": "dataset", "mean": [1000.0], "std": [300.0]}, "size_divisor": divisor,
+            "receptive_field_radius": radius}))
+        keras.backend.clear_session()
+        before = _peak_gib()
+        config = InferenceConfig(model=str(tmp / "model"), image_folder=str(tmp / "images"),
+                                 output_folder=str(tmp / "out"))
+        result = run_inference(config, log=lambda _: None, progress=False)
+        if result.failed:
+            raise RuntimeError(f"huge image failed: {result.failed}")
+        with tifffile.TiffFile(tmp / "out" / "huge.tif") as tif:
+            tiled = tif.is_bigtiff and tif.pages[0].is_tiled
+    return {"seconds": result.seconds, "mpix_s": result.megapixels / result.seconds, "peak_gib": _peak_gib(),
+            "peak_gib_before_inference": before, "tiled_bigtiff": tiled, "halo": radius}
+
+
+def _run_child(spec: dict) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    modes = set(args.modes.split(","))
+    figures: dict[str, dict] = {}
+    for case in [c for c in args.cases.split(",") if c]:
+        architecture, options, size, halo, tile_size, case_modes = CASES[case]
+        for mode in case_modes:
+            if mode not in modes:
+                continue
+            spec = {"architecture": architecture, "options": options, "size": size, "halo": halo,
+                    "tile_size": tile_size, "mode": mode, "repeats": args.repeats}
+            figures[f"{case}/{mode}"] = row = _run_child(spec)
+            shown = (f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.2f} s), peak {row['peak_gib']:.2f} GiB, "
+                     f"halo {row['halo']}, tile {row.get('tile')}, {row.get('tiles')} tiles"
+                     if "error" not in row else f"failed: {row['error']}")
+            print(f"{case:>16} {mode:>8}: {shown}", flush=True)
+    if args.huge:
+        row = _run_child({"mode": "huge", "size": args.huge})
+        figures[f"unet-small-{args.huge}/streamed"] = row
+        print(f"{'unet-small-' + str(args.huge):>16} streamed: " + (
+            f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.1f} s), peak {row['peak_gib']:.2f} GiB, "
+            f"tiled BigTIFF {row['tiled_bigtiff']}" if "error" not in row else f"failed: {row['error']}"), flush=True)
+    summary = {"benchmark": "inference", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+               "repeats": args.repeats, "nist_reference": NIST_REFERENCE, "figures": figures}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
