@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiles.add_argument("--halo", type=int, default=None,
                        help="pixels of context around each tile's zone (default: the receptive-field radius, "
                             "exact; smaller is faster and approximate near tile borders)")
-    tiles.add_argument("--batch_size", type=int, default=None, help="tiles per model call (default: ~2 Mpixel)")
+    tiles.add_argument("--batch_size", type=int, default=None, help="tiles per model call (default: ~1 Mpixel per call)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_folder", required=True, help="folder for the predictions (created)")
     out.add_argument("--output_format", choices=("tif", "png"), default="tif",

@@ -5,7 +5,7 @@
 For each case (model x image size) three ways of predicting the same synthetic uint16 image
 are timed, each in a fresh process so that its peak resident memory (ru_maxrss) is its own:
 
-- ``tiled``: :func:`lib.predict.predict_image`, batched tiles (default batch: ~2 Mpixel);
+- ``tiled``: :func:`lib.predict.predict_image`, batched tiles (default batch: ~1 Mpixel);
 - ``one_tile``: the same tiles, one per model call (batch 1);
 - ``whole``: :func:`lib.predict.predict_whole`, the image in one call (where it fits).
 
