@@ -17,6 +17,7 @@ therefore never leaves a database that looks valid at the output path.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import datetime
@@ -245,21 +246,22 @@ def _run_jobs(jobs: list[_Job], workers: int, db_paths: dict[str, str], map_size
             finally:
                 _close_worker_envs()
         else:
-            # fork is cheap and build_lmdb never loads TensorFlow; elsewhere use forkserver.
-            method = "fork" if "tensorflow" not in sys.modules else "forkserver"
+            # fork is cheap and build_lmdb loads neither TensorFlow nor OpenCV, whose threads can
+            # deadlock a forked child; a caller that has them loaded gets forkserver.
+            method = "forkserver" if {"tensorflow", "cv2"} & set(sys.modules) else "fork"
             ctx = multiprocessing.get_context(method)
-            pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_worker,
-                            initargs=(db_paths, map_sizes, settings))
-            try:
-                for result in pool.imap_unordered(_process, jobs, chunksize=1):
-                    results.append(result)
-                    bar.update()
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
+            # An executor, not multiprocessing.Pool: a worker that dies (out of memory, killed)
+            # raises BrokenProcessPool here instead of leaving the build waiting for ever.
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
+                                                        initializer=_init_worker,
+                                                        initargs=(db_paths, map_sizes, settings)) as pool:
+                try:
+                    for future in concurrent.futures.as_completed([pool.submit(_process, job) for job in jobs]):
+                        results.append(future.result())
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     finally:
         bar.close()
     results.sort(key=lambda r: r["index"])

@@ -223,6 +223,13 @@ def _acquire_env(path: Path):
     import lmdb
 
     key = (str(path.resolve()), os.getpid())
+    # Environments inherited through fork must not be used, and py-lmdb refuses to open their
+    # paths again while they look open: close them in this (child) process first.
+    for inherited in [k for k in _ENVS if k[1] != key[1]]:
+        try:
+            _ENVS.pop(inherited)[0].close()
+        except lmdb.Error:
+            pass
     entry = _ENVS.get(key)
     if entry is None:
         env = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)

@@ -42,14 +42,14 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                        help='JSON object of builder options, e.g. \'{"base_filters": 16, "depth": 3}\'')
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=8, help="examples per replica (global batch = this x replicas)")
-    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    optim.add_argument("--learning_rate", type=float, default=3e-4, help="AdamW learning rate (NIST used 1e-4)")
     optim.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decoupled weight decay (kernels only)")
     optim.add_argument("--loss", choices=LOSSES, default="ce",
                        help="ce, class-frequency weighted ce, soft dice, or ce + dice")
     optim.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                        help="after warm-up: constant, halve on plateau (3 evaluations), cosine or one-cycle "
                             "(cosine and one-cycle need --max_steps)")
-    optim.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    optim.add_argument("--warmup_steps", type=int, default=20, help="linear learning-rate warm-up steps")
     optim.add_argument("--seed", type=int, default=0, help="seed of weights and sampling")
     run = parser.add_argument_group("schedule and runtime")
     run.add_argument("--test_every_n_steps", type=int, default=1000, help="steps between evaluations")

@@ -74,11 +74,11 @@ class TrainConfig:
     model_options: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 8
     patch_size: int | None = None
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     weight_decay: float = 1e-4
     loss: str = "ce"
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     test_every_n_steps: int = 1000
     early_stopping: int = 10
     max_steps: int | None = None

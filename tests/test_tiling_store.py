@@ -163,18 +163,34 @@ def test_reader_missing_record_is_reported(tmp_path):
             reader[1]
 
 
-def test_reader_pickles_by_path_and_survives_fork(tmp_path):
-    import multiprocessing
-    import pickle
+FORK_SCRIPT = """
+import multiprocessing, pickle, sys
+sys.path.insert(0, sys.argv[1])
+from lib.lmdb_store import LmdbReader
 
-    _write_db(tmp_path / "db", n=4)
-    reader = LmdbReader(tmp_path / "db")
-    clone = pickle.loads(pickle.dumps(reader))
+def read_value(reader, index):
+    return int(reader[index][0][0, 0, 0])
+
+if __name__ == "__main__":
+    reader = LmdbReader(sys.argv[2])
+    assert reader[1][0][0, 0, 0] == 1          # the parent has the environment open
+    clone = pickle.loads(pickle.dumps(reader))  # by path, in the same process: shares it
     assert clone[2][0][0, 0, 0] == 2
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        assert pool.apply(_read_value, (reader, 3)) == 3
+        assert pool.apply(read_value, (reader, 3)) == 3   # the child reopens it
     assert reader[1][0][0, 0, 0] == 1
+    print("ok")
+"""
 
 
-def _read_value(reader, index):
-    return int(reader[index][0][0, 0, 0])
+def test_reader_pickles_by_path_and_survives_fork(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    _write_db(tmp_path / "db", n=4)
+    # A fresh interpreter: forking this test process after TensorFlow started its threads can deadlock.
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(ROOT), str(tmp_path / "db")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
