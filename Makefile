@@ -1,5 +1,6 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11:
 #   make demo   generate example data -> fuse experts' masks -> build LMDB databases -> train a small UNet
+#               -> predict and evaluate 4 new images (overlays in demo_output/pred/overlays)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -31,12 +32,20 @@ demo: $(VENV)/.runtime
 		--output_dir demo_output/run --number_classes 3 --model_options '{"base_filters": 16, "depth": 3}' \
 		--batch_size 4 --patch_size 128 --learning_rate 1e-3 --test_every_n_steps 50 --max_steps 400 \
 		--reader_count 2
+	rm -rf demo_output/pred demo_output/new
+	$(PY) data/generate.py --output_folder demo_output/new --n_images 4 --seed 1 --n_experts 0
+	$(PY) inference.py --model demo_output/run --image_folder demo_output/new/images \
+		--mask_folder demo_output/new/masks --output_folder demo_output/pred --probabilities --uncertainty
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/bench_build_lmdb.py
+	$(PY) benchmarks/bench_reader.py
+	$(PY) benchmarks/bench_fusion.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_inference.py
 
 clean:
 	rm -rf demo_output .pytest_cache .hypothesis
