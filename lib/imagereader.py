@@ -113,6 +113,7 @@ class ReaderSpec:
     label_kind: str
     check_labels: bool
     records: tuple[int, ...] | None = None  # the subset of records to use (k-fold); None = all
+    targets: dict | None = None  # instance training: lib.targets.TargetSpec.to_dict(); None = labels as stored
 
     @property
     def workers(self) -> int:
@@ -190,6 +191,11 @@ class BatchProducer:
         self.class_weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
         self.rng: np.random.Generator | None = None
         self.rng_epoch = -1
+        self.target_spec = None
+        if spec.targets is not None:
+            from lib.targets import TargetSpec
+
+            self.target_spec = TargetSpec.from_dict(spec.targets)
 
     def close(self) -> None:
         self.db.close()
@@ -286,6 +292,16 @@ class BatchProducer:
             mean, inverse_std = self.mean, self.inverse_std
         np.subtract(image, mean, out=image_out)
         image_out *= inverse_std
+        if self.target_spec is not None:
+            # Targets from the augmented instance ids; the ids ride along as the last channel
+            # (exact in float32 below 2**24) for matching statistics at evaluation.
+            from lib.targets import make_targets
+
+            instances = label if label.ndim == 2 else label[:, :, 0]
+            n_targets = label_out.shape[-1] - 1
+            make_targets(instances, self.target_spec, out=label_out[:, :, :n_targets])
+            label_out[:, :, n_targets] = instances
+            return
         if spec.check_labels and label.size:
             top = int(label.max())
             if top >= spec.number_classes or (label.dtype.kind == "i" and int(label.min()) < 0):
@@ -474,6 +490,9 @@ class ImageReader:
     check_labels : verify each semantic label is below ``number_classes`` (one max per example)
     channel_stats : ``(mean, std)`` per channel for ``normalization="dataset"`` instead of this
         database's own (a test reader normalises with the training statistics)
+    targets : for an instance database, ``lib.targets.TargetSpec.to_dict()``: labels become
+        ``(h, w, K + 1)`` float32, the K target channels computed after augmentation, then
+        the instance ids
 
     Raises
     ------
@@ -488,7 +507,7 @@ class ImageReader:
                  start_epoch: int = 0, batches_per_epoch: int | None = None, slots_per_worker: int = 3,
                  start_method: str | None = None, timeout: float = 120.0, check_labels: bool = True,
                  channel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
-                 records: Sequence[int] | None = None):
+                 records: Sequence[int] | None = None, targets: dict | None = None):
         self.database = Path(database)
         problems = []
         if mode not in MODES:
@@ -559,6 +578,17 @@ class ImageReader:
         else:
             # Instance ids keep their stored width: their largest value is not recorded.
             label_dtype, check = stored_label_dtype, False
+        if targets is not None:
+            from lib.targets import TargetSpec
+
+            if label_kind != "instance":
+                raise ValueError(f"targets need a database of instance labels (build_lmdb.py --mask_type instance); "
+                                 f"got {label_kind!r} labels in {self.database}")
+            n_targets = len(TargetSpec.from_dict(targets).validate().channels)
+            label_tail, label_dtype = (n_targets + 1,), np.dtype(np.float32)
+            if len(label0.shape) == 3 and label0.shape[2] != 1:
+                raise ValueError(f"targets need one instance-id channel; got labels of shape {label0.shape} in "
+                                 f"{self.database}")
         if mode == "test":
             per_epoch = math.ceil(n_used / batch_size)
         else:
@@ -569,7 +599,8 @@ class ImageReader:
             augment=AugmentParams() if augment_params is None else augment_params,
             sampling=sampling, normalization=normalization, mean=mean, std=std, seed=int(seed),
             reader_count=int(reader_count), batches_per_epoch=int(per_epoch), n_records=n_records, records=records,
-            number_classes=number_classes, label_kind=label_kind, check_labels=check)
+            number_classes=number_classes, label_kind=label_kind, check_labels=check,
+            targets=None if targets is None else dict(targets))
         self.metadata = metadata
         self.layout = SlotLayout(self.spec.batch_size, patch_shape + (channels,), patch_shape + tuple(label_tail),
                                  self.spec.label_dtype)

@@ -63,3 +63,54 @@ def make_loss(name: str, n_classes: int, class_weights: Sequence[float] | None =
     if name == "dice":
         return dice
     return lambda labels, logits: cross_entropy(labels, logits) + dice(labels, logits)
+
+
+INSTANCE_DISTANCE_LOSSES = ("l1", "mse")
+
+
+def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_loss: str = "l1"
+                       ) -> Callable[[object, object], object]:
+    """Per-example, per-channel losses of an instance model: ``f(targets, logits) -> (B, K)`` float32.
+
+    ``targets (B, H, W, >= K)`` float32 (channels beyond K, such as the instance ids the
+    reader appends, are ignored), ``logits (B, H, W, K)``. Channel ``k`` of kind "binary" is
+    the mean sigmoid cross-entropy of its logit; "distance" the mean absolute ("l1") or
+    squared ("mse") error of the raw output. Each column is multiplied by its weight; the
+    trainer's loss is the sum over channels. Raises ``ValueError`` for unknown kinds or losses.
+    """
+    import tensorflow as tf
+
+    kinds = tuple(kinds)
+    if any(k not in ("binary", "distance") for k in kinds):
+        raise ValueError(f"channel kinds must be 'binary' or 'distance'; got {kinds}")
+    if len(weights) != len(kinds):
+        raise ValueError(f"weights must have one value per channel ({len(kinds)}); got {list(weights)}")
+    if distance_loss not in INSTANCE_DISTANCE_LOSSES:
+        raise ValueError(f"distance_loss must be one of {', '.join(INSTANCE_DISTANCE_LOSSES)}; got {distance_loss!r}")
+    n = len(kinds)
+    binary = tf.constant([k == "binary" for k in kinds])
+    weight = tf.constant(list(weights), tf.float32)
+
+    def per_channel(targets, logits):
+        targets = tf.cast(targets[..., :n], tf.float32)
+        logits = tf.cast(logits, tf.float32)
+        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
+        error = logits - targets
+        regression = tf.abs(error) if distance_loss == "l1" else tf.square(error)
+        per_pixel = tf.where(binary, bce, regression)
+        return tf.reduce_mean(per_pixel, axis=[1, 2]) * weight
+
+    return per_channel
+
+
+def instance_activations(kinds: Sequence[str]) -> Callable[[object], object]:
+    """``f(logits (B, H, W, K)) -> maps`` float32: sigmoid for binary channels, clip to [0, 1] for distances."""
+    import tensorflow as tf
+
+    binary = tf.constant([k == "binary" for k in kinds])
+
+    def activate(logits):
+        logits = tf.cast(logits, tf.float32)
+        return tf.where(binary, tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
+
+    return activate

@@ -32,7 +32,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
     data = parser.add_argument_group("input")
     data.add_argument("--train_database", required=True, help="train-NAME.lmdb written by build_lmdb.py")
     data.add_argument("--test_database", required=True, help="test-NAME.lmdb written by build_lmdb.py")
-    data.add_argument("--number_classes", type=int, required=True, help="number of classes the model predicts")
+    data.add_argument("--number_classes", type=int, default=None,
+                      help="number of classes the model predicts (required for --target semantic; an instance "
+                           "model's database has 2: background and object)")
     data.add_argument("--patch_size", type=int, default=None,
                       help="training patch edge (random crops of the stored tiles); default: the tile size")
     model = parser.add_argument_group("model")
@@ -40,6 +42,20 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                        default=default_architecture, help="network architecture")
     model.add_argument("--model_options", default="{}",
                        help='JSON object of builder options, e.g. \'{"base_filters": 16, "depth": 3}\'')
+    inst = parser.add_argument_group("instance segmentation (--target instance)")
+    inst.add_argument("--target", choices=("semantic", "instance"), default="semantic",
+                      help="semantic: one class per pixel; instance: per-pixel channels from instance labels "
+                           "(database built with --mask_type instance), grown into objects by watershed at inference")
+    inst.add_argument("--instance_channels", default="F,C,Db",
+                      help="output channels, in order: F foreground, C contour, Db distance to the boundary, "
+                           "P centre points, T touching areas")
+    inst.add_argument("--instance_weights", default=None,
+                      help="loss weight per channel, e.g. '1,1,0.5' (default all 1)")
+    inst.add_argument("--contour_mode", choices=("thick", "inner", "outer"), default="thick",
+                      help="contour channel C as skimage.segmentation.find_boundaries' modes")
+    inst.add_argument("--point_radius", type=int, default=3, help="radius (px) of the centre-point disks of P")
+    inst.add_argument("--touch_width", type=int, default=2, help="width (px) of the touching areas T")
+    inst.add_argument("--distance_loss", choices=("l1", "mse"), default="l1", help="loss of distance channels")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=8, help="examples per replica (global batch = this x replicas)")
     optim.add_argument("--learning_rate", type=float, default=3e-4, help="AdamW learning rate (NIST used 1e-4)")
@@ -88,6 +104,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
             raise ValueError("not an object")
     except ValueError as exc:
         parser.error(f"--model_options must be a JSON object; got {args.model_options!r} ({exc})")
+    if args.number_classes is None:
+        if args.target == "semantic":
+            parser.error("--number_classes is required for --target semantic")
+        args.number_classes = 2
     reader = reader_options_from_args(args, parser)
     augmentation = dataclasses.asdict(augment_params_from_args(args, parser))
     config = TrainConfig(
@@ -99,7 +119,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         max_minutes=args.max_minutes, use_augmentation=args.use_augmentation and not args.no_augmentation,
         augmentation=augmentation, sampling=reader["sampling"], normalization=reader["normalization"],
         reader_count=reader["reader_count"], seed=args.seed, mixed_precision=args.mixed_precision,
-        jit_compile=args.jit_compile, folds=args.folds, fold=0 if args.folds else None)
+        jit_compile=args.jit_compile, folds=args.folds, fold=0 if args.folds else None, target=args.target,
+        instance_channels=args.instance_channels, instance_weights=args.instance_weights,
+        instance_options={"contour_mode": args.contour_mode, "point_radius": args.point_radius,
+                          "touch_width": args.touch_width, "distance_loss": args.distance_loss})
     try:
         return config.validate()
     except ConfigError as exc:

@@ -42,6 +42,9 @@ from .losses import LOSSES, class_weights_from_counts
 from .metrics import confusion_matrix, scores
 
 LR_SCHEDULES = ("constant", "plateau", "cosine", "onecycle")
+TARGETS = ("semantic", "instance")
+# IoU thresholds of the matching statistics reported at each evaluation of an instance model.
+EVAL_MATCHING_THRESHOLDS = (0.5,)
 MODEL_JSON_VERSION = 1
 IMPROVEMENT_TOLERANCE = 1e-4  # an evaluation within this of the best test loss counts as best (as NIST)
 # Settings that may change between a run and its resumption.
@@ -93,6 +96,23 @@ class TrainConfig:
     jit_compile: bool = False
     folds: int = 0  # k-fold run: this model validates on fold `fold` of the training database
     fold: int | None = None
+    target: str = "semantic"  # "instance": per-pixel channels for watershed post-processing
+    instance_channels: str = "F,C,Db"
+    instance_weights: str | None = None
+    instance_options: dict = dataclasses.field(default_factory=dict)  # TargetSpec fields (contour_mode, ...)
+
+    def target_spec(self):
+        """The :class:`lib.targets.TargetSpec` of an instance run (validated), None for a semantic one."""
+        if self.target != "instance":
+            return None
+        from .targets import parse_instance_channels
+
+        return parse_instance_channels(self.instance_channels, self.instance_weights, **self.instance_options)
+
+    @property
+    def output_channels(self) -> int:
+        spec = self.target_spec()
+        return self.number_classes if spec is None else len(spec.channels)
 
     def validate(self) -> "TrainConfig":
         """Return self or raise ``ConfigError`` listing every invalid field (files are checked by :func:`train`)."""
@@ -134,6 +154,16 @@ class TrainConfig:
             AugmentParams(**self.augmentation)
         except (TypeError, ValueError) as exc:
             v.append(f"augmentation settings are invalid: {exc}")
+        if self.target not in TARGETS:
+            v.append(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        elif self.target == "instance":
+            try:
+                self.target_spec()
+            except (TypeError, ValueError) as exc:
+                v.append(f"instance targets are invalid: {exc}")
+            if self.loss != "ce":
+                v.append(f"loss must be left at 'ce' for --target instance (each channel has its own loss: sigmoid "
+                         f"cross-entropy or L1/MSE); got {self.loss!r}")
         if v:
             raise ConfigError(v)
         return self
@@ -253,11 +283,15 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
     if train["channels"] != test["channels"]:
         problems.append(f"train and test databases must have the same channels; got {train['channels']} and "
                         f"{test['channels']}")
-    if train.get("label_kind", "semantic") != "semantic":
-        problems.append(f"train_database must hold semantic labels for these models; got {train.get('label_kind')!r}"
-                        ". Build it with --mask_type semantic")
+    wanted = "instance" if config.target == "instance" else "semantic"
     for name, meta in (("train_database", train), ("test_database", test)):
-        if meta["number_classes"] > config.number_classes:
+        kind = meta.get("label_kind", "semantic")
+        if kind != wanted:
+            hint = ("Build it with --mask_type instance from instance label images" if wanted == "instance" else
+                    "Build it with --mask_type semantic, or train with --target instance")
+            problems.append(f"{name} must hold {wanted} labels for --target {config.target}; got {kind!r} labels. "
+                            + hint)
+        elif wanted == "semantic" and meta["number_classes"] > config.number_classes:
             problems.append(f"{name} holds {meta['number_classes']} classes; --number_classes must be at least that"
                             f", got {config.number_classes}")
     divisor, _ = model_geometry(config.architecture, **config.model_options)
@@ -357,12 +391,19 @@ def _find_resume(out: Path, config: TrainConfig) -> dict | None:
 
 def _model_json(config: TrainConfig, train_meta: dict, test_meta: dict, geometry: tuple[int, int],
                 patch: int, best: dict) -> dict:
+    spec = config.target_spec()
+    instance = {}
+    if spec is not None:
+        instance = {"output_channels": len(spec.channels),
+                    "instance": {"channels": list(spec.channels), "kinds": list(spec.kinds), "targets": spec.to_dict(),
+                                 "postprocess": _postprocess_defaults(spec).to_dict()}}
     return {
         "format_version": MODEL_JSON_VERSION,
         "architecture": config.architecture,
         "model_options": config.model_options,
-        "label_kind": "semantic",
-        "number_classes": config.number_classes,
+        "label_kind": config.target,
+        "number_classes": 2 if spec is not None else config.number_classes,
+        **instance,
         "input_channels": train_meta["channels"],
         "input_dtype": train_meta["image_dtype"],
         "normalization": {"mode": config.normalization, "mean": train_meta["channel_mean"],
@@ -402,6 +443,9 @@ def _draw_charts(rows: list[dict], path: Path) -> None:
     a.legend()
     b.plot(steps, [r["mean_iou"] for r in rows], label="mean IoU")
     b.plot(steps, [r["pixel_accuracy"] for r in rows], label="pixel accuracy")
+    if rows and "f1" in rows[0]:
+        b.plot(steps, [r["f1"] for r in rows], label="matching F1 (IoU 0.5)")
+        b.plot(steps, [r["panoptic_quality"] for r in rows], label="panoptic quality")
     b.set_xlabel("step")
     b.set_ylim(0, 1)
     b.legend()
@@ -414,22 +458,27 @@ def _draw_charts(rows: list[dict], path: Path) -> None:
 
 LOG_FIELDS = ["step", "epoch", "train_loss", "test_loss", "mean_iou", "mean_foreground_iou", "mean_dice",
               "pixel_accuracy", "iou_per_class", "learning_rate", "input_bound_pct", "images_per_s", "elapsed_s"]
+# Instance models add per-channel test losses and matching statistics at IoU 0.5 after post-processing.
+INSTANCE_LOG_FIELDS = LOG_FIELDS + ["channel_losses", "f1", "panoptic_quality", "precision", "recall",
+                                    "objects_true", "objects_predicted"]
+_TEXT_FIELDS = ("iou_per_class", "channel_losses")
 
 
 def _append_log(path: Path, row: dict) -> None:
     new = not path.exists()
+    fields = INSTANCE_LOG_FIELDS if "f1" in row else LOG_FIELDS
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerow({k: row[k] for k in LOG_FIELDS})
+        writer.writerow({k: row[k] for k in fields})
 
 
 def _read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: (float(v) if k not in ("iou_per_class",) else v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (float(v) if k not in _TEXT_FIELDS else v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 # The loop
@@ -479,7 +528,7 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     import tensorflow as tf
 
     from .imagereader import ImageReader, as_tf_dataset
-    from .losses import make_loss
+    from .losses import instance_activations, make_instance_loss, make_loss
     from .models import build_model, model_geometry
 
     out = Path(config.output_dir)
@@ -511,7 +560,7 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     channels = train_meta["channels"]
 
     with strategy.scope():
-        model = build_model(config.architecture, channels, config.number_classes, **config.model_options)
+        model = build_model(config.architecture, channels, config.output_channels, **config.model_options)
         optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
         # Decay the kernels only: biases and normalisation parameters keep their scale.
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
@@ -532,7 +581,15 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
                                                                - len(train_meta["class_pixel_counts"]))
         class_weights = class_weights_from_counts(counts)
         log("class weights from the training pixel counts: " + ", ".join(f"{w:.3g}" for w in class_weights))
-    loss_fn = make_loss(config.loss, config.number_classes, class_weights)
+    target_spec = config.target_spec()
+    if target_spec is None:
+        loss_fn = make_loss(config.loss, config.number_classes, class_weights)
+        channel_loss_fn = None
+    else:
+        channel_loss_fn = make_instance_loss(target_spec.kinds, target_spec.loss_weights, target_spec.distance_loss)
+        loss_fn = lambda labels, logits: tf.reduce_sum(channel_loss_fn(labels, logits), axis=-1)  # noqa: E731
+        log(f"instance targets: {', '.join(f'{c} ({k}, weight {w:g})' for c, k, w in zip(target_spec.channels, target_spec.kinds, target_spec.loss_weights))}")
+    targets = None if target_spec is None else target_spec.to_dict()
 
     train_records = test_records = None
     if config.folds:
@@ -546,19 +603,27 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
                                augment_params=augment_params, sampling=config.sampling,
                                normalization=config.normalization, reader_count=config.reader_count,
                                seed=config.seed * 1000 + worker_index, start_epoch=state["epoch"],
-                               records=train_records)
+                               records=train_records, targets=targets)
     # The test images are normalised with the training statistics, as inference will do.
     test_reader = ImageReader(config.test_database, global_batch, mode="test", normalization=config.normalization,
                               reader_count=min(config.reader_count, 1), seed=config.seed,
                               channel_stats=(train_meta["channel_mean"], train_meta["channel_std"]),
-                              records=test_records)
+                              records=test_records, targets=targets)
 
     train_step = make_train_step(strategy, model, optimizer, loss_fn, global_batch, config.jit_compile)
 
-    @tf.function(reduce_retracing=True)
-    def eval_step(images, labels):
-        logits = model(images, training=False)
-        return tf.reduce_sum(loss_fn(labels, logits)), tf.argmax(logits, axis=-1, output_type=tf.int32)
+    if target_spec is None:
+        @tf.function(reduce_retracing=True)
+        def eval_step(images, labels):
+            logits = model(images, training=False)
+            return tf.reduce_sum(loss_fn(labels, logits)), tf.argmax(logits, axis=-1, output_type=tf.int32)
+    else:
+        activate = instance_activations(target_spec.kinds)
+
+        @tf.function(reduce_retracing=True)
+        def eval_step(images, labels):
+            logits = model(images, training=False)
+            return tf.reduce_sum(channel_loss_fn(labels, logits), axis=0), activate(logits)
 
     stop = {"signum": None}
 
@@ -613,8 +678,9 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
                         _draw_charts(rows, out / "charts.png")
                         with writer.as_default(step=state["step"]):
                             for key in ("train_loss", "test_loss", "mean_iou", "pixel_accuracy", "learning_rate",
-                                        "input_bound_pct"):
-                                tf.summary.scalar(key, row[key])
+                                        "input_bound_pct", "f1", "panoptic_quality"):
+                                if key in row:
+                                    tf.summary.scalar(key, row[key])
                         writer.flush()
                     state["epoch"] = math.ceil(state["step"] / train_reader.batches_per_epoch)
                     if chief:
@@ -649,7 +715,9 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     best = state["best_metrics"]
     log(f"done: {state['step']} steps in {seconds / 60:.1f} min ({stopped_because}); best test loss "
         f"{state['best_test_loss']:.4f} at step {state['best_step']}, mean IoU {best.get('mean_iou', float('nan')):.3f}"
-        f", foreground IoU {best.get('mean_foreground_iou', float('nan')):.3f}; model in {out}")
+        f", foreground IoU {best.get('mean_foreground_iou', float('nan')):.3f}"
+        + (f", matching F1@0.5 {best['f1']:.3f}, PQ {best['panoptic_quality']:.3f}" if "f1" in best else "")
+        + f"; model in {out}")
     return TrainResult(out, state["step"], state["best_step"], state["best_test_loss"], best, stopped_because,
                        resumed_from, seconds)
 
@@ -659,6 +727,9 @@ def _evaluate(state, test_reader, eval_step, config, period_losses, period_examp
     """One exact pass over the test database: loss and confusion-matrix metrics."""
     elapsed = max(time.perf_counter() - period_start, 1e-9)
     input_stats = train_reader.input_stats(reset=True)
+    if config.target == "instance":
+        return _evaluate_instances(state, test_reader, eval_step, config, period_losses, period_examples, elapsed,
+                                   train_reader, lr, start_time, input_stats)
     cm = np.zeros((config.number_classes, config.number_classes), np.int64)
     loss_sum, n = 0.0, 0
     for batch in test_reader.epoch():
@@ -675,6 +746,59 @@ def _evaluate(state, test_reader, eval_step, config, period_losses, period_examp
             "learning_rate": lr, "input_bound_pct": 100.0 * input_stats.waiting_fraction,
             "images_per_s": period_examples / elapsed, "elapsed_s": time.perf_counter() - start_time,
             "scores": s}
+
+
+def _evaluate_instances(state, test_reader, eval_step, config, period_losses, period_examples, elapsed, train_reader,
+                        lr, start_time, input_stats) -> dict:
+    """Instance model: per-channel test losses, then post-processing of every test tile and matching at IoU 0.5.
+
+    Foreground metrics (the confusion matrix keys of a semantic run) compare the
+    post-processed objects with the true ones as background/object.
+    """
+    from .instances import postprocess
+    from .metrics import match_instances, pool_stats
+
+    spec = config.target_spec()
+    post = _postprocess_defaults(spec)
+    n_channels = len(spec.channels)
+    channel_sums = np.zeros(n_channels, np.float64)
+    cm = np.zeros((2, 2), np.int64)
+    matchings = []
+    n = 0
+    for batch in test_reader.epoch():
+        losses, maps = eval_step(batch.images, batch.labels)
+        channel_sums += losses.numpy()
+        n += len(batch)
+        maps = maps.numpy()
+        for b in range(len(batch)):
+            truth = batch.labels[b, :, :, n_channels].astype(np.int64)
+            predicted = postprocess(maps[b], post)
+            matchings.append(match_instances(truth, predicted, thresholds=EVAL_MATCHING_THRESHOLDS))
+            cm += confusion_matrix((truth > 0).astype(np.uint8), (predicted > 0).astype(np.uint8), 2)
+    s = scores(cm)
+    channel_losses = channel_sums / max(n, 1)
+    pooled = pool_stats(matchings)[EVAL_MATCHING_THRESHOLDS[0]]
+    s.update({"f1": pooled.f1, "panoptic_quality": pooled.panoptic_quality, "precision": pooled.precision,
+              "recall": pooled.recall, "objects_true": pooled.n_true, "objects_predicted": pooled.n_pred,
+              "channel_losses": {c: float(v) for c, v in zip(spec.channels, channel_losses)}})
+    return {"step": state["step"], "epoch": math.ceil(state["step"] / train_reader.batches_per_epoch),
+            "train_loss": float(np.mean(period_losses)) if period_losses else float("nan"),
+            "test_loss": float(channel_losses.sum()), "mean_iou": s["mean_iou"],
+            "mean_foreground_iou": s["mean_foreground_iou"], "mean_dice": s["mean_dice"],
+            "pixel_accuracy": s["pixel_accuracy"], "iou_per_class": " ".join(f"{v:.4f}" for v in s["iou"]),
+            "channel_losses": " ".join(f"{c}={v:.4f}" for c, v in zip(spec.channels, channel_losses)),
+            "f1": pooled.f1, "panoptic_quality": pooled.panoptic_quality, "precision": pooled.precision,
+            "recall": pooled.recall, "objects_true": pooled.n_true, "objects_predicted": pooled.n_pred,
+            "learning_rate": lr, "input_bound_pct": 100.0 * input_stats.waiting_fraction,
+            "images_per_s": period_examples / elapsed, "elapsed_s": time.perf_counter() - start_time,
+            "scores": s}
+
+
+def _postprocess_defaults(spec):
+    """The post-processing settings recorded with an instance model (and used at each evaluation)."""
+    from .instances import PostProcessConfig
+
+    return PostProcessConfig.default_for(spec.channels)
 
 
 def _record(state, row, config, model, out, chief, train_meta, test_meta, geometry, patch, log) -> bool:
@@ -706,8 +830,10 @@ def _record(state, row, config, model, out, chief, train_meta, test_meta, geomet
 
 
 def _format_row(row: dict, improved: bool) -> str:
+    quality = (f"F1@0.5 {row['f1']:.3f}, PQ {row['panoptic_quality']:.3f} ({row['channel_losses']})" if "f1" in row
+               else f"mean IoU {row['mean_iou']:.3f}, accuracy {row['pixel_accuracy']:.3f}")
     return (f"step {row['step']}: train loss {row['train_loss']:.4f}, test loss {row['test_loss']:.4f}, "
-            f"mean IoU {row['mean_iou']:.3f}, accuracy {row['pixel_accuracy']:.3f}, {row['images_per_s']:.1f} img/s, "
+            f"{quality}, {row['images_per_s']:.1f} img/s, "
             f"input-bound {row['input_bound_pct']:.0f}%" + (" (best)" if improved else ""))
 
 
