@@ -225,13 +225,13 @@ def test_registry_builds_every_architecture_by_call_and_by_name():
 def test_default_options_are_fresh_and_resolved():
     options = default_options("fc-densenet103")
     assert options == {"stem_filters": 48, "growth_rate": 16, "n_layers_per_block": [4, 5, 7, 10, 12, 15],
-                       "n_pool": 5, "dropout": 0.2}
+                       "n_pool": 5, "dropout": 0.2, "bn_momentum": 0.9}
     options["n_layers_per_block"].append(1)
     assert default_options("fc-densenet103")["n_layers_per_block"] == [4, 5, 7, 10, 12, 15]
     assert default_options("fc-densenet56")["growth_rate"] == 12
     assert default_options("fc-densenet67")["n_layers_per_block"] == 5
     assert default_options("unet") == {"base_filters": 64, "depth": 4, "batch_norm": True, "dropout": 0.5,
-                                       "upsampling": "transpose"}
+                                       "upsampling": "transpose", "bn_momentum": 0.9}
     assert resolve_options("fcn8", width=0.5)["width"] == 0.5
 
 
@@ -240,8 +240,8 @@ def test_default_options_are_fresh_and_resolved():
                                         r"fc-densenet103, fcn8, fcn16, fcn32; got 'unte'"),
     (lambda: model_geometry("fcn"), "architecture must be one of"),
     (lambda: default_options("UNet"), "architecture must be one of"),
-    (lambda: build_model("unet", 1, 2, depht=3), "options of unet must be among base_filters, batch_norm, depth, "
-                                                 "dropout, upsampling; got 'depht'"),
+    (lambda: build_model("unet", 1, 2, depht=3), "options of unet must be among base_filters, batch_norm, "
+                                                 "bn_momentum, depth, dropout, upsampling; got 'depht'"),
     (lambda: build_model("fcn8", 1, 2, variant=16), "options of fcn8 must be among .*; got 'variant'"),
     (lambda: model_geometry("fc-densenet56", depth=3), "got 'depth'"),
     (lambda: build_model("unet", 0, 2), "input_channels must be an integer >= 1; got 0"),
@@ -423,3 +423,12 @@ def test_backbone_weights_errors(tmp_path):
     with pytest.raises(ValueError, match=r"every key of a .npz weights file must be '<layer>/kernel' or "
                                          r"'<layer>/bias'; got 'block1_conv1/W'"):
         load_vgg16_weights(model, tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("architecture, layer", [("unet", "down1_bn1"), ("fc-densenet56", "down1_layer1_bn")])
+def test_batch_norm_momentum_is_an_option(architecture, layer):
+    small = {"unet": {"base_filters": 4, "depth": 2}, "fc-densenet56": SMALL["fc-densenet56"]}[architecture]
+    assert build_model(architecture, 1, 2, **small).get_layer(layer).momentum == pytest.approx(0.9)
+    assert build_model(architecture, 1, 2, bn_momentum=0.99, **small).get_layer(layer).momentum == pytest.approx(0.99)
+    with pytest.raises(ValueError, match=r"bn_momentum must be a number in \[0, 1\); got 1.5"):
+        build_model(architecture, 1, 2, bn_momentum=1.5, **small)

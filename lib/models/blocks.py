@@ -122,27 +122,29 @@ class Extent:
 # Layers
 
 def conv_bn_relu(filters: int, prefix: str, index: int, batch_norm: bool,
-                 kernel_size: int = 3) -> Callable:
+                 kernel_size: int = 3, bn_momentum: float = 0.99) -> Callable:
     """Conv ('same') -> optional batch-norm -> ReLU, layers named ``{prefix}_conv{index}`` etc.
 
     The convolution has no bias when batch-norm follows it (the norm's offset replaces it).
+    ``bn_momentum``: weight of the old value in the moving mean and variance.
     """
     def apply(x):
         x = keras.layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm,
                                 kernel_initializer=KERNEL_INITIALIZER, name=f"{prefix}_conv{index}")(x)
         if batch_norm:
-            x = keras.layers.BatchNormalization(name=f"{prefix}_bn{index}")(x)
+            x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn{index}")(x)
         return keras.layers.ReLU(name=f"{prefix}_relu{index}")(x)
     return apply
 
 
-def bn_relu_conv(filters: int, kernel_size: int, dropout: float, prefix: str) -> Callable:
+def bn_relu_conv(filters: int, kernel_size: int, dropout: float, prefix: str, bn_momentum: float = 0.99
+                 ) -> Callable:
     """Pre-activation unit of FC-DenseNet: BN -> ReLU -> conv ('same') -> dropout.
 
     Layers are named ``{prefix}_bn``, ``{prefix}_relu``, ``{prefix}_conv``, ``{prefix}_dropout``.
     """
     def apply(x):
-        x = keras.layers.BatchNormalization(name=f"{prefix}_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
         x = keras.layers.Conv2D(filters, kernel_size, padding="same", kernel_initializer=KERNEL_INITIALIZER,
                                 name=f"{prefix}_conv")(x)

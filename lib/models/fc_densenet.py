@@ -29,6 +29,7 @@ import numbers
 import keras
 
 from .blocks import Extent, bn_relu_conv, check_int, check_rate, image_input, logits_head
+from .unet import BN_MOMENTUM
 
 VARIANTS = {
     "56": {"stem_filters": 48, "growth_rate": 12, "n_layers_per_block": 4, "n_pool": 5, "dropout": 0.2},
@@ -42,7 +43,8 @@ def fc_densenet_defaults(variant: str) -> dict:
     """Default options of FC-DenseNet ``variant`` ("56", "67" or "103"), a fresh dict."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}.")
-    return {key: (list(value) if isinstance(value, list) else value) for key, value in VARIANTS[variant].items()}
+    defaults = {key: (list(value) if isinstance(value, list) else value) for key, value in VARIANTS[variant].items()}
+    return {**defaults, "bn_momentum": BN_MOMENTUM}
 
 
 def block_sizes(n_layers_per_block, n_pool: int) -> list[int]:
@@ -67,7 +69,8 @@ def block_sizes(n_layers_per_block, n_pool: int) -> list[int]:
     return [int(size) for size in sizes]
 
 
-def _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout) -> list[int]:
+def _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout, bn_momentum=BN_MOMENTUM) -> list[int]:
+    check_rate("bn_momentum", bn_momentum)
     check_int("stem_filters", stem_filters)
     check_int("growth_rate", growth_rate)
     check_rate("dropout", dropout)
@@ -75,7 +78,7 @@ def _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout) ->
 
 
 def fc_densenet_geometry(*, stem_filters: int = 48, growth_rate: int = 12, n_layers_per_block=4,
-                         n_pool: int = 5, dropout: float = 0.2) -> tuple[int, int]:
+                         n_pool: int = 5, dropout: float = 0.2, bn_momentum: float = BN_MOMENTUM) -> tuple[int, int]:
     """Size divisor and receptive-field radius of :func:`build_fc_densenet` with these options.
 
     The longest path runs through the stem, every layer of every dense block (each layer sees
@@ -85,7 +88,7 @@ def fc_densenet_geometry(*, stem_filters: int = 48, growth_rate: int = 12, n_lay
     -------
     (divisor, radius) : (int, int)
     """
-    sizes = _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout)
+    sizes = _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout, bn_momentum)
     extent = Extent().conv(3)
     # Down path: dense block, then 1x1 conv and 2x2 pooling
     for size in sizes[:n_pool]:
@@ -98,11 +101,11 @@ def fc_densenet_geometry(*, stem_filters: int = 48, growth_rate: int = 12, n_lay
     return 2 ** n_pool, extent.conv(1).radius
 
 
-def _dense_block(x, n_layers: int, growth_rate: int, dropout: float, prefix: str):
+def _dense_block(x, n_layers: int, growth_rate: int, dropout: float, prefix: str, bn_momentum: float = BN_MOMENTUM):
     """Dense block ``prefix``; returns (stack of input and new maps, list of the new maps)."""
     new_maps = []
     for index in range(1, n_layers + 1):
-        layer = bn_relu_conv(growth_rate, 3, dropout, f"{prefix}_layer{index}")(x)
+        layer = bn_relu_conv(growth_rate, 3, dropout, f"{prefix}_layer{index}", bn_momentum)(x)
         new_maps.append(layer)
         x = keras.layers.Concatenate(name=f"{prefix}_layer{index}_concat")([x, layer])
     return x, new_maps
@@ -110,7 +113,7 @@ def _dense_block(x, n_layers: int, growth_rate: int, dropout: float, prefix: str
 
 def build_fc_densenet(input_channels: int, n_outputs: int, *, stem_filters: int = 48, growth_rate: int = 12,
                       n_layers_per_block=4, n_pool: int = 5, dropout: float = 0.2,
-                      name: str = "fc_densenet") -> keras.Model:
+                      bn_momentum: float = BN_MOMENTUM, name: str = "fc_densenet") -> keras.Model:
     """Build an FC-DenseNet that maps images to per-pixel logits.
 
     Parameters
@@ -130,6 +133,8 @@ def build_fc_densenet(input_channels: int, n_outputs: int, *, stem_filters: int 
         Number of 2x poolings (size divisor ``2**n_pool``).
     dropout : float
         Dropout rate after every convolution of the dense layers and transitions down.
+    bn_momentum : float
+        Momentum of the batch-norm moving statistics (see ``lib.models.unet.BN_MOMENTUM``).
     name : str
         Name of the Keras model.
 
@@ -146,7 +151,7 @@ def build_fc_densenet(input_channels: int, n_outputs: int, *, stem_filters: int 
     """
     check_int("input_channels", input_channels)
     check_int("n_outputs", n_outputs)
-    sizes = _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout)
+    sizes = _validate(stem_filters, growth_rate, n_layers_per_block, n_pool, dropout, bn_momentum)
 
     inputs = image_input(input_channels)
     x = keras.layers.Conv2D(stem_filters, 3, padding="same", kernel_initializer="he_normal",
@@ -156,14 +161,14 @@ def build_fc_densenet(input_channels: int, n_outputs: int, *, stem_filters: int 
     # Down path: set aside each block's full stack for the skip connection
     skips = []
     for level in range(1, n_pool + 1):
-        x, _ = _dense_block(x, sizes[level - 1], growth_rate, dropout, f"down{level}")
+        x, _ = _dense_block(x, sizes[level - 1], growth_rate, dropout, f"down{level}", bn_momentum)
         channels += growth_rate * sizes[level - 1]
         skips.append(x)
-        x = bn_relu_conv(channels, 1, dropout, f"down{level}_td")(x)
+        x = bn_relu_conv(channels, 1, dropout, f"down{level}_td", bn_momentum)(x)
         x = keras.layers.MaxPooling2D(2, name=f"down{level}_td_pool")(x)
 
     # Bottleneck: only its new maps go up
-    _, new_maps = _dense_block(x, sizes[n_pool], growth_rate, dropout, "bottleneck")
+    _, new_maps = _dense_block(x, sizes[n_pool], growth_rate, dropout, "bottleneck", bn_momentum)
 
     # Up path
     for position, level in enumerate(range(n_pool, 0, -1)):
@@ -173,7 +178,8 @@ def build_fc_densenet(input_channels: int, n_outputs: int, *, stem_filters: int 
         x = keras.layers.Conv2DTranspose(growth_rate * previous, 3, strides=2, padding="same",
                                          kernel_initializer="he_normal", name=f"up{level}_tu")(block_input)
         x = keras.layers.Concatenate(name=f"up{level}_concat")([x, skips[level - 1]])
-        x, new_maps = _dense_block(x, sizes[n_pool + position + 1], growth_rate, dropout, f"up{level}")
+        x, new_maps = _dense_block(x, sizes[n_pool + position + 1], growth_rate, dropout, f"up{level}",
+                                   bn_momentum)
 
     outputs = logits_head(n_outputs)(x)
     return keras.Model(inputs, outputs, name=name)

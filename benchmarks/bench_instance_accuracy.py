@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Instance-segmentation accuracy: train ``train_unet.py --target instance`` with its default
+settings for a wall-time budget on the synthetic example data, then report matching F1 at IoU
+0.5 on held-back images, against a classical baseline (Otsu threshold + distance-transform
+watershed, :func:`lib.instances.classical_baseline`) on the same images.
+
+Training data: ``data/generate.py`` images (seed 0), split 80/20 by image into the training
+and validation databases (``build_lmdb.py --mask_type instance``). Held-back images:
+generated with another seed, never seen in training or model selection. Each held-back image
+is predicted whole (it fits), the channel maps go through the model's recorded
+post-processing (``model.json``), and predicted objects are matched one-to-one with the true
+ones (:func:`lib.metrics.match_instances`). Also reported: how many true objects touch
+another object (an 8-neighbour of a different id), the case a threshold cannot separate.
+
+    python benchmarks/bench_instance_accuracy.py [--minutes 15] [--train_images 24] [--test_images 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+THRESHOLDS = (0.3, 0.5, 0.75)
+
+
+def touching_objects(labels: np.ndarray) -> int:
+    """Objects with at least one 8-neighbour pixel of a different non-zero id."""
+    from scipy import ndimage
+
+    labels = labels.astype(np.int64)
+    background_high = np.where(labels > 0, labels, 2 ** 40)  # (the int64 maximum overflows in scipy)
+    high = ndimage.maximum_filter(labels, size=3, mode="nearest")  # a larger id next door
+    low = ndimage.minimum_filter(background_high, size=3, mode="nearest")  # a smaller non-zero id next door
+    contact = (labels > 0) & ((high != labels) | (low != labels))
+    return int(len(np.unique(labels[contact])))
+
+
+def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Whole-image prediction with the best model, then the model's post-processing."""
+    import keras
+
+    from lib.instances import PostProcessConfig, postprocess
+
+    meta = json.loads((run / "model.json").read_text())
+    model = keras.models.load_model(run / "model.keras", safe_mode=True, compile=False)
+    mean = np.asarray(meta["normalization"]["mean"], np.float32)
+    std = np.asarray(meta["normalization"]["std"], np.float32)
+    kinds = meta["instance"]["kinds"]
+    config = PostProcessConfig.from_dict(meta["instance"]["postprocess"])
+    divisor = meta["size_divisor"]
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        x = (image.astype(np.float32).reshape(h, w, -1) - mean) / std
+        ph, pw = -h % divisor, -w % divisor
+        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        logits = model.predict(x[np.newaxis], verbose=0)[0, :h, :w].astype(np.float32)
+        maps = np.empty_like(logits)
+        for k, kind in enumerate(kinds):
+            maps[..., k] = 1 / (1 + np.exp(-logits[..., k])) if kind == "binary" else np.clip(logits[..., k], 0, 1)
+        out.append(postprocess(maps, config))
+    return out
+
+
+def score(truths: list[np.ndarray], predictions: list[np.ndarray]) -> dict:
+    from lib.metrics import match_instances, pool_stats
+
+    matchings = [match_instances(t, p, thresholds=THRESHOLDS) for t, p in zip(truths, predictions)]
+    pooled = pool_stats(matchings)
+    per_image_f1 = [m.stats[0.5].f1 for m in matchings]
+    result = {f"f1@{t}": round(float(pooled[t].f1), 4) for t in THRESHOLDS}
+    result.update({"pq@0.5": round(float(pooled[0.5].panoptic_quality), 4),
+                   "precision@0.5": round(float(pooled[0.5].precision), 4),
+                   "recall@0.5": round(float(pooled[0.5].recall), 4),
+                   "mean_per_image_f1@0.5": round(float(np.nanmean(per_image_f1)), 4),
+                   "objects_true": int(pooled[0.5].n_true), "objects_predicted": int(pooled[0.5].n_pred)})
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=15.0, help="training wall-time budget (--max_minutes)")
+    parser.add_argument("--train_images", type=int, default=24, help="generated images for training + validation")
+    parser.add_argument("--test_images", type=int, default=8, help="held-back generated images")
+    parser.add_argument("--train_args", default="", help="extra train_unet.py flags (default: none = defaults)")
+    parser.add_argument("--keep", default=None, help="keep data and run in this folder")
+    args = parser.parse_args()
+
+    from data.generate import generate_dataset
+    from lib.images import read_image, read_mask
+    from lib.instances import classical_baseline
+
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": args.minutes,
+                     "train_args": args.train_args}
+    with tempfile.TemporaryDirectory(prefix="bench_instances_") as tmp_name:
+        work = Path(args.keep) if args.keep else Path(tmp_name)
+        generate_dataset(work / "train", n_images=args.train_images, n_experts=0, seed=0)
+        generate_dataset(work / "test", n_images=args.test_images, n_experts=0, seed=1)
+        subprocess.run([sys.executable, str(ROOT / "build_lmdb.py"), "--image_folder", str(work / "train/images"),
+                        "--mask_folder", str(work / "train/instances"), "--output_folder", str(work / "db"),
+                        "--dataset_name", "cells", "--mask_type", "instance", "--train_fraction", "0.8",
+                        "--seed", "0", "--quiet", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+        run = work / "run"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--train_database",
+                               str(work / "db/train-cells.lmdb"), "--test_database", str(work / "db/test-cells.lmdb"),
+                               "--output_dir", str(run), "--target", "instance", "--max_minutes", str(args.minutes)]
+                              + args.train_args.split(), capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            results["error"] = f"train_unet.py exit {proc.returncode}"
+            print(json.dumps(results))
+            return 1
+        meta = json.loads((run / "model.json").read_text())
+        steps = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+        results["training"] = {"wall_minutes": round(wall / 60, 2), "steps": steps, "best_step": meta["best"]["step"],
+                               "validation_f1@0.5": round(float(meta["best"]["f1"]), 4),
+                               "channels": meta["instance"]["channels"]}
+        keys = sorted(p.stem for p in (work / "test/images").glob("*.tif"))
+        images = [read_image(work / "test/images" / f"{k}.tif") for k in keys]
+        truths = [read_mask(work / "test/instances" / f"{k}.tif").astype(np.int64) for k in keys]
+        results["held_back"] = {"images": len(keys), "objects": int(sum(len(np.unique(t)) - 1 for t in truths)),
+                                "touching_objects": sum(touching_objects(t) for t in truths)}
+        start = time.perf_counter()
+        predictions = predict_instances(run, images)
+        results["model"] = score(truths, predictions)
+        results["model"]["seconds"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        baseline = [classical_baseline(image[..., 0] if image.ndim == 3 else image) for image in images]
+        results["baseline"] = score(truths, baseline)
+        results["baseline"]["seconds"] = round(time.perf_counter() - start, 2)
+        for name in ("training", "held_back", "model", "baseline"):
+            print(f"{name}: {json.dumps(results[name])}", flush=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
