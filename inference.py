@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "probabilities), .keras file with model.json beside it, or SavedModel folder")
     model.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average the 8 flips/rotations by 90 degrees (8x slower)")
+    model.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                       help="arithmetic of the model's layers: bfloat16 (Keras mixed_bfloat16: float32 weights, "
+                            "logits head and activations) is faster where the device computes it natively "
+                            "(CPUs with AVX512_BF16/AMX, GPUs of compute capability >= 8) and may change the "
+                            "labels of a few near-tie pixels; auto = bfloat16 where native, else float32")
     tiles = parser.add_argument_group("tiling")
     tiles.add_argument("--tile_size", type=int, default=None,
                        help="largest tile edge fed to the model, a multiple of its size divisor "
@@ -66,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("runtime")
     run.add_argument("--shard", type=_shard, default=None,
                      help="K/N: process only every N-th image starting at K (e.g. $SLURM_ARRAY_TASK_ID/4)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars (over images, and over the tiles of large images); they are also off "
+                          "when stderr is not a terminal")
     args = parser.parse_args(argv)
     for name in ("tile_size", "batch_size"):
         value = getattr(args, name)
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_folder=args.mask_folder, mask_suffix=args.mask_suffix, image_format=args.image_format,
         batch_size=args.batch_size, tile_size=args.tile_size, halo=args.halo, output_format=args.output_format,
         probabilities=args.probabilities, uncertainty=args.uncertainty, tta=args.tta, z_filter=args.z_filter,
-        overwrite=args.overwrite, shard=args.shard)
+        overwrite=args.overwrite, shard=args.shard, precision=args.precision)
     print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
     try:
         result = run_inference(config, progress=not args.quiet)

@@ -65,7 +65,15 @@ class ModelInfo:
     std: tuple[float, ...]
     size_divisor: int
     receptive_field_radius: int
+    label_kind: str = "semantic"
+    channel_names: tuple[str, ...] = ()
+    channel_kinds: tuple[str, ...] = ()
     meta: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the model's logits: classes (semantic) or instance target channels."""
+        return len(self.channel_names) if self.label_kind == "instance" else self.number_classes
 
     @classmethod
     def from_dict(cls, meta: dict, path: str = "<memory>") -> "ModelInfo":
@@ -83,8 +91,12 @@ class ModelInfo:
             return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
         kind = meta.get("label_kind", "semantic")
-        if kind != "semantic":
-            problems.append(f"label_kind must be 'semantic' (the only kind inference.py predicts); got {kind!r}")
+        names: tuple[str, ...] = ()
+        kinds: tuple[str, ...] = ()
+        if kind not in LABEL_KINDS:
+            problems.append(f"label_kind must be one of {', '.join(LABEL_KINDS)}; got {kind!r}")
+        elif kind == "instance":
+            names, kinds = _instance_channels(meta, problems)
         architecture = need("architecture", lambda v: isinstance(v, str), "be a string")
         classes = need("number_classes", is_int(2), "be an integer >= 2")
         channels = need("input_channels", is_int(1), "be an integer >= 1")
@@ -107,7 +119,43 @@ class ModelInfo:
         return cls(path=path, architecture=architecture, number_classes=classes, input_channels=channels,
                    input_dtype=dtype, normalization=mode, mean=tuple(float(v) for v in mean),
                    std=tuple(float(v) for v in std), size_divisor=divisor, receptive_field_radius=radius,
-                   meta=meta)
+                   label_kind=kind, channel_names=names, channel_kinds=kinds, meta=meta)
+
+
+LABEL_KINDS = ("semantic", "instance")
+# Output channel kinds of instance models and their activation: binary -> sigmoid, distance -> clip to [0, 1].
+CHANNEL_KINDS = ("binary", "distance")
+
+
+def _instance_channels(meta: dict, problems: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Validate the ``instance`` block of an instance model's model.json; append problems; return (names, kinds)."""
+    block = meta.get("instance")
+    if not isinstance(block, dict):
+        problems.append(f"instance must be an object {{channels, kinds, targets, postprocess}} for label_kind "
+                        f"'instance'; got {block!r}")
+        return (), ()
+    names, kinds = block.get("channels"), block.get("kinds")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
+            and len(set(names)) == len(names)):
+        problems.append(f"instance.channels must be a non-empty list of distinct channel names; got {names!r}")
+        names = None
+    if not (isinstance(kinds, list) and all(k in CHANNEL_KINDS for k in kinds)):
+        problems.append(f"instance.kinds must be a list of {' or '.join(CHANNEL_KINDS)}, one per channel; got "
+                        f"{kinds!r}")
+        kinds = None
+    if names is not None and kinds is not None and len(kinds) != len(names):
+        problems.append(f"instance.kinds must have one entry per channel ({len(names)}: {', '.join(names)}); got "
+                        f"{len(kinds)}")
+        kinds = None
+    output = meta.get("output_channels")
+    if names is not None and output != len(names):
+        problems.append(f"output_channels must equal the number of instance.channels ({len(names)}); got {output!r}")
+    for key in ("targets", "postprocess"):
+        if key in block and not isinstance(block[key], dict):
+            problems.append(f"instance.{key} must be an object; got {block[key]!r}")
+    if names is None or kinds is None:
+        return (), ()
+    return tuple(names), tuple(kinds)
 
 
 def _read_model_json(path: Path) -> ModelInfo:
@@ -154,13 +202,109 @@ def find_models(path: str | os.PathLike) -> list[tuple[Path, ModelInfo]]:
                              f"folders (an ensemble); got {str(path)!r}, which holds neither. Pass the folder "
                              "given to train_unet.py as --output_dir")
         found = [(p / MODEL_FILE, _read_model_json(p / MODEL_JSON)) for p in members]
-    first = found[0][1]
-    for model_path, info in found[1:]:
-        for key in ("number_classes", "input_channels"):
-            if getattr(info, key) != getattr(first, key):
-                raise ModelError(f"ensemble members must agree on {key}; got {getattr(first, key)} in "
-                                 f"{found[0][0].parent} and {getattr(info, key)} in {model_path.parent}")
+    check_members([info for _, info in found], [str(p.parent) for p, _ in found])
     return found
+
+
+def check_members(infos: Sequence[ModelInfo], names: Sequence[str] | None = None) -> None:
+    """Raise :class:`ModelError` unless ensemble members agree on what they predict.
+
+    They must share the label kind, the number of classes and input channels, and, for
+    instance models, the list of output channels and their kinds (their maps are averaged).
+    """
+    names = list(names) if names is not None else [info.path for info in infos]
+    first = infos[0]
+    for info, name in zip(infos[1:], names[1:]):
+        if info.label_kind != first.label_kind:
+            raise ModelError(f"ensemble members must all be semantic or all instance models; got "
+                             f"{first.label_kind} in {names[0]} and {info.label_kind} in {name}")
+        for key in ("number_classes", "input_channels", "channel_names", "channel_kinds"):
+            if getattr(info, key) != getattr(first, key):
+                shown = {k: (",".join(v) if isinstance(v, tuple) else v) for k, v in
+                         ((0, getattr(first, key)), (1, getattr(info, key)))}
+                raise ModelError(f"ensemble members must agree on {key}; got {shown[0]} in {names[0]} and "
+                                 f"{shown[1]} in {name}. Their outputs are averaged channel by channel")
+
+
+# Precision
+
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def resolve_precision(precision: str) -> str:
+    """The compute precision for a requested one: ``"float32"`` or ``"bfloat16"``.
+
+    ``"auto"`` is bfloat16 where the device computes it natively (a GPU of compute capability
+    >= 8.0, or a CPU with AVX512_BF16 / AMX; :func:`lib.trainer.bfloat16_is_native`), else
+    float32. Raises ``ValueError`` for an unknown name.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        from lib.trainer import bfloat16_is_native
+
+        return "bfloat16" if bfloat16_is_native() else "float32"
+    return precision
+
+
+def _policy_name(layer_config: dict) -> str | None:
+    dtype = layer_config.get("dtype")
+    if isinstance(dtype, dict):
+        return dtype.get("config", {}).get("name")
+    return dtype if isinstance(dtype, str) else None
+
+
+def _set_policies(config: dict, precision: str, keep: set[str]) -> bool:
+    """Set the dtype policy of every layer in a functional ``config`` (nested models too), in place.
+
+    Layers named in ``keep`` (the outputs) become float32 whatever ``precision``. Returns
+    whether anything changed.
+    """
+    changed = False
+    for layer in config.get("layers", []):
+        inner = layer.get("config", {})
+        if layer.get("class_name") == "InputLayer":
+            continue
+        if "layers" in inner:  # a nested functional model: its own outputs are not the model's
+            changed |= _set_policies(inner, precision, set())
+            continue
+        if _policy_name(inner) in (None, "float64", "int32", "int64", "bool"):
+            continue  # a layer without a float policy of its own, or a deliberate float64 one
+        wanted = "float32" if precision == "float32" or inner.get("name") in keep else "mixed_bfloat16"
+        if _policy_name(inner) != wanted:
+            inner["dtype"] = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": wanted},
+                              "registered_name": None}
+            changed = True
+    return changed
+
+
+def with_precision(model, precision: str, name: str = "<memory>"):
+    """``model`` computing in ``precision`` (``"float32"`` or ``"bfloat16"``), with the same weights.
+
+    bfloat16: every layer runs under Keras' ``mixed_bfloat16`` policy (float32 weights,
+    bfloat16 arithmetic) except the layers producing the model's outputs (the linear logits
+    head), which stay float32; activations are then computed from float32 logits. float32:
+    every layer float32 (a model trained under mixed precision is saved with bfloat16 layers
+    and would otherwise predict in bfloat16). A model already in that precision is returned
+    as is. Raises :class:`ModelError` when the model cannot be rebuilt from its configuration
+    (a SavedModel, a subclassed model) and would have to change precision.
+    """
+    import keras
+
+    try:
+        config = model.get_config()
+        outputs = config["output_layers"]
+    except (NotImplementedError, KeyError, TypeError, AttributeError):
+        if precision == "float32":
+            return model  # a SavedModel graph: it computes as it was exported
+        raise ModelError(f"precision bfloat16 needs a functional Keras model (model.keras); got "
+                         f"{type(model).__name__} from {name}. Use --precision float32 for a SavedModel") from None
+    outputs = [outputs] if outputs and isinstance(outputs[0], str) else outputs
+    if not _set_policies(config, precision, {entry[0] for entry in outputs}):
+        return model
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def _load_one(model_path: Path):
@@ -191,21 +335,29 @@ class Member:
     forward: Callable
 
 
-def _make_forward(model, input_channels: int, tta: bool, squares: bool) -> Callable:
-    """A tf.function ``(B, Ty, Tx, C) float32 -> (sum of probabilities, sum of their squares or None)``.
+def _make_forward(model, info: ModelInfo, tta: bool, squares: bool) -> Callable:
+    """A tf.function ``(B, Ty, Tx, C) float32 -> (sum of maps, sum of their squares or None)``.
 
-    The sums run over the test-time augmentations (1 or 8 samples). Dynamic shapes in the
-    signature: tiles of any size and a short last batch do not retrace.
+    The maps are the activations of the float32 logits: softmax over the classes for a
+    semantic model; per channel for an instance model, sigmoid for "binary" channels and a
+    clip to [0, 1] for "distance" channels. The sums run over the test-time augmentations (1
+    or 8 samples). Dynamic shapes in the signature: tiles of any size and a short last batch do
+    not retrace.
     """
     import tensorflow as tf
+
+    binary = [kind == "binary" for kind in info.channel_kinds]
 
     def probabilities(x):
         logits = model(x, training=False)
         if isinstance(logits, dict):  # a SavedModel endpoint returns its outputs by name
             logits = next(iter(logits.values()))
-        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        logits = tf.cast(logits, tf.float32)
+        if info.label_kind == "semantic":
+            return tf.nn.softmax(logits, axis=-1)
+        return tf.where(tf.constant(binary), tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, input_channels], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, info.input_channels], tf.float32)])
     def forward(x):
         if not tta:
             p = probabilities(x)
@@ -244,6 +396,7 @@ class Predictor:
     members: list[Member]
     tta: bool = False
     source: str = "<memory>"
+    precision: str = "float32"
 
     @property
     def samples(self) -> int:
@@ -252,7 +405,26 @@ class Predictor:
 
     @property
     def number_classes(self) -> int:
+        """Semantic classes (for an instance model: 2, background and object)."""
         return self.members[0].info.number_classes
+
+    @property
+    def label_kind(self) -> str:
+        return self.members[0].info.label_kind
+
+    @property
+    def output_channels(self) -> int:
+        """Channels K of the predicted maps: classes, or instance channels."""
+        return self.members[0].info.output_channels
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Instance channel names in output order (empty for a semantic model)."""
+        return self.members[0].info.channel_names
+
+    @property
+    def channel_kinds(self) -> tuple[str, ...]:
+        return self.members[0].info.channel_kinds
 
     @property
     def input_channels(self) -> int:
@@ -339,33 +511,42 @@ def normalize(tiles: np.ndarray, info: ModelInfo, statistics: tuple[np.ndarray, 
 
 
 def predictor_from_models(models: Sequence[tuple[Any, dict | ModelInfo]], tta: bool = False,
-                          spread: bool | None = None, source: str = "<memory>") -> Predictor:
+                          spread: bool | None = None, source: str = "<memory>", precision: str = "float32"
+                          ) -> Predictor:
     """A predictor from in-memory Keras models and their model.json dicts.
 
-    ``spread``: compile the sum of squared probabilities too (default: when samples > 1).
+    ``spread``: compile the sum of squared maps too (default: when samples > 1).
+    ``precision``: "float32", "bfloat16" or "auto" (:func:`resolve_precision`, :func:`with_precision`).
+    Raises :class:`ModelError` when the members disagree (:func:`check_members`).
     """
     infos = [m if isinstance(m, ModelInfo) else ModelInfo.from_dict(m) for _, m in models]
+    check_members(infos)
+    precision = resolve_precision(precision)
     samples = len(models) * (8 if tta else 1)
     squares = samples > 1 if spread is None else spread
-    members = [Member(info, model, _make_forward(model, info.input_channels, tta, squares))
-               for (model, _), info in zip(models, infos)]
-    return Predictor(members, tta=tta, source=source)
+    members = []
+    for (model, _), info in zip(models, infos):
+        model = with_precision(model, precision, info.path)
+        members.append(Member(info, model, _make_forward(model, info, tta, squares)))
+    return Predictor(members, tta=tta, source=source, precision=precision)
 
 
-def load_predictor(path: str | os.PathLike, tta: bool = False) -> Predictor:
+def load_predictor(path: str | os.PathLike, tta: bool = False, precision: str = "float32") -> Predictor:
     """Load a model folder, an ensemble folder, a ``.keras`` file or a SavedModel (see :func:`find_models`).
 
-    Models are loaded in Keras safe mode (no arbitrary code, no pickle) without compiling.
-    Raises :class:`ModelError`.
+    Models are loaded in Keras safe mode (no arbitrary code, no pickle) without compiling, and
+    set to compute in ``precision`` (:func:`with_precision`). Raises :class:`ModelError`.
     """
     found = find_models(path)
     models = [(_load_one(model_path), info) for model_path, info in found]
     for (model_path, info), (model, _) in zip(found, models):
         output_shape = getattr(model, "output_shape", None)
-        if isinstance(output_shape, tuple) and output_shape and output_shape[-1] not in (None, info.number_classes):
-            raise ModelError(f"model outputs must have number_classes={info.number_classes} channels (model.json); "
+        expected = info.output_channels
+        if isinstance(output_shape, tuple) and output_shape and output_shape[-1] not in (None, expected):
+            what = "number_classes" if info.label_kind == "semantic" else "output_channels"
+            raise ModelError(f"model outputs must have {what}={expected} channels (model.json); "
                              f"got {output_shape[-1]} in {model_path}")
-    return predictor_from_models(models, tta=tta, source=str(Path(path).resolve()))
+    return predictor_from_models(models, tta=tta, source=str(Path(path).resolve()), precision=precision)
 
 
 # Tiling
@@ -833,6 +1014,7 @@ class InferenceConfig:
     z_filter: int = 0
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (K, N): every N-th image starting at K
+    precision: str = "float32"  # float32, bfloat16 or auto (bfloat16 where native)
 
     def validate(self) -> "InferenceConfig":
         """Return self, or raise ``lib.config.ConfigError`` listing every invalid field."""
@@ -856,6 +1038,8 @@ class InferenceConfig:
             v.append(f"output_format must be 'tif' or 'png'; got {self.output_format!r}")
         if self.z_filter < 0 or self.z_filter == 1 or (self.z_filter and self.z_filter % 2 == 0):
             v.append(f"z_filter must be 0 (off) or an odd size >= 3; got {self.z_filter}")
+        if self.precision not in PRECISIONS:
+            v.append(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.shard is not None:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):
@@ -886,6 +1070,10 @@ class InferenceResult:
 
 
 SETTINGS_FILE = "inference.json"
+# Values of settings that folders written before they were recorded were made with.
+LEGACY_COMPARED = {"precision": "float32"}
+# Images of at least this many tiles get a progress bar of their own (over tiles).
+TILE_BAR_MIN_TILES = 4
 
 
 def _suffix(config: InferenceConfig) -> str:
@@ -932,6 +1120,7 @@ def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
         previous = json.loads(path.read_text()).get("compared", {})
     except (OSError, json.JSONDecodeError, AttributeError):
         return
+    previous = {**LEGACY_COMPARED, **previous}
     differing = [k for k in settings["compared"] if previous.get(k) != settings["compared"][k]]
     if differing:
         shown = "; ".join(f"{k}: {previous.get(k)!r} -> {settings['compared'][k]!r}" for k in differing)
@@ -984,7 +1173,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
             log(f"warning: {problem}; those images are predicted but not evaluated"
                 if "no mask" in problem else f"warning: {problem}")
     if predictor is None:
-        predictor = load_predictor(config.model, tta=config.tta)
+        predictor = load_predictor(config.model, tta=config.tta, precision=config.precision)
     radius, divisor = predictor.receptive_field_radius, predictor.size_divisor
     halo = radius if config.halo is None else config.halo
     exact = halo >= radius
@@ -992,7 +1181,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     out = Path(config.output_folder)
     settings = {
         "compared": {"model": predictor.source, "halo": halo, "tta": config.tta,
-                     "tile_size": None if exact else config.tile_size},
+                     "tile_size": None if exact else config.tile_size, "precision": predictor.precision},
+        "precision": predictor.precision,
         "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
         "receptive_field_radius": radius, "size_divisor": divisor, "exact": exact,
         "number_classes": predictor.number_classes,
@@ -1005,7 +1195,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     log(f"model {predictor.source}: {len(predictor.members)} member(s), {predictor.number_classes} classes, "
         f"divisor {divisor}, receptive-field radius {radius}; halo {halo} px "
         + ("(exact: tiled == whole-image)" if exact else f"(< radius {radius}: approximate near tile borders)")
-        + (", test-time augmentation x8" if config.tta else ""))
+        + (", test-time augmentation x8" if config.tta else "")
+        + f"; {predictor.precision}" + (" (auto)" if config.precision == "auto" else ""))
     log(f"{len(keys)} image(s) in {config.image_folder}" + (f" (shard {config.shard[0]}/{config.shard[1]})"
                                                             if config.shard else "")
         + (f", {len(masks)} with masks" if config.mask_folder else "") + f" -> {out}")
@@ -1015,11 +1206,12 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(keys), unit="image", dynamic_ncols=True)
+        bar = tqdm(total=len(keys), unit="image", dynamic_ncols=True, disable=None)  # None: quiet off a TTY
     try:
         for key in keys:
             try:
-                done, pixels = _process_one(predictor, key, files[key], masks.get(key), out, config, halo, log)
+                done, pixels = _process_one(predictor, key, files[key], masks.get(key), out, config, halo, log,
+                                            progress)
             except Exception as exc:  # one bad image must not stop an unattended run
                 # Our own errors carry a full sentence; anything else gets its type for a bug report.
                 message = str(exc) if isinstance(exc, (ImageReadError, ValueError, OSError)) else \
@@ -1053,12 +1245,28 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
                            time.perf_counter() - started, megapixels, halo, exact)
 
 
-def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Path | None, out: Path,
-                 config: InferenceConfig, halo: int, log: Callable[[str], None]) -> tuple[bool, int]:
-    """Predict, write and evaluate one image. Returns (predicted now, pixels); False: skipped (done before)."""
-    import time
+def _tile_bar(predictor: Predictor, info, config: InferenceConfig, halo: int, name: str, progress: bool):
+    """A progress bar over the tiles of one image when it has many (None otherwise)."""
+    if not progress:
+        return None
+    height, width = info.shape[-3:-1] if info.is_volume else info.shape[:2]
+    tiles = plan_tiles(height, width, predictor.size_divisor, halo, config.tile_size).n_tiles
+    tiles *= info.shape[0] if info.is_volume else 1
+    if tiles < TILE_BAR_MIN_TILES:
+        return None
+    from tqdm import tqdm
 
-    from lib.images import read_info, read_volume, write_image
+    return tqdm(total=tiles, unit="tile", desc=name, dynamic_ncols=True, leave=False, position=1, disable=None)
+
+
+def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Path | None, out: Path,
+                 config: InferenceConfig, halo: int, log: Callable[[str], None], progress: bool = False
+                 ) -> tuple[bool, int]:
+    """Predict, write and evaluate one image. Returns (predicted now, pixels); False: skipped (done before).
+
+    ``progress``: show a bar over the tiles of an image of at least ``TILE_BAR_MIN_TILES`` tiles.
+    """
+    from lib.images import read_info
 
     info = read_info(image_path)
     volume = info.is_volume
@@ -1069,6 +1277,25 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
     if not config.overwrite and all(p.is_file() for p in paths.values()):
         return False, 0
     predictor.check_image(info.shape, info.dtype, str(image_path))
+    bar = _tile_bar(predictor, info, config, halo, key, progress)
+    try:
+        return True, _predict_one(predictor, image_path, info, mask_path, out, paths, config, halo, log,
+                                  None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path | None, out: Path,
+                 paths: dict[str, Path], config: InferenceConfig, halo: int, log: Callable[[str], None],
+                 on_batch: Callable[[int], None] | None) -> int:
+    """Predict one image into ``paths`` and evaluate it; the record last. Returns its pixels."""
+    import time
+
+    from lib.images import read_volume, write_image
+
+    volume = info.is_volume
+    streamed = not volume and info.shape[0] * info.shape[1] > STREAM_PIXELS
     started = time.perf_counter()
     record: dict[str, Any] = {"image": str(image_path), "shape": list(info.shape), "dtype": info.dtype, "halo": halo}
     classes = predictor.number_classes
@@ -1076,7 +1303,7 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
         stack = read_volume(image_path)
         labels, probabilities, entropy, scores = predict_volume(
             predictor, stack, config.tile_size, halo, config.batch_size, config.z_filter,
-            keep_probabilities=config.probabilities, keep_uncertainty=config.uncertainty)
+            keep_probabilities=config.probabilities, keep_uncertainty=config.uncertainty, on_batch=on_batch)
         spread = None
         pixels = int(np.prod(info.shape[:3]))
         write_image(paths["labels"], labels[..., np.newaxis])
@@ -1107,7 +1334,7 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
         scores, plan, cm, overview = predict_to_tiff(
             predictor, image, paths["labels"], config.tile_size, halo, config.batch_size,
             probabilities_path=paths.get("probabilities"), entropy_path=paths.get("entropy"),
-            spread_path=paths.get("spread"), mask=mask, overview_step=step)
+            spread_path=paths.get("spread"), mask=mask, overview_step=step, on_batch=on_batch)
         record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
                           "tiles": plan.n_tiles, "streamed": True}
         if cm is not None:
@@ -1121,7 +1348,8 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
     else:
         image = _open_image(image_path, info)
         prediction = predict_image(predictor, image, config.tile_size, halo, config.batch_size,
-                                   keep_probabilities=config.probabilities, keep_uncertainty=config.uncertainty)
+                                   keep_probabilities=config.probabilities, keep_uncertainty=config.uncertainty,
+                                   on_batch=on_batch)
         labels, scores, pixels = prediction.labels, prediction.scores, info.shape[0] * info.shape[1]
         plan = prediction.plan
         record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
@@ -1139,7 +1367,7 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
     record["seconds"] = time.perf_counter() - started
     record["outputs"] = {name: str(p.relative_to(out)) for name, p in paths.items() if name != "record"}
     _write_json(paths["record"], record)
-    return True, pixels
+    return pixels
 
 
 # Images above this many pixels are memory-mapped when the file allows it.

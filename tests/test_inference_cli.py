@@ -155,7 +155,41 @@ def test_stacks_are_predicted_plane_by_plane(model_folder, tmp_path):
     assert labels.shape == (3, 30, 41, 1) and labels.dtype == np.uint8
 
 
+def test_bfloat16_precision_is_wired_through_and_recorded(model_folder, data, tmp_path, capsys):
+    args = ["--model", model_folder, "--image_folder", data / "images", "--tile_size", "64"]
+    assert run(*args, "--output_folder", tmp_path / "f32") == 0
+    assert run(*args, "--output_folder", tmp_path / "bf16", "--precision", "bfloat16") == 0
+    assert "; bfloat16" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "bf16" / "inference.json").read_text())
+    assert settings["precision"] == "bfloat16" and settings["config"]["precision"] == "bfloat16"
+    assert settings["compared"]["precision"] == "bfloat16"
+    assert json.loads((tmp_path / "f32" / "inference.json").read_text())["precision"] == "float32"
+    for key in ("img_00", "img_03"):
+        single, half = (read_image(tmp_path / run_ / f"{key}.tif") for run_ in ("f32", "bf16"))
+        assert (single == half).mean() > 0.99
+    # A folder of float32 outputs is not completed in bfloat16.
+    assert run(*args, "--output_folder", tmp_path / "f32", "--precision", "bfloat16") == 2
+    assert "precision: 'float32' -> 'bfloat16'" in capsys.readouterr().err
+
+
+def test_large_images_get_a_bar_over_tiles_on_a_terminal(model_folder, tmp_path, capsys, monkeypatch):
+    write_image(tmp_path / "images" / "big.tif", np.zeros((200, 150), np.uint16))
+    write_image(tmp_path / "images" / "small.tif", np.zeros((10, 10), np.uint16))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code = inference.main(["--model", str(model_folder), "--image_folder", str(tmp_path / "images"),
+                           "--output_folder", str(tmp_path / "out"), "--tile_size", "64", "--batch_size", "4"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "big:" in err and "/130 [" in err and "tile/s" in err  # 13 x 10 tiles of big.tif
+    assert "2/2 [" in err
+    assert "small:" not in err  # one tile: no bar of its own
+    assert run("--model", model_folder, "--image_folder", tmp_path / "images", "--output_folder",
+               tmp_path / "quiet") == 0
+    assert "tile" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--precision", "half"], "--precision: invalid choice: 'half'"),
     (["--shard", "3/3"], "--shard: must be K/N with 0 <= K < N"),
     (["--shard", "a"], "--shard: must be K/N with integers"),
     (["--tile_size", "0"], "--tile_size must be >= 1"),
