@@ -1,22 +1,33 @@
 """Benchmark of lib/predict.py: megapixels/s of exact tiled batched prediction, and peak memory.
 
-    .venv/bin/python benchmarks/bench_inference.py [--cases ...] [--repeats 3] [--huge 16384]
+    .venv/bin/python benchmarks/bench_inference.py [--cases ...] [--modes ...] [--precisions ...]
+                                                   [--repeats 3] [--huge 16384]
 
-For each case (model x image size) three ways of predicting the same synthetic uint16 image
-are timed, each in a fresh process so that its peak resident memory (ru_maxrss) is its own:
+For each case (model x image size), each way of predicting and each precision, the same
+synthetic uint16 image is predicted in a fresh process so that its peak resident memory
+(ru_maxrss) is its own. Ways (``--modes``):
 
 - ``tiled``: :func:`lib.predict.predict_image`, batched tiles (default batch: ~1 Mpixel);
 - ``one_tile``: the same tiles, one per model call (batch 1);
-- ``whole``: :func:`lib.predict.predict_whole`, the image in one call (where it fits).
+- ``whole``: :func:`lib.predict.predict_whole`, the image in one call, run only where the case
+  lists it (where it fits in memory) and up to ``--whole_max_mpix``.
+
+Precisions (``--precisions``): ``float32`` and ``bfloat16`` (:func:`lib.predict.with_precision`:
+Keras mixed_bfloat16, float32 logits head); each bfloat16 row also gives the fraction of its
+labels equal to float32's and the largest probability difference (on the first 1024 x 1024
+pixels, from a float32 prediction in the same process; not timed).
 
 Models have random weights (speed does not depend on them) and the default options of their
-architecture, except ``unet-small`` (base 16 filters, depth 3: the demo's model). The halo is
-the receptive-field radius (exact) except where a case says otherwise: FC-DenseNet56 uses the
-96-px halo of NIST's effective receptive field and 832-px tiles, as NIST's inference does.
+architecture (the default UNet: 64 filters, depth 4), except ``unet-small`` (base 16 filters,
+depth 3: the demo's model). The halo is the receptive-field radius (exact) except where a case
+says otherwise: FC-DenseNet56 uses the 96-px halo of NIST's effective receptive field and
+832-px tiles, as NIST's inference does. ``--tile_size`` overrides every case's tile size.
 Each process builds the model, predicts once untimed (tracing), then ``--repeats`` times;
 figures are medians. ``--huge N`` also runs ``inference.py``'s library entry on an N x N uint16
 TIFF with the small UNet (streamed to a tiled BigTIFF) and reports its peak resident memory.
 The last line printed is one JSON object of figures.
+
+A run of a few minutes: ``--cases fcd56-2048 --modes tiled --repeats 1 --huge 0``.
 """
 
 from __future__ import annotations
@@ -36,31 +47,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # NIST's inference.py on this machine (from issue 5), for context only: not re-measured here.
 NIST_REFERENCE = {"fc-densenet56_2048_mpix_s": 0.07, "fc-densenet56_2048_peak_gib": 17.3}
+SMALL_UNET = {"base_filters": 16, "depth": 3}
 CASES = {
     # name: (architecture, options, size, halo, tile_size, modes)
     "fcd56-2048": ("fc-densenet56", {}, 2048, 96, 832, ("tiled", "one_tile")),
-    "fcd56-4096": ("fc-densenet56", {}, 4096, 96, 832, ("tiled",)),
+    "fcd56-4096": ("fc-densenet56", {}, 4096, 96, 832, ("tiled", "one_tile")),
     "unet-2048": ("unet", {}, 2048, None, None, ("tiled", "one_tile", "whole")),
-    "unet-4096": ("unet", {}, 4096, None, None, ("tiled",)),
-    "unet-small-2048": ("unet", {"base_filters": 16, "depth": 3}, 2048, None, None, ("tiled", "one_tile", "whole")),
-    "unet-small-4096": ("unet", {"base_filters": 16, "depth": 3}, 4096, None, None, ("tiled", "one_tile", "whole")),
+    "unet-4096": ("unet", {}, 4096, None, None, ("tiled", "one_tile")),
+    "unet-small-2048": ("unet", SMALL_UNET, 2048, None, None, ("tiled", "one_tile", "whole")),
+    "unet-small-4096": ("unet", SMALL_UNET, 4096, None, None, ("tiled", "one_tile", "whole")),
 }
+MODES = ("tiled", "one_tile", "whole")
+PRECISIONS = ("float32", "bfloat16")
+# Pixels compared between precisions (a corner of the image: a float32 reference costs time).
+AGREEMENT_SIDE = 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
-    parser.add_argument("--modes", default="tiled,one_tile,whole", help="which of tiled, one_tile, whole to run")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"comma-separated, of {', '.join(PRECISIONS)}")
+    parser.add_argument("--tile_size", type=int, default=None, help="tile edge for every case (default: the case's)")
+    parser.add_argument("--whole_max_mpix", type=float, default=17.0,
+                        help="largest image predicted in one call (whole mode), in Mpixel")
     parser.add_argument("--repeats", type=int, default=3, help="timed predictions per figure (median)")
     parser.add_argument("--huge", type=int, default=16384, help="edge of the streamed image (0 = skip)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = [c for c in args.cases.split(",") if c and c not in CASES]
-    if unknown:
-        parser.error(f"--cases must be among {', '.join(CASES)}; got {', '.join(unknown)}")
+    for name, known in (("cases", CASES), ("modes", MODES), ("precisions", PRECISIONS)):
+        unknown = [c for c in getattr(args, name).split(",") if c and c not in known]
+        if unknown:
+            parser.error(f"--{name} must be among {', '.join(known)}; got {', '.join(unknown)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    if args.tile_size is not None and args.tile_size < 1:
+        parser.error(f"--tile_size must be >= 1; got {args.tile_size}")
     return args
 
 
@@ -87,16 +111,17 @@ def _child(spec: dict) -> dict:
     meta = {"architecture": spec["architecture"], "number_classes": 2, "input_channels": 1, "input_dtype": "uint16",
             "normalization": {"mode": "dataset", "mean": [1000.0], "std": [300.0]}, "size_divisor": divisor,
             "receptive_field_radius": radius}
-    predictor = predictor_from_models([(model, meta)])
+    precision = spec.get("precision", "float32")
+    predictor = predictor_from_models([(model, meta)], precision=precision)
     size = spec["size"]
     image = np.random.default_rng(0).integers(0, 2000, (size, size, 1)).astype(np.uint16)
     halo = spec["halo"]
 
-    def once():
+    def once(image=image, predictor=predictor, keep=False):
         if spec["mode"] == "whole":
             return predict_whole(predictor, image, halo=halo)
         return predict_image(predictor, image, tile_size=spec["tile_size"], halo=halo,
-                             batch_size=1 if spec["mode"] == "one_tile" else None)
+                             batch_size=1 if spec["mode"] == "one_tile" else None, keep_probabilities=keep)
 
     first = once()
     times = []
@@ -106,9 +131,18 @@ def _child(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     plan = getattr(first, "plan", None)
-    return {"seconds": seconds, "mpix_s": size * size / 1e6 / seconds, "peak_gib": _peak_gib(),
-            "halo": radius if halo is None else halo, "radius": radius,
-            "tile": None if plan is None else plan.tile_height, "tiles": None if plan is None else plan.n_tiles}
+    row = {"seconds": seconds, "mpix_s": size * size / 1e6 / seconds, "peak_gib": _peak_gib(),
+           "precision": precision, "halo": radius if halo is None else halo, "radius": radius,
+           "tile": None if plan is None else plan.tile_height, "tiles": None if plan is None else plan.n_tiles}
+    if precision != "float32":
+        # Agreement with float32 on a corner, predicted the same way (after the peak was read).
+        side = min(size, AGREEMENT_SIDE)
+        corner = np.ascontiguousarray(image[:side, :side])
+        maps = [getattr(p, "probabilities", p) for p in (
+            once(corner, keep=True), once(corner, predictor_from_models([(model, meta)]), keep=True))]
+        row["labels_equal_to_float32"] = float((maps[0].argmax(-1) == maps[1].argmax(-1)).mean())
+        row["max_probability_difference"] = float(np.abs(maps[0] - maps[1]).max())
+    return row
 
 
 def _child_huge(spec: dict) -> dict:
@@ -167,19 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
     modes = set(args.modes.split(","))
+    precisions = [p for p in args.precisions.split(",") if p]
     figures: dict[str, dict] = {}
     for case in [c for c in args.cases.split(",") if c]:
         architecture, options, size, halo, tile_size, case_modes = CASES[case]
         for mode in case_modes:
-            if mode not in modes:
+            if mode not in modes or (mode == "whole" and size * size / 1e6 > args.whole_max_mpix):
                 continue
-            spec = {"architecture": architecture, "options": options, "size": size, "halo": halo,
-                    "tile_size": tile_size, "mode": mode, "repeats": args.repeats}
-            figures[f"{case}/{mode}"] = row = _run_child(spec)
-            shown = (f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.2f} s), peak {row['peak_gib']:.2f} GiB, "
-                     f"halo {row['halo']}, tile {row.get('tile')}, {row.get('tiles')} tiles"
-                     if "error" not in row else f"failed: {row['error']}")
-            print(f"{case:>16} {mode:>8}: {shown}", flush=True)
+            for precision in precisions:
+                spec = {"architecture": architecture, "options": options, "size": size, "halo": halo,
+                        "tile_size": args.tile_size or tile_size, "mode": mode, "repeats": args.repeats,
+                        "precision": precision}
+                figures[f"{case}/{mode}/{precision}"] = row = _run_child(spec)
+                shown = (f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.2f} s), peak {row['peak_gib']:.2f} GiB, "
+                         f"halo {row['halo']}, tile {row.get('tile')}, {row.get('tiles')} tiles"
+                         if "error" not in row else f"failed: {row['error']}")
+                if "labels_equal_to_float32" in row:
+                    shown += (f"; labels {100 * row['labels_equal_to_float32']:.2f} % equal to float32, "
+                              f"probabilities within {row['max_probability_difference']:.3f}")
+                print(f"{case:>16} {mode:>8} {precision:>8}: {shown}", flush=True)
     if args.huge:
         row = _run_child({"mode": "huge", "size": args.huge})
         figures[f"unet-small-{args.huge}/streamed"] = row
@@ -187,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.1f} s), peak {row['peak_gib']:.2f} GiB, "
             f"tiled BigTIFF {row['tiled_bigtiff']}" if "error" not in row else f"failed: {row['error']}"), flush=True)
     summary = {"benchmark": "inference", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-               "repeats": args.repeats, "nist_reference": NIST_REFERENCE, "figures": figures}
+               "load_average": os.getloadavg(), "repeats": args.repeats, "nist_reference": NIST_REFERENCE,
+               "figures": figures}
     print(json.dumps(summary))
     return 0
 
