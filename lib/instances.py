@@ -1,0 +1,1018 @@
+"""From predicted channel maps to instance labels, and what to do with the instances.
+
+A network for bottom-up instance segmentation predicts per-pixel channels (see
+``lib/targets.py`` for how their training targets are made); inference hands over maps
+``(H, W, K)`` float32, probabilities already through a sigmoid and distances clipped to
+[0, 1], together with the channel names:
+
+========  ================================================================================
+name      meaning (and how a seed uses it)
+========  ================================================================================
+``F``     foreground probability (seed where above its threshold)
+``C``     contour probability (seed where *below* its threshold)
+``Db``    distance to the object boundary divided by the object's maximum: 1 at centres,
+          small at the boundary, 0 on background (seed where above its threshold)
+``P``     centre-point probability (seed where above its threshold)
+``T``     touching-area probability (seed where *below* its threshold)
+========  ================================================================================
+
+:func:`postprocess` is a marker-controlled watershed (the recipe BiaPy and PyTorch
+Connectomics use for binary, contour and distance channels): seeds are the pixels where every seed channel passes its
+threshold, labelled into connected seeds; a topographic surface (``C``, ``-Db`` or the
+negative distance transform of the ``F`` mask) is flooded from them inside a growth mask;
+then optional refinements. :func:`postprocess_windowed` does the same for images too large
+for memory, window by window, and stitches without splitting or duplicating objects.
+
+:func:`measure` and :func:`measure_3d` give one row of shape measurements per instance;
+:func:`parse_rules` and :func:`filter_instances` remove (or keep) the instances that match
+rules such as ``"npixels < 100 and circularity <= 0.7; area > 5000"``.
+:func:`classical_baseline` is the usual Otsu + distance-transform watershed, to compare with.
+
+Connectivity, everywhere here: seeds are labelled with 8-connectivity (a seed is a blob of
+centre pixels, and a diagonal link between two such pixels is the same blob); the watershed
+floods with 4-connectivity (the ``skimage.segmentation.watershed`` default), which is what
+makes a thick contour line a barrier that a neighbour's flood cannot cut diagonally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import re
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from lib.config import ConfigError
+
+CHANNELS = ("F", "C", "Db", "P", "T")
+SEED_ABOVE = ("F", "Db", "P")  # seed where map > threshold
+SEED_BELOW = ("C", "T")  # seed where map < threshold
+SURFACE_CHANNELS = ("C", "Db", "F")  # in order of preference for default_for
+GROWTH_CHANNELS = ("F", "Db", "P")
+LABEL_DTYPES = ("auto", "uint16", "uint32")
+REFINEMENTS = {  # name -> whether it takes a positive integer argument
+    "fill_holes": False,
+    "clear_border": False,
+    "remove_small_objects": True,
+    "remove_large_objects": True,
+    "dilation": True,
+    "erosion": True,
+}
+MEASUREMENT_COLUMNS = ("label", "npixels", "area", "centroid_y", "centroid_x", "diameter", "perimeter",
+                       "circularity", "elongation")
+MEASUREMENT_COLUMNS_3D = ("label", "nvoxels", "volume", "centroid_z", "centroid_y", "centroid_x", "diameter",
+                          "surface_area", "sphericity")
+OTSU_BINS = 256  # "auto" thresholds: Otsu on this many bins over [0, 1]
+PERIMETER_TOLERANCE = 1.0  # px; Douglas-Peucker tolerance that removes the digitisation staircase
+
+_UINT16_MAX = np.iinfo(np.uint16).max
+_UINT32_MAX = np.iinfo(np.uint32).max
+
+
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcessConfig:
+    """Settings of :func:`postprocess`.
+
+    Parameters
+    ----------
+    channels : names of the maps along the last axis, in order, from :data:`CHANNELS`.
+    thresholds : per seed channel, a number in [0, 1] or ``"auto"`` (Otsu on that map, on
+        :data:`OTSU_BINS` bins over [0, 1]). Seeds need ``F``, ``Db``, ``P`` above and
+        ``C``, ``T`` below their thresholds. Otsu here splits a histogram whose bin k holds
+        (k/256, (k+1)/256] and returns the upper edge of the lower class's last bin. When
+        ``surface_channel`` is ``"F"`` the key ``"F"`` is required too: it makes the mask
+        whose distance transform is the surface.
+    seed_channels : channels whose thresholded maps are AND-ed into the seed mask; at least
+        one of ``F``, ``Db``, ``P`` (``C`` or ``T`` alone would seed the background).
+    surface_channel : the flooded surface: ``"C"`` -> C, ``"Db"`` -> -Db, ``"F"`` -> minus the
+        Euclidean distance transform of the mask ``F > thresholds["F"]``.
+    growth_channel, growth_threshold : the growth mask is ``map > growth_threshold``; pixels of
+        it that no seed reaches stay 0. Channel one of ``F``, ``Db``, ``P``.
+    seed_erosion, seed_dilation : radii (px) of a disk by which the seed mask is eroded, then
+        dilated, before labelling (0 = off). The image edge does not erode seeds.
+    min_seed_size : seeds (8-connected) with fewer pixels are dropped (px).
+    refinements : applied in order after the watershed: ``"fill_holes"`` (holes made only of
+        background), ``"clear_border"`` (objects touching the image edge), ``"remove_small_objects
+        N"`` (fewer than N px), ``"remove_large_objects N"`` (more than N px), ``"dilation r"``
+        (each label grows into background only, a background pixel going to the nearest label
+        within r px, so touching instances never merge), ``"erosion r"`` (a pixel stays when
+        every pixel within r px has its label; the image edge does not erode).
+    label_dtype : ``"uint16"``, ``"uint32"`` or ``"auto"`` (uint16 when the count fits).
+    """
+
+    channels: tuple[str, ...]
+    thresholds: dict[str, float | str]
+    seed_channels: tuple[str, ...]
+    surface_channel: str
+    growth_channel: str = "F"
+    growth_threshold: float | str = 0.5
+    seed_erosion: int = 0
+    seed_dilation: int = 0
+    min_seed_size: int = 0
+    refinements: tuple[str, ...] = ()
+    label_dtype: str = "auto"
+
+    def __post_init__(self):
+        # JSON gives lists; the settings are tuples so that the object stays immutable
+        for name in ("channels", "seed_channels", "refinements"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.thresholds, dict):
+            object.__setattr__(self, "thresholds", dict(self.thresholds))
+
+    def validate(self) -> "PostProcessConfig":
+        """Return self, or raise ``ConfigError`` (a ``ValueError``) listing every invalid field."""
+        v = []
+        known = ", ".join(CHANNELS)
+        channels = self.channels if isinstance(self.channels, tuple) else ()
+        if not isinstance(self.channels, tuple) or not self.channels:
+            v.append(f"channels must be a non-empty tuple of names from {known}; got {self.channels!r}")
+        else:
+            bad = [c for c in channels if c not in CHANNELS]
+            if bad:
+                v.append(f"channels must be names from {known}; got {', '.join(map(repr, bad))} "
+                         f"in {self.channels!r}. Names are case-sensitive")
+            if len(set(channels)) != len(channels):
+                v.append(f"channels must not repeat a name; got {self.channels!r}")
+        seed_channels = self.seed_channels if isinstance(self.seed_channels, tuple) else ()
+        if not isinstance(self.seed_channels, tuple) or not self.seed_channels:
+            v.append(f"seed_channels must be a non-empty tuple of channel names; got {self.seed_channels!r}")
+        else:
+            missing = [c for c in seed_channels if c not in channels]
+            if missing:
+                v.append(f"seed_channels must be among channels {channels!r}; got {', '.join(map(repr, missing))}")
+            if not any(c in SEED_ABOVE for c in seed_channels):
+                v.append(f"seed_channels must include one of {', '.join(SEED_ABOVE)}; got {self.seed_channels!r}. "
+                         f"C and T seed where they are low, which includes the background")
+        if self.surface_channel not in SURFACE_CHANNELS:
+            v.append(f"surface_channel must be one of {', '.join(SURFACE_CHANNELS)}; got {self.surface_channel!r}")
+        elif self.surface_channel not in channels:
+            v.append(f"surface_channel must be one of the channels {channels!r}; got {self.surface_channel!r}")
+        needed = set(seed_channels) | ({"F"} if self.surface_channel == "F" else set())
+        if not isinstance(self.thresholds, dict):
+            v.append(f"thresholds must be a dict {{channel: number or 'auto'}}; got {self.thresholds!r}")
+        else:
+            for name in sorted(needed - set(self.thresholds)):
+                why = "the F mask of the surface" if name not in seed_channels else "a seed channel"
+                v.append(f"thresholds must give a value for {name!r} ({why}); got keys {sorted(self.thresholds)}")
+            for name in sorted(set(self.thresholds) - needed, key=str):
+                v.append(f"thresholds must only name seed channels{' and F' if self.surface_channel == 'F' else ''}"
+                         f" ({', '.join(sorted(needed))}); got {name!r}")
+            for name, value in self.thresholds.items():
+                if not _is_threshold(value):
+                    v.append(f"thresholds[{name!r}] must be a number in [0, 1] or 'auto'; got {value!r}")
+        if self.growth_channel not in GROWTH_CHANNELS:
+            v.append(f"growth_channel must be one of {', '.join(GROWTH_CHANNELS)}; got {self.growth_channel!r}")
+        elif self.growth_channel not in channels:
+            v.append(f"growth_channel must be one of the channels {channels!r}; got {self.growth_channel!r}")
+        if not _is_threshold(self.growth_threshold):
+            v.append(f"growth_threshold must be a number in [0, 1] or 'auto'; got {self.growth_threshold!r}")
+        for name in ("seed_erosion", "seed_dilation", "min_seed_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                v.append(f"{name} must be an integer >= 0 (pixels); got {value!r}")
+        if not isinstance(self.refinements, tuple):
+            v.append(f"refinements must be a tuple of steps; got {self.refinements!r}")
+        else:
+            for step in self.refinements:
+                try:
+                    parse_refinement(step)
+                except ValueError as error:
+                    v.append(str(error))
+        if self.label_dtype not in LABEL_DTYPES:
+            v.append(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}; got {self.label_dtype!r}")
+        if v:
+            raise ConfigError(v)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (tuples as lists); :meth:`from_dict` reads them back."""
+        d = dataclasses.asdict(self)
+        for name in ("channels", "seed_channels", "refinements"):
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PostProcessConfig":
+        """Build and validate settings from :meth:`to_dict` output; unknown or missing keys raise ``ConfigError``."""
+        if not isinstance(d, dict):
+            raise ConfigError([f"post-processing settings must be a dict (as written by to_dict); "
+                               f"got {type(d).__name__}"])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        problems = [f"unknown setting {k!r} for PostProcessConfig; known: {', '.join(fields)}"
+                    for k in sorted(set(d) - set(fields), key=str)]
+        problems += [f"setting {name!r} must be given for PostProcessConfig; got keys {sorted(d, key=str)}"
+                     for name, f in fields.items()
+                     if name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if problems:
+            raise ConfigError(problems)
+        return cls(**d).validate()
+
+    @classmethod
+    def default_for(cls, channels: Sequence[str]) -> "PostProcessConfig":
+        """Sensible settings for any subset of :data:`CHANNELS`, in any order.
+
+        * Seeds: every available channel, ``F > 0.5``, ``Db > 0.5``, ``P > 0.5``, ``C < 0.5``,
+          ``T < 0.5``. ``Db > 0.5`` keeps the inner half of each object, far from every
+          neighbour even where the contour prediction has a gap; a lower threshold let
+          blurred seeds of touching objects merge, a higher one split elongated objects.
+        * ``min_seed_size = 5``: noise makes one- or two-pixel seeds at object edges that
+          would otherwise each become an object; a real seed (the inner half of an object
+          of radius >= 3 px) is larger.
+        * Surface: ``C`` when predicted, else ``-Db``, else the distance transform of ``F``.
+          ``C`` is flat inside objects and high on every contour, so where two objects touch
+          the flood meets on the contour ridge whatever the objects' sizes; ``-Db`` is
+          normalised per object, so the larger object's edge sits lower than the smaller
+          one's and the seam shifts into it. On synthetic touching objects with blurred,
+          noisy maps, ``C`` matched more objects at IoU > 0.8 (0.93 against 0.88).
+        * Growth: ``F > 0.5``, else ``Db > 0.02`` (a boundary pixel has Db = 1 / the object's
+          largest distance, above 0.02 for objects up to 50 px in radius).
+
+        Raises ``ConfigError`` for unknown or repeated names, for no ``F``, ``Db`` or ``P`` to
+        seed from, or no ``F`` or ``Db`` to grow into (``P`` marks only centres).
+        """
+        channels = tuple(channels)
+        known = ", ".join(CHANNELS)
+        problems = []
+        bad = [c for c in channels if c not in CHANNELS]
+        if bad:
+            problems.append(f"channels must be names from {known}; got {', '.join(map(repr, bad))} in {channels!r}")
+        if len(set(channels)) != len(channels):
+            problems.append(f"channels must not repeat a name; got {channels!r}")
+        if not any(c in SEED_ABOVE for c in channels):
+            problems.append(f"channels must include F, Db or P to build seeds from; got {channels!r}")
+        if "F" not in channels and "Db" not in channels:
+            problems.append(f"channels must include F or Db to build the growth mask from; got {channels!r}")
+        if problems:
+            raise ConfigError(problems)
+        defaults = {"F": 0.5, "Db": 0.5, "P": 0.5, "C": 0.5, "T": 0.5}
+        seed_channels = tuple(c for c in CHANNELS if c in channels)
+        surface = next(c for c in SURFACE_CHANNELS if c in channels)
+        growth = "F" if "F" in channels else "Db"
+        thresholds: dict[str, float | str] = {c: defaults[c] for c in seed_channels}
+        return cls(channels=channels, thresholds=thresholds, seed_channels=seed_channels, surface_channel=surface,
+                   growth_channel=growth, growth_threshold=0.5 if growth == "F" else 0.02,
+                   min_seed_size=5).validate()
+
+
+def parse_refinement(step: str) -> tuple[str, int | None]:
+    """``"dilation 2"`` -> ``("dilation", 2)``; ``"fill_holes"`` -> ``("fill_holes", None)``.
+
+    Raises ``ValueError`` for an unknown name, a missing or extra argument, or an argument
+    that is not an integer >= 1.
+    """
+    words = step.split() if isinstance(step, str) else []
+    if not words or words[0] not in REFINEMENTS:
+        raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)} (with an integer after the "
+                         f"size and radius ones, e.g. 'dilation 2'); got {step!r}")
+    name = words[0]
+    if not REFINEMENTS[name]:
+        if len(words) != 1:
+            raise ValueError(f"refinement {name!r} must have no argument; got {step!r}")
+        return name, None
+    if len(words) != 2 or not re.fullmatch(r"[0-9]+", words[1]) or int(words[1]) < 1:
+        unit = "pixels" if name.startswith("remove") else "radius in pixels"
+        raise ValueError(f"refinement {name!r} must be followed by one integer >= 1 ({unit}); got {step!r}")
+    return name, int(words[1])
+
+
+def choose_label_dtype(n_labels: int, label_dtype: str = "auto") -> np.dtype:
+    """The dtype of a label image with labels 1..``n_labels``.
+
+    ``"auto"``: uint16 up to 65535 labels, uint32 above. Raises ``ValueError`` when the
+    requested dtype cannot hold ``n_labels`` or when ``label_dtype`` is unknown.
+    """
+    if label_dtype not in LABEL_DTYPES:
+        raise ValueError(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}; got {label_dtype!r}")
+    if n_labels > _UINT32_MAX:
+        raise ValueError(f"the number of labels must be at most {_UINT32_MAX} to fit uint32; got {n_labels}")
+    if label_dtype == "uint16" and n_labels > _UINT16_MAX:
+        raise ValueError(f"label_dtype 'uint16' must hold every label; got {n_labels} labels (at most "
+                         f"{_UINT16_MAX} fit). Use 'uint32' or 'auto'")
+    if label_dtype == "uint32" or (label_dtype == "auto" and n_labels > _UINT16_MAX):
+        return np.dtype(np.uint32)
+    return np.dtype(np.uint16)
+
+
+# Post-processing
+
+
+def resolve_thresholds(maps: Any, config: PostProcessConfig, rows_per_pass: int = 2048) -> dict[str, float]:
+    """Numeric thresholds: ``{seed channel: t, ..., "growth": t}`` with ``"auto"`` replaced by Otsu.
+
+    Otsu runs on a histogram of :data:`OTSU_BINS` bins over [0, 1] (values outside are
+    clipped), accumulated ``rows_per_pass`` rows at a time, so a memory-mapped image is read
+    in strips and windows of it get the thresholds of the whole image.
+
+    Raises ``ValueError`` when an ``"auto"`` map has all its values in one bin.
+    """
+    config.validate()
+    index = {name: k for k, name in enumerate(config.channels)}
+    wanted = {name: value for name, value in config.thresholds.items()}
+    auto = sorted({name for name, value in wanted.items() if value == "auto"}
+                  | ({config.growth_channel} if config.growth_threshold == "auto" else set()))
+    counts = {name: np.zeros(OTSU_BINS, np.int64) for name in auto}
+    for y0 in range(0, maps.shape[0] if auto else 0, rows_per_pass):
+        strip = maps[y0:y0 + rows_per_pass]
+        for name in auto:
+            # bins closed on the right, (k/B, (k+1)/B], so "map > upper edge of bin k" is exactly
+            # "bin > k": the thresholded mask splits the pixels where Otsu split the histogram
+            values = np.asarray(strip[..., index[name]], dtype=np.float32)
+            bins = np.clip(np.ceil(values * OTSU_BINS) - 1, 0, OTSU_BINS - 1).astype(np.intp)
+            counts[name] += np.bincount(bins.ravel(), minlength=OTSU_BINS)
+    otsu = {name: _otsu(counts[name], name) for name in auto}
+    out = {name: otsu[name] if value == "auto" else float(value) for name, value in wanted.items()}
+    g = config.growth_threshold
+    out["growth"] = otsu[config.growth_channel] if g == "auto" else float(g)
+    return out
+
+
+def postprocess(maps: np.ndarray, config: PostProcessConfig, return_intermediates: bool = False):
+    """Instance labels from channel maps by marker-controlled watershed.
+
+    Parameters
+    ----------
+    maps : (H, W, K) float array, K = ``len(config.channels)``, values in [0, 1].
+    config : the settings; :meth:`PostProcessConfig.default_for` gives sensible ones.
+    return_intermediates : also return ``{"seeds": (H, W) int32 seed labels 1..S,
+        "surface": (H, W) float32, "growth": (H, W) bool, "thresholds": resolved numbers}``.
+
+    Returns
+    -------
+    labels : (H, W) uint16 or uint32 (``config.label_dtype``), 0 = background, objects
+        1..N numbered in raster order of their first pixel (top row first, then leftmost).
+    intermediates : only with ``return_intermediates``.
+
+    Steps: seed mask = AND over ``seed_channels`` of (map > t for F, Db, P; map < t for C, T)
+    and the growth mask; erosion then dilation by disks; 8-connected labelling; seeds under
+    ``min_seed_size`` dropped; ``skimage.segmentation.watershed(surface, seeds, mask=growth)``
+    (growth pixels no seed reaches stay 0); refinements in order; renumbering.
+
+    Raises ``ConfigError`` for invalid settings, ``ValueError`` for maps of the wrong shape
+    or an ``"auto"`` threshold on a constant map.
+    """
+    config.validate()
+    _check_maps(maps, config)
+    thresholds = resolve_thresholds(maps, config)
+    labels, seeds, surface, growth = _segment(maps, config, thresholds, (True, True, True, True))
+    lut, n = _raster_order(labels)
+    labels = lut.astype(choose_label_dtype(n, config.label_dtype))[labels]
+    if return_intermediates:
+        return labels, {"seeds": seeds, "surface": surface, "growth": growth, "thresholds": thresholds}
+    return labels
+
+
+def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 2048, overlap: int = 256) -> np.ndarray:
+    """:func:`postprocess` on overlapping windows, stitched into one label image.
+
+    Parameters
+    ----------
+    maps : (H, W, K) array or anything sliced like one (``numpy.memmap``, zarr, h5py):
+        only one window plus a strip for ``"auto"`` thresholds is in memory at a time.
+    window : side of the square windows (px). overlap : overlap of neighbouring windows (px).
+
+    Returns
+    -------
+    labels : (H, W) uint16 or uint32, numbered as by :func:`postprocess`. When the image fits
+        in one window this *is* :func:`postprocess`.
+
+    The rule. Windows start every ``window - overlap`` px (the last row and column of
+    windows are moved back to end at the image edge), and the image is cut into *cores*,
+    one per window, at the middle of each overlap: every core pixel is at least
+    ``overlap // 2`` px from the edges of its window that lie inside the image. An object
+    found in a window is kept from it when (a) the centre of its bounding box lies in the
+    window's core and (b) it touches no edge of the window that lies inside the image.
+    Cores do not overlap, so no object is taken twice; a kept object is whole in its window,
+    so none is split; ids are given across windows, then renumbered in raster order.
+    ``"auto"`` thresholds are computed once on the whole image; ``clear_border`` removes
+    objects touching the image edge, not a window edge.
+
+    The limit. The result equals :func:`postprocess` on the whole image when everything that
+    decides an object's pixels is inside the window that keeps it: the object, the objects
+    that touch it and their seeds, the radii of seed erosion, dilation and refinements, and,
+    for surface ``"F"``, the whole clump of touching foreground (its distance transform is
+    not local). With bounding-box sides up to s, that holds when s/2 + s (the object, then a
+    neighbour) plus those radii is below ``overlap // 2``, i.e. objects up to about
+    ``overlap / 3``. Objects up to ``overlap`` are still kept once and whole, but a neighbour
+    cut by the window edge can move their seam by a few pixels. A larger object touches an
+    inner edge of the window whose core holds its centre and is lost: a warning then says how
+    many pixels that windows labelled are missing from the result.
+
+    Raises ``ValueError`` for a bad window or overlap or maps of the wrong shape,
+    ``ConfigError`` for invalid settings.
+    """
+    config.validate()
+    problems = []
+    if not _is_int(window) or window < 1:
+        problems.append(f"window must be an integer >= 1 (pixels); got {window!r}")
+    if not _is_int(overlap) or overlap < 0:
+        problems.append(f"overlap must be an integer >= 0 (pixels); got {overlap!r}")
+    elif _is_int(window) and overlap >= window:
+        problems.append(f"overlap must be smaller than window={window}; got {overlap}. Windows would not advance")
+    if problems:
+        raise ValueError("; ".join(problems))
+    _check_maps(maps, config)
+    height, width = int(maps.shape[0]), int(maps.shape[1])
+    if height <= window and width <= window:
+        return postprocess(np.asarray(maps), config)
+    # strips of about one window's pixels: a wide memory-mapped image is not read whole
+    thresholds = resolve_thresholds(maps, config, rows_per_pass=max(1, window * window // width))
+    ys, xs = _windows(height, window, overlap), _windows(width, window, overlap)
+    out = np.zeros((height, width), np.uint32 if height * width <= _UINT32_MAX else np.uint64)
+    first_pixels: list[tuple[int, int]] = []
+    claimed = []  # per window: core pixels the window labelled, packed, to find lost objects
+    for (y0, y1), (cy0, cy1) in ys:
+        for (x0, x1), (cx0, cx1) in xs:
+            tile = np.asarray(maps[y0:y1, x0:x1], dtype=np.float32)
+            border = (y0 == 0, y1 == height, x0 == 0, x1 == width)  # top, bottom, left, right
+            local = _segment(tile, config, thresholds, border)[0]
+            h, w = local.shape
+            lut = np.zeros(int(local.max()) + 1, out.dtype)
+            for label, box in enumerate(ndi.find_objects(local), 1):
+                if box is None:
+                    continue
+                ry, rx = box
+                if (ry.start == 0 and y0 > 0) or (ry.stop == h and y1 < height) or \
+                        (rx.start == 0 and x0 > 0) or (rx.stop == w and x1 < width):
+                    continue
+                centre_y, centre_x = y0 + (ry.start + ry.stop - 1) // 2, x0 + (rx.start + rx.stop - 1) // 2
+                if not (cy0 <= centre_y < cy1 and cx0 <= centre_x < cx1):
+                    continue
+                first_col = rx.start + int(np.argmax(local[ry.start, rx] == label))
+                first_pixels.append((y0 + ry.start, x0 + first_col))
+                lut[label] = len(first_pixels)
+            new = lut[local]
+            view = out[y0:y1, x0:x1]
+            write = (new > 0) & (view == 0)  # the first window to claim a pixel keeps it
+            view[write] = new[write]
+            claimed.append(((cy0, cy1, cx0, cx1), np.packbits(local[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] > 0)))
+    lost = 0
+    for (cy0, cy1, cx0, cx1), packed in claimed:
+        size = (cy1 - cy0) * (cx1 - cx0)
+        mask = np.unpackbits(packed, count=size).reshape(cy1 - cy0, cx1 - cx0).astype(bool)
+        lost += int(np.count_nonzero(mask & (out[cy0:cy1, cx0:cx1] == 0)))
+    if lost:
+        warnings.warn(f"postprocess_windowed: {lost} pixels that windows labelled are unlabelled in the stitched "
+                      f"result: objects larger than overlap={overlap} px (or changed by a neighbour cut at a window "
+                      f"edge) were dropped. Raise overlap above the largest object", RuntimeWarning, stacklevel=2)
+    n = len(first_pixels)
+    final = np.zeros(n + 1, choose_label_dtype(n, config.label_dtype))
+    if n:
+        rows, cols = np.array(first_pixels).T
+        final[1 + np.lexsort((cols, rows))] = np.arange(1, n + 1)
+    return final[out]
+
+
+def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, float],
+             border: tuple[bool, bool, bool, bool]):
+    """Labels (not renumbered), seed labels, surface and growth mask of one image or window."""
+    from skimage.segmentation import watershed
+
+    index = {name: k for k, name in enumerate(config.channels)}
+
+    def channel(name: str) -> np.ndarray:
+        return np.asarray(maps[..., index[name]], dtype=np.float32)
+
+    growth = channel(config.growth_channel) > thresholds["growth"]
+    seed_mask = growth.copy()
+    for name in config.seed_channels:
+        values = channel(name)
+        seed_mask &= values > thresholds[name] if name in SEED_ABOVE else values < thresholds[name]
+    if config.seed_erosion:
+        seed_mask = ndi.binary_erosion(seed_mask, _disk(config.seed_erosion), border_value=1)
+    if config.seed_dilation:
+        seed_mask = ndi.binary_dilation(seed_mask, _disk(config.seed_dilation)) & growth
+    seeds, n_seeds = ndi.label(seed_mask, structure=np.ones((3, 3), bool))
+    if config.min_seed_size > 1 and n_seeds:
+        keep = np.bincount(seeds.ravel(), minlength=n_seeds + 1) >= config.min_seed_size
+        keep[0] = False
+        seeds = (np.cumsum(keep) * keep).astype(np.int32)[seeds]
+    if config.surface_channel == "C":
+        surface = channel("C")
+    elif config.surface_channel == "Db":
+        surface = -channel("Db")
+    else:
+        surface = -ndi.distance_transform_edt(channel("F") > thresholds["F"]).astype(np.float32)
+    labels = watershed(surface, seeds, mask=growth, connectivity=1).astype(np.int32, copy=False)
+    for step in config.refinements:
+        labels = _refine(labels, *parse_refinement(step), border)
+    return labels, seeds, surface, growth
+
+
+def refine(labels: np.ndarray, refinements: Sequence[str]) -> np.ndarray:
+    """Apply refinement steps (see :class:`PostProcessConfig`) in order to integer labels.
+
+    Parameters
+    ----------
+    labels : (H, W) integer labels, 0 = background.
+    refinements : steps such as ``("fill_holes", "dilation 2")``.
+
+    Returns
+    -------
+    labels : (H, W), same dtype, ids kept (not renumbered).
+
+    Raises ``ValueError`` for labels that are not a 2-D non-negative integer array or an
+    invalid step.
+    """
+    _check_labels(labels, 2)
+    steps = [parse_refinement(step) for step in refinements]
+    out = labels
+    for name, size in steps:
+        out = _refine(out, name, size, (True, True, True, True))
+    return out.astype(labels.dtype, copy=out is labels)
+
+
+def _refine(labels: np.ndarray, name: str, size: int | None, border: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """One refinement step on int labels; ``border`` says which edges (top, bottom, left, right) are the image's."""
+    if name == "fill_holes":
+        labels = labels.copy()
+        for label, box in enumerate(ndi.find_objects(labels), 1):
+            if box is None:
+                continue
+            crop = labels[box]
+            own = crop == label
+            holes, n_holes = ndi.label(ndi.binary_fill_holes(own) & ~own)
+            if n_holes:
+                # a hole is filled only when it is all background: an object inside a ring stays
+                foreign = np.bincount(holes.ravel(), weights=(crop != 0).ravel(), minlength=n_holes + 1)
+                fill = foreign == 0
+                fill[0] = False
+                crop[fill[holes]] = label
+        return labels
+    if name == "clear_border":
+        edges = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
+        touching = np.unique(np.concatenate([e for e, on in zip(edges, border) if on] or [np.zeros(0, labels.dtype)]))
+        return np.where(np.isin(labels, touching[touching > 0]), 0, labels).astype(labels.dtype)
+    if name in ("remove_small_objects", "remove_large_objects"):
+        sizes = np.bincount(labels.ravel())
+        drop = sizes < size if name == "remove_small_objects" else sizes > size
+        drop[0] = False
+        return np.where(drop[labels], 0, labels).astype(labels.dtype)
+    if name == "dilation":
+        from skimage.segmentation import expand_labels
+
+        return expand_labels(labels, distance=size)
+    # erosion: per label, so that touching labels both give up their shared seam
+    footprint = _disk(size)
+    low = ndi.grey_erosion(labels, footprint=footprint, mode="nearest")
+    high = ndi.grey_dilation(labels, footprint=footprint, mode="nearest")
+    return np.where((low == labels) & (high == labels), labels, 0).astype(labels.dtype)
+
+
+def _raster_order(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Lookup table renumbering the labels present 1..n by their first pixel in raster order."""
+    firsts, present = [], []
+    for label, box in enumerate(ndi.find_objects(labels), 1):
+        if box is None:
+            continue
+        ry, rx = box
+        firsts.append((ry.start, rx.start + int(np.argmax(labels[ry.start, rx] == label))))
+        present.append(label)
+    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
+    if present:
+        rows, cols = np.array(firsts).T
+        order = np.lexsort((cols, rows))
+        lut[np.array(present)[order]] = np.arange(1, len(present) + 1)
+    return lut, len(present)
+
+
+def _windows(n: int, window: int, overlap: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per window along one axis: ((start, stop), (core_start, core_stop)); cores tile [0, n)."""
+    if n <= window:
+        return [((0, n), (0, n))]
+    starts = list(range(0, n - window, window - overlap)) + [n - window]
+    spans = [(s, s + window) for s in starts]
+    cuts = [0] + [(nxt[0] + cur[1]) // 2 for cur, nxt in zip(spans, spans[1:])] + [n]
+    return [(span, (cuts[i], cuts[i + 1])) for i, span in enumerate(spans)]
+
+
+def _check_maps(maps: Any, config: PostProcessConfig) -> None:
+    shape = tuple(getattr(maps, "shape", ()))
+    k = len(config.channels)
+    if len(shape) != 3 or shape[2] != k or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"maps must have shape (H, W, K) with K = {k} channels ({', '.join(config.channels)}); "
+                         f"got shape {shape}")
+
+
+def _otsu(counts: np.ndarray, name: str) -> float:
+    """Otsu's threshold of a histogram on :data:`OTSU_BINS` bins over [0, 1]: the upper edge of
+    the last bin of the lower class, the first one on ties."""
+    if np.count_nonzero(counts) < 2:
+        value = (int(np.argmax(counts)) + 0.5) / OTSU_BINS
+        raise ValueError(f"'auto' threshold of {name!r} must see at least two distinct values; got a map with all "
+                         f"values in one bin (about {value:.3f}). Give a number instead")
+    counts = counts.astype(np.float64)
+    centres = (np.arange(OTSU_BINS) + 0.5) / OTSU_BINS
+    below = np.cumsum(counts)[:-1]
+    above = counts.sum() - below
+    mass = np.cumsum(counts * centres)[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = below * above * (mass / below - (mass[-1] + counts[-1] * centres[-1] - mass) / above) ** 2
+    k = int(np.argmax(np.nan_to_num(between, nan=-1.0)))
+    return (k + 1) / OTSU_BINS
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return r[:, None] ** 2 + r[None, :] ** 2 <= radius * radius
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_threshold(value: Any) -> bool:
+    if isinstance(value, str):
+        return value == "auto"
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and 0.0 <= float(value) <= 1.0)
+
+
+# Measurements
+
+
+def measure(labels: np.ndarray, pixel_size: float | None = None) -> list[dict[str, Any]]:
+    """One row of shape measurements per instance of a 2-D label image, in label order.
+
+    Parameters
+    ----------
+    labels : (H, W) integer labels, 0 = background.
+    pixel_size : side of a pixel in physical units (e.g. µm), or None for pixel units.
+
+    Returns
+    -------
+    rows : dicts with the keys :data:`MEASUREMENT_COLUMNS`:
+
+    * ``label``, ``npixels``.
+    * ``area``: ``npixels * pixel_size**2`` (``npixels`` when ``pixel_size`` is None).
+    * ``centroid_y``, ``centroid_x``: mean row and column, always in pixels (to find the
+      object in the image).
+    * ``diameter``: the longer side of the bounding box, ``max(rows, columns) * pixel_size``:
+      ``2r + 1`` px for a digital disk of radius r. (The diagonal would call a round cell
+      1.41 times wider than it is.)
+    * ``perimeter``: length of the object's 0.5 iso-contour (marching squares,
+      ``skimage.measure.find_contours`` on the mask padded by one pixel), hole contours
+      included, each simplified by Douglas-Peucker at :data:`PERIMETER_TOLERANCE` px. The
+      simplification removes the pixel staircase, which otherwise lengthens every edge that
+      is not axis-aligned or diagonal (by about 8 % on a circle). The iso-contour of an
+      s x s square is an octagon (sides s - 1, corners cut by 0.71 px diagonals); the
+      simplification keeps one point of each corner cut, leaving four sides of
+      sqrt((s - 1/2)**2 + 1/4): perimeter about 4s - 2 px. A contour that the simplification
+      would collapse below three corners (a pixel, a one-pixel-wide line) is kept as it is.
+    * ``circularity``: ``min(1, 4 pi area / perimeter**2)``: 0.93 to 0.99 for digital disks
+      of radius 3 to 40 px (0.97 and above from radius 15), about pi/4 for squares (0.81 at
+      side 30, 0.87 at side 10: the corner cuts weigh more on small squares). Clipped at 1,
+      the value of a perfect disk, because objects of a few pixels exceed it by digitisation
+      (a single pixel: a diamond contour of 2 sqrt(2), 4 pi / 8 = 1.57).
+    * ``elongation``: ``1 / circularity`` (>= 1).
+
+    Raises ``ValueError`` for labels that are not a 2-D non-negative integer array, or a
+    ``pixel_size`` that is not a positive number.
+    """
+    from skimage.measure import approximate_polygon, find_contours
+
+    _check_labels(labels, 2)
+    scale = _check_spacing(pixel_size, 1, "pixel_size")[0]
+    rows = []
+    for label, box in enumerate(ndi.find_objects(labels), 1):
+        if box is None:
+            continue
+        own = labels[box] == label
+        ys, xs = np.nonzero(own)
+        npixels = int(ys.size)
+        area = npixels * scale * scale
+        perimeter = 0.0
+        for contour in find_contours(np.pad(own, 1).astype(np.float32), 0.5):
+            simple = approximate_polygon(contour, PERIMETER_TOLERANCE)
+            if len(simple) < 4:  # closed, so fewer than 3 corners: a pixel or a thin line collapsed
+                simple = contour
+            perimeter += float(np.hypot(*np.diff(simple, axis=0).T).sum())
+        perimeter *= scale
+        circularity = min(1.0, 4.0 * math.pi * area / perimeter ** 2)
+        rows.append({
+            "label": label,
+            "npixels": npixels,
+            "area": float(area),
+            "centroid_y": float(ys.mean() + box[0].start),
+            "centroid_x": float(xs.mean() + box[1].start),
+            "diameter": float(max(own.shape) * scale),
+            "perimeter": perimeter,
+            "circularity": circularity,
+            "elongation": 1.0 / circularity,
+        })
+    return rows
+
+
+def measure_3d(labels: np.ndarray, voxel_size: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """One row of shape measurements per instance of a 3-D label image, in label order.
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) integer labels, 0 = background.
+    voxel_size : (z, y, x) voxel sides in physical units, or None for voxel units.
+
+    Returns
+    -------
+    rows : dicts with the keys :data:`MEASUREMENT_COLUMNS_3D`:
+
+    * ``label``, ``nvoxels``; ``volume`` = ``nvoxels * z * y * x``.
+    * ``centroid_z``, ``centroid_y``, ``centroid_x``: mean index along each axis, in voxels.
+    * ``diameter``: the longest side of the bounding box in physical units,
+      ``max(nz * z, ny * y, nx * x)``.
+    * ``surface_area``: area of the 0.5 iso-surface of the object's mask (its bounding box
+      padded by one voxel), ``skimage.measure.marching_cubes`` with ``spacing=voxel_size``
+      then ``mesh_surface_area``. The mesh follows the voxel staircase, so it is about 8 %
+      larger than the smooth surface of the same volume.
+    * ``sphericity``: ``min(1, pi**(1/3) * (6 * volume)**(2/3) / surface_area)``: 0.90 to 0.93
+      for digital balls of radius 3 to 20 voxels (the staircase area above); about
+      (pi/6)**(1/3) = 0.81 for large cubes. Clipped at 1 like circularity (one voxel: 2.8).
+
+    Raises ``ValueError`` for labels that are not a 3-D non-negative integer array, or a
+    ``voxel_size`` that is not three positive numbers.
+    """
+    from skimage.measure import marching_cubes, mesh_surface_area
+
+    _check_labels(labels, 3)
+    spacing = _check_spacing(voxel_size, 3, "voxel_size")
+    rows = []
+    for label, box in enumerate(ndi.find_objects(labels), 1):
+        if box is None:
+            continue
+        own = labels[box] == label
+        zs, ys, xs = np.nonzero(own)
+        volume = zs.size * spacing[0] * spacing[1] * spacing[2]
+        vertices, faces, _, _ = marching_cubes(np.pad(own, 1).astype(np.float32), 0.5, spacing=spacing)
+        surface_area = float(mesh_surface_area(vertices, faces))
+        rows.append({
+            "label": label,
+            "nvoxels": int(zs.size),
+            "volume": float(volume),
+            "centroid_z": float(zs.mean() + box[0].start),
+            "centroid_y": float(ys.mean() + box[1].start),
+            "centroid_x": float(xs.mean() + box[2].start),
+            "diameter": float(max(n * s for n, s in zip(own.shape, spacing))),
+            "surface_area": surface_area,
+            "sphericity": min(1.0, math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / surface_area),
+        })
+    return rows
+
+
+def _check_labels(labels: Any, ndim: int) -> None:
+    axes = "(H, W)" if ndim == 2 else "(Z, Y, X)"
+    if not isinstance(labels, np.ndarray) or labels.ndim != ndim or labels.dtype.kind not in "iu":
+        shape = getattr(labels, "shape", None)
+        dtype = getattr(labels, "dtype", type(labels).__name__)
+        raise ValueError(f"labels must be a {axes} integer array; got shape {shape}, dtype {dtype}. "
+                         f"A boolean mask must be labelled first (scipy.ndimage.label)")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels must be >= 0 (0 = background); got minimum {labels.min()}")
+
+
+def _check_spacing(spacing: Any, n: int, name: str) -> tuple[float, ...]:
+    if spacing is None:
+        return (1.0,) * n
+    values = (spacing,) if n == 1 else spacing
+    try:
+        values = tuple(float(v) for v in values if not isinstance(v, (bool, np.bool_, str)))
+        ok = len(values) == n and all(math.isfinite(v) and v > 0 for v in values) and \
+            (n != 1 or not isinstance(spacing, (bool, np.bool_)))
+    except TypeError:
+        ok = False
+    if not ok:
+        what = "a positive number" if n == 1 else f"{n} positive numbers (z, y, x)"
+        raise ValueError(f"{name} must be {what} or None; got {spacing!r}")
+    return values
+
+
+# Rules
+
+
+_OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+              "!=": operator.ne}
+_CONDITION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*"
+                        r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """``property op value``, e.g. ``npixels < 100``."""
+
+    property: str
+    op: str
+    value: float
+
+    def holds(self, row: dict[str, Any]) -> bool:
+        """Whether the row satisfies the condition (NaN satisfies only ``!=``)."""
+        return bool(_OPERATORS[self.op](float(row[self.property]), self.value))
+
+    def __str__(self) -> str:
+        return f"{self.property} {self.op} {self.value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Groups of conditions: a row matches when every condition of at least one group holds."""
+
+    groups: tuple[tuple[Condition, ...], ...]
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        return any(all(c.holds(row) for c in group) for group in self.groups)
+
+    @property
+    def properties(self) -> tuple[str, ...]:
+        """The property names used, each once, in order of appearance."""
+        return tuple(dict.fromkeys(c.property for group in self.groups for c in group))
+
+    def __str__(self) -> str:
+        return "; ".join(" and ".join(str(c) for c in group) for group in self.groups)
+
+
+def parse_rules(text: str | Sequence[str], properties: Sequence[str] | None = None) -> Rules:
+    """Parse ``"npixels < 100 and circularity <= 0.7; area > 5000"`` into :class:`Rules`.
+
+    Groups are separated by ``;`` (or given as a list of strings) and OR-ed; the conditions
+    of a group are joined by ``and`` and AND-ed. A condition is ``<property> <op> <number>``
+    with op one of ``< <= > >= == !=``. No ``eval``: anything else is an error.
+
+    Parameters
+    ----------
+    properties : the names allowed; by default the measurement columns of :func:`measure`
+        and :func:`measure_3d`.
+
+    Raises ``ValueError`` listing every malformed condition, empty group and unknown property
+    (with the known ones).
+    """
+    known = tuple(dict.fromkeys(properties if properties is not None
+                                else MEASUREMENT_COLUMNS + MEASUREMENT_COLUMNS_3D))
+    if isinstance(text, str):
+        parts = text.split(";")
+    elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+        parts = list(text)
+    else:
+        raise ValueError(f"rules must be a string or a list of strings; got {text!r}")
+    if not any(p.strip() for p in parts):
+        raise ValueError(f"rules must contain at least one condition such as 'npixels < 100'; got {text!r}")
+    problems, groups = [], []
+    for g, part in enumerate(parts, 1):
+        if not part.strip():
+            problems.append(f"group {g} must contain a condition; got an empty group in {text!r} "
+                            f"(a doubled or trailing ';'?)")
+            continue
+        conditions = []
+        for item in re.split(r"\band\b", part, flags=re.IGNORECASE):
+            match = _CONDITION.fullmatch(item)
+            if match is None:
+                problems.append(f"condition must be '<property> <op> <number>' with op one of "
+                                f"{' '.join(_OPERATORS)}, joined by 'and' (groups by ';'); got {item.strip()!r}")
+                continue
+            name, op, value = match.groups()
+            if name not in known:
+                problems.append(f"property must be one of {', '.join(known)}; got {name!r}")
+                continue
+            conditions.append(Condition(name, op, float(value)))
+        groups.append(tuple(conditions))
+    if problems:
+        raise ValueError("invalid rules:\n" + "\n".join(f"  - {p}" for p in problems))
+    return Rules(tuple(groups))
+
+
+def filter_instances(labels: np.ndarray, rows: Sequence[dict[str, Any]], rules: Rules | str | Sequence[str],
+                     action: str = "remove") -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Remove (or keep only) the instances whose measurement row matches the rules.
+
+    Parameters
+    ----------
+    labels : integer labels of any shape, 0 = background.
+    rows : one dict per instance present in ``labels`` (:func:`measure` output), with a
+        ``label`` key and every property the rules use.
+    rules : :class:`Rules`, or text / list of strings for :func:`parse_rules`.
+    action : ``"remove"`` the matching instances, or ``"keep"`` only them.
+
+    Returns
+    -------
+    labels_kept : same shape and dtype; removed instances set to 0, the others keep their
+        ids (not renumbered) so that they still match the rows.
+    rows_with_status : copies of ``rows`` in the same order, each with ``"status"`` set to
+        ``"kept"`` or ``"removed"``: a before/after table for a CSV.
+
+    Raises ``ValueError`` for a bad action, rows without ``label`` or a used property,
+    repeated labels, or rows that do not match the labels present (both lists given).
+    """
+    if action not in ("remove", "keep"):
+        raise ValueError(f"action must be 'remove' or 'keep'; got {action!r}")
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be an integer array; got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if not isinstance(rules, Rules):
+        rules = parse_rules(rules)
+    problems = []
+    needed = ("label",) + rules.properties
+    for i, row in enumerate(rows):
+        missing = [name for name in needed if name not in row]
+        if missing:
+            problems.append(f"row {i} must have {', '.join(needed)}; missing {', '.join(missing)} "
+                            f"(has {', '.join(map(str, row))})")
+    if problems:
+        raise ValueError("\n".join(problems))
+    row_labels = [int(row["label"]) for row in rows]
+    repeated = sorted({lab for lab in row_labels if row_labels.count(lab) > 1})
+    present = np.unique(labels)
+    present = set(present[present > 0].tolist())
+    no_row = sorted(present - set(row_labels))
+    no_object = sorted(set(row_labels) - present)
+    if repeated:
+        problems.append(f"rows must have one row per label; got repeated labels {_few(repeated)}")
+    if no_row:
+        problems.append(f"rows must have a row for every label in labels; missing rows for {_few(no_row)}")
+    if no_object:
+        problems.append(f"rows must describe labels present in labels; got rows for absent labels {_few(no_object)}")
+    if problems:
+        raise ValueError("rows do not match labels:\n" + "\n".join(f"  - {p}" for p in problems))
+    out_rows, removed = [], []
+    for row in rows:
+        drop = rules.matches(row) == (action == "remove")
+        out_rows.append({**row, "status": "removed" if drop else "kept"})
+        if drop:
+            removed.append(int(row["label"]))
+    kept = labels.copy()
+    if removed:
+        kept[np.isin(labels, removed)] = 0
+    return kept, out_rows
+
+
+def _few(values: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+# Classical baseline
+
+
+def classical_baseline(image: np.ndarray, min_distance: int = 5, sigma: float = 1.0, invert: bool = False,
+                       label_dtype: str = "auto") -> np.ndarray:
+    """Otsu threshold + distance-transform watershed, the usual non-learned segmentation.
+
+    Parameters
+    ----------
+    image : (H, W) or (H, W, C) intensities; channels are averaged.
+    min_distance : smallest distance between two object centres (px), for
+        ``skimage.feature.peak_local_max``.
+    sigma : Gaussian smoothing before the threshold (px; 0 = none).
+    invert : objects darker than the background (default: brighter).
+    label_dtype : as in :class:`PostProcessConfig`.
+
+    Returns
+    -------
+    labels : (H, W) uint16 or uint32, numbered as by :func:`postprocess`.
+
+    Steps: smooth; mask = above Otsu (below, with ``invert``); Euclidean distance transform
+    of the mask; its local maxima at least ``min_distance`` apart within each connected
+    component, where maxima on one plateau that touch (8-connected) count as one marker;
+    watershed of minus the distance inside the mask.
+
+    Raises ``ValueError`` for a bad image shape, a constant image, or bad parameters.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.segmentation import watershed
+
+    problems = []
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.dtype.kind not in "uif" \
+            or min(image.shape[:2], default=0) < 1:
+        problems.append(f"image must be an (H, W) or (H, W, C) numeric array; got shape "
+                        f"{getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', type(image).__name__)}")
+    if not _is_int(min_distance) or min_distance < 1:
+        problems.append(f"min_distance must be an integer >= 1 (pixels); got {min_distance!r}")
+    if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, (int, float, np.integer, np.floating)) \
+            or not 0 <= sigma < math.inf:
+        problems.append(f"sigma must be a number >= 0 (pixels); got {sigma!r}")
+    if label_dtype not in LABEL_DTYPES:
+        problems.append(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}; got {label_dtype!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    grey = image.astype(np.float64)
+    if grey.ndim == 3:
+        grey = grey.mean(axis=2)
+    if sigma > 0:
+        grey = ndi.gaussian_filter(grey, sigma)
+    if grey.min() == grey.max():
+        raise ValueError(f"image must not be constant to be thresholded; got every value {grey.min():g} "
+                         f"(after smoothing)")
+    threshold = threshold_otsu(grey)
+    mask = grey < threshold if invert else grey > threshold
+    distance = ndi.distance_transform_edt(mask)
+    components, _ = ndi.label(mask)
+    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
+    peak_mask = np.zeros(mask.shape, bool)
+    peak_mask[tuple(peaks.T)] = True
+    markers, _ = ndi.label(peak_mask, structure=np.ones((3, 3), bool))
+    labels = watershed(-distance, markers, mask=mask).astype(np.int32, copy=False)
+    lut, n = _raster_order(labels)
+    return lut.astype(choose_label_dtype(n, label_dtype))[labels]
