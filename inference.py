@@ -27,6 +27,48 @@ def _shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _thresholds(text: str) -> dict:
+    from lib.predict import parse_thresholds
+
+    try:
+        return parse_thresholds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _refinements(text: str) -> tuple[str, ...]:
+    from lib.instances import parse_refinement
+    from lib.predict import parse_refinements
+
+    steps = parse_refinements(text)
+    for step in steps:
+        try:
+            parse_refinement(step)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return steps
+
+
+def _rules(text: str) -> str:
+    from lib.instances import parse_rules
+
+    try:
+        parse_rules(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(" ".join(str(exc).split())) from None
+    return text
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -34,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp; 2D or ZYX stacks)")
     data.add_argument("--image_format", default=None, help="only use images with this extension (e.g. tif)")
     data.add_argument("--mask_folder", default=None,
-                      help="folder of true masks, paired with images by name: evaluate (metrics.csv, overlays/)")
+                      help="folder of true masks, paired with images by name: evaluate (metrics.csv, overlays/; "
+                           "for instance models, instance label masks: also instance_metrics.csv, associations/)")
     data.add_argument("--mask_suffix", default=None,
                       help="mask name = image name + this suffix (e.g. _mask); default: inferred")
     model = parser.add_argument_group("model")
@@ -61,13 +104,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--output_format", choices=("tif", "png"), default="tif",
                      help="label image format (stacks are always tif)")
     out.add_argument("--probabilities", action="store_true",
-                     help="also write probabilities/KEY.tif: (H, W, classes) float32")
+                     help="also write probabilities/KEY.tif: (H, W, classes) float32; for instance models one "
+                          "(H, W) float32 map per channel, probabilities/KEY_<channel>.tif (e.g. KEY_F.tif)")
     out.add_argument("--uncertainty", action="store_true",
                      help="also write uncertainty/KEY_entropy.tif (normalised entropy of the mean probabilities) "
                           "and, for ensembles or --tta, KEY_spread.tif (spread of the members)")
     out.add_argument("--z_filter", type=int, default=0,
                      help="stacks: median filter of this odd size along z on the probabilities (0 = off)")
     out.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    inst = parser.add_argument_group(
+        "instance models", "post-processing of the maps of the whole image (never tile by tile) into KEY.tif "
+        "instance labels (uint16, or uint32 above 65535 objects) and KEY_instances.csv measurements; defaults "
+        "from model.json's instance.postprocess")
+    inst.add_argument("--thresholds", type=_thresholds, default=None,
+                      help="seed thresholds by channel on top of model.json's, NAME=VALUE with a number in [0, 1] or "
+                           "auto (Otsu), comma-separated; 'growth' sets the growth mask's (e.g. F=0.5,Db=auto)")
+    inst.add_argument("--refinements", type=_refinements, default=None,
+                      help="refinements after the watershed, replacing model.json's, comma-separated, or none "
+                           "(e.g. 'fill_holes,remove_small_objects 20'; also clear_border, remove_large_objects N, "
+                           "dilation R, erosion R)")
+    inst.add_argument("--pixel_size", type=_positive, default=None,
+                      help="side of a pixel in physical units (e.g. 0.65 for um): area, diameter and perimeter in "
+                           "those units (pixels when not given)")
+    inst.add_argument("--filter_rules", type=_rules, default=None,
+                      help="remove the instances matching these rules from the labels, e.g. 'npixels < 100 and "
+                           "circularity <= 0.7; area > 5000' (';' = or); KEY_instances.csv then lists every "
+                           "instance found with a status column (kept/removed)")
+    inst.add_argument("--save_intermediates", action="store_true",
+                      help="also write intermediates/KEY_seeds.tif (seed labels, uint32), KEY_surface.tif (the "
+                           "flooded surface, float32) and KEY_growth.tif (growth mask, uint8 0/1)")
+    inst.add_argument("--matching_thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.75],
+                      help="IoU thresholds at which predicted and true instances are matched (with --mask_folder)")
+    inst.add_argument("--postprocess_window", type=int, default=4096,
+                      help="images longer than this (px) are post-processed in overlapping windows of this size")
+    inst.add_argument("--postprocess_overlap", type=int, default=256,
+                      help="overlap of the post-processing windows (px): objects up to about a third of it are "
+                           "labelled exactly as on the whole image; keep it above the largest object")
     run = parser.add_argument_group("runtime")
     run.add_argument("--shard", type=_shard, default=None,
                      help="K/N: process only every N-th image starting at K (e.g. $SLURM_ARRAY_TASK_ID/4)")
@@ -83,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--halo must be >= 0 pixels; got {args.halo}")
     if args.z_filter < 0 or args.z_filter == 1 or (args.z_filter and args.z_filter % 2 == 0):
         parser.error(f"--z_filter must be 0 (off) or an odd size >= 3; got {args.z_filter}")
+    levels = args.matching_thresholds
+    if len(set(levels)) != len(levels) or not all(0 < t <= 1 for t in levels):
+        parser.error(f"--matching_thresholds must be distinct IoU thresholds in (0, 1]; got {levels}")
+    if args.postprocess_window < 1 or not 0 <= args.postprocess_overlap < args.postprocess_window:
+        parser.error(f"--postprocess_overlap must be >= 0 and below --postprocess_window >= 1; got window "
+                     f"{args.postprocess_window}, overlap {args.postprocess_overlap}")
     return args
 
 
@@ -97,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         mask_folder=args.mask_folder, mask_suffix=args.mask_suffix, image_format=args.image_format,
         batch_size=args.batch_size, tile_size=args.tile_size, halo=args.halo, output_format=args.output_format,
         probabilities=args.probabilities, uncertainty=args.uncertainty, tta=args.tta, z_filter=args.z_filter,
-        overwrite=args.overwrite, shard=args.shard, precision=args.precision)
+        overwrite=args.overwrite, shard=args.shard, precision=args.precision, thresholds=args.thresholds,
+        refinements=args.refinements, pixel_size=args.pixel_size, filter_rules=args.filter_rules,
+        save_intermediates=args.save_intermediates, matching_thresholds=tuple(sorted(args.matching_thresholds)),
+        postprocess_window=args.postprocess_window, postprocess_overlap=args.postprocess_overlap)
     print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
     try:
         result = run_inference(config, progress=not args.quiet)
@@ -113,10 +194,19 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if result.exact else " (approximate)"))
     if result.overall is not None:
         o = result.overall
-        print(f"evaluation over all images: mean IoU {o['mean_iou']:.4f}, mean Dice {o['mean_dice']:.4f}, "
+        print(("foreground (labels > 0 against masks > 0) " if result.instance_overall is not None else "")
+              + f"evaluation over all images: mean IoU {o['mean_iou']:.4f}, mean Dice {o['mean_dice']:.4f}, "
               f"pixel accuracy {o['pixel_accuracy']:.4f}; per class IoU "
               + ", ".join(f"{k[4:]}: {v:.4f}" for k, v in o.items() if k.startswith("iou_"))
               + f" -> {result.metrics_csv}, overlays in {result.output_folder / 'overlays'}")
+    if result.instance_overall is not None:
+        pooled = result.instance_overall
+        at = 0.5 if 0.5 in pooled else sorted(pooled)[len(pooled) // 2]
+        s = pooled[at]
+        print(f"instance matching over all images: F1 at IoU {at:g} {s.f1:.4f} (precision {s.precision:.4f}, "
+              f"recall {s.recall:.4f}, panoptic quality {s.panoptic_quality:.4f}; {s.tp} matched, {s.fp} false "
+              f"positives, {s.fn} missed); F1 at " + ", ".join(f"{t:g}: {pooled[t].f1:.4f}" for t in sorted(pooled))
+              + f" -> {result.instance_metrics_csv}, associations/ and overlays/ in {result.output_folder}")
     if result.uncertainty_csv is not None:
         print(f"uncertainty per image (most uncertain first): {result.uncertainty_csv}")
     if result.failed:

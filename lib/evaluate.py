@@ -2,7 +2,8 @@
 
 Scores come from confusion matrices (:mod:`lib.metrics`), so the overall row is computed from
 the summed matrices of all images (pixels weigh the same wherever they are), not averaged
-over per-image scores.
+over per-image scores. Instance label images are matched object to object
+(:func:`evaluate_instances`); their pooled statistics likewise sum the counts of all images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lib.metrics import confusion_matrix, scores
+from lib.metrics import InstanceMatching, MatchStats, confusion_matrix, match_instances, scores
 
 # Overlay colours (RGB): correct foreground, foreground predicted on background (false
 # positive), foreground predicted as background (false negative), wrong foreground class.
@@ -41,6 +42,40 @@ def evaluate_labels(labels: np.ndarray, mask: np.ndarray, number_classes: int) -
         raise ValueError(f"mask values must be < number_classes={number_classes} (the model's); got "
                          f"{int(mask.max())}")
     return confusion_matrix(mask, labels, number_classes)
+
+
+def evaluate_instances(labels: np.ndarray, mask: np.ndarray, thresholds: Sequence[float] = (0.3, 0.5, 0.75)
+                       ) -> tuple[InstanceMatching, np.ndarray]:
+    """Instance matching and the foreground confusion matrix of instance ``labels`` (H, W) against ``mask`` (H, W).
+
+    Both are instance label images (0 background, one id per object). Returns the matching at
+    each IoU threshold (:func:`lib.metrics.match_instances`) and the 2 x 2 confusion matrix of
+    background/object (``mask > 0`` against ``labels > 0``), so the semantic scores exist for
+    instance models too. Raises ``ValueError`` when the shapes differ.
+    """
+    if labels.shape != mask.shape:
+        raise ValueError(f"mask size must equal the image size; got mask {mask.shape[0]}x{mask.shape[1]} for "
+                         f"image {labels.shape[0]}x{labels.shape[1]} (HxW)")
+    matching = match_instances(mask, labels, thresholds)
+    cm = confusion_matrix((mask > 0).astype(np.uint8), (labels > 0).astype(np.uint8), 2)
+    return matching, cm
+
+
+INSTANCE_METRIC_FIELDS = ("image", "threshold", "tp", "fp", "fn", "n_true", "n_pred", "precision", "recall",
+                          "accuracy", "f1", "panoptic_quality", "mean_matched_iou")
+
+
+def instance_metrics_rows(name: str, stats: dict[float, MatchStats]) -> list[dict[str, object]]:
+    """Rows of instance_metrics.csv for one image (or ``ALL``, pooled): one per IoU threshold, ascending.
+
+    Columns :data:`INSTANCE_METRIC_FIELDS`; ratios are NaN (an empty cell) where undefined
+    (e.g. precision with no predicted object).
+    """
+    rows = []
+    for threshold in sorted(stats):
+        values = stats[threshold].as_dict()
+        rows.append({"image": name, **{k: values[k] for k in INSTANCE_METRIC_FIELDS[1:]}})
+    return rows
 
 
 def metrics_row(name: str, cm: np.ndarray) -> dict[str, object]:

@@ -727,19 +727,43 @@ def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
     return (-(probabilities * np.log(p)).sum(axis=-1) / np.log(probabilities.shape[-1])).astype(np.float32)
 
 
+def binary_entropy(maps: np.ndarray, binary: Sequence[bool]) -> np.ndarray:
+    """Mean over the ``binary`` channels of ``maps`` (..., K) of their entropy in bits: (...) float32 in [0, 1].
+
+    The uncertainty of an instance model's sigmoid channels (distance channels carry none);
+    zeros when no channel is binary.
+    """
+    chosen = np.flatnonzero(np.asarray(binary, bool))
+    if not chosen.size:
+        return np.zeros(maps.shape[:-1], np.float32)
+    p = np.clip(maps[..., chosen], 1e-12, 1 - 1e-7)
+    bits = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return bits.mean(axis=-1).astype(np.float32)
+
+
+def pixel_uncertainty(predictor: Predictor, maps: np.ndarray) -> np.ndarray:
+    """Per-pixel uncertainty in [0, 1] of a predictor's maps (..., K): :func:`normalized_entropy` of the
+    class probabilities (semantic) or :func:`binary_entropy` of the binary channels (instance)."""
+    if predictor.label_kind == "semantic":
+        return normalized_entropy(maps)
+    return binary_entropy(maps, [kind == "binary" for kind in predictor.channel_kinds])
+
+
 @dataclasses.dataclass
 class Prediction:
     """Prediction of one 2D image of ``H x W`` pixels.
 
-    labels : (H, W) smallest unsigned dtype holding ``number_classes - 1``
-    probabilities : (H, W, K) float32, or None when not kept
-    entropy : (H, W) float32 normalised entropy of the mean probabilities, or None when not kept
+    labels : (H, W) smallest unsigned dtype holding ``number_classes - 1``; None for an
+        instance model (its labels come from :func:`segment_instances` on the maps)
+    probabilities : (H, W, K) float32 (class probabilities, or an instance model's channel
+        maps: always kept), or None when not kept
+    entropy : (H, W) float32 uncertainty (:func:`pixel_uncertainty`), or None when not kept
     spread : (H, W) float32 spread of the samples (ensemble/TTA), or None
     scores : per-image uncertainty scores (``mean_entropy``, ``uncertain_fraction``, ``mean_spread``)
     plan : the tiles used
     """
 
-    labels: np.ndarray
+    labels: np.ndarray | None
     probabilities: np.ndarray | None
     entropy: np.ndarray | None
     spread: np.ndarray | None
@@ -764,22 +788,26 @@ def predict_image(predictor: Predictor, image, tile_size: int | None = None, hal
 
     ``halo`` defaults to the predictor's receptive-field radius (tiled == whole-image);
     ``tile_size`` and ``batch_size`` default to :func:`default_tile_size` and
-    :func:`default_batch_size`. Raises ``ValueError`` for a tile size that does not fit.
+    :func:`default_batch_size`. For an instance model the maps are always kept and
+    ``labels`` is None. Raises ``ValueError`` for a tile size that does not fit.
     """
     height, width = image.shape[:2]
     halo = predictor.receptive_field_radius if halo is None else halo
     plan = plan_tiles(height, width, predictor.size_divisor, halo, tile_size)
-    classes = predictor.number_classes
+    semantic = predictor.label_kind == "semantic"
+    channels = predictor.output_channels
     want_spread = predictor.samples > 1
-    labels = np.empty((height, width), label_dtype(classes))
-    probabilities = np.empty((height, width, classes), np.float32) if keep_probabilities else None
+    labels = np.empty((height, width), label_dtype(predictor.number_classes)) if semantic else None
+    keep_probabilities = keep_probabilities or not semantic
+    probabilities = np.empty((height, width, channels), np.float32) if keep_probabilities else None
     entropy_map = np.empty((height, width), np.float32) if keep_uncertainty else None
     spread_map = np.empty((height, width), np.float32) if keep_uncertainty and want_spread else None
     entropy_sum = uncertain = spread_sum = 0.0
     for zone in predict_zones(predictor, image, plan, batch_size, spread=want_spread, on_batch=on_batch):
         y0, y1, x0, x1 = zone.box
-        labels[y0:y1, x0:x1] = zone.probabilities.argmax(axis=-1)
-        entropy = normalized_entropy(zone.probabilities)
+        if labels is not None:
+            labels[y0:y1, x0:x1] = zone.probabilities.argmax(axis=-1)
+        entropy = pixel_uncertainty(predictor, zone.probabilities)
         entropy_sum += float(entropy.sum(dtype=np.float64))
         uncertain += float((entropy > UNCERTAIN_ENTROPY).sum())
         if probabilities is not None:
@@ -797,7 +825,7 @@ def predict_image(predictor: Predictor, image, tile_size: int | None = None, hal
 
 
 def predict_whole(predictor: Predictor, image: np.ndarray, halo: int | None = None) -> np.ndarray:
-    """Reference: the whole image in one model call. Returns probabilities (H, W, K) float32.
+    """Reference: the whole image in one model call. Returns probabilities (or instance maps) (H, W, K) float32.
 
     The image is extended by reflection by ``halo`` (default the receptive-field radius) on
     every side and up to a multiple of the divisor at the bottom and right, exactly as the
@@ -991,6 +1019,174 @@ def predict_volume(predictor: Predictor, volume, tile_size: int | None = None, h
     return labels, (probabilities if keep_probabilities else None), entropy, scores
 
 
+# Instance models: post-processing of the stitched maps
+
+# Images whose height or width exceeds this are post-processed window by window
+# (lib.instances.postprocess_windowed); objects up to about a third of the overlap are then
+# labelled exactly as on the whole image.
+POSTPROCESS_WINDOW = 4096
+POSTPROCESS_OVERLAP = 256
+
+
+@dataclasses.dataclass
+class InstanceSegmentation:
+    """Instance labels of one image.
+
+    labels : (H, W) uint16 or uint32, 0 = background, objects numbered in raster order
+    intermediates : ``{"seeds": (H, W) int32, "surface": (H, W) float32, "growth": (H, W) bool,
+        "thresholds": {name: number}}`` when asked for and the image was post-processed whole;
+        else None
+    windowed : whether the image was post-processed window by window
+    """
+
+    labels: np.ndarray
+    intermediates: dict | None
+    windowed: bool
+
+
+def parse_thresholds(text: str) -> dict[str, float | str]:
+    """``"F=0.5,Db=auto,growth=0.3"`` -> ``{"F": 0.5, "Db": "auto", "growth": 0.3}``.
+
+    Names are channel names (seed thresholds) or ``growth`` (the growth mask's threshold);
+    values are numbers in [0, 1] or ``auto`` (Otsu). Raises ``ValueError`` naming every bad item.
+    """
+    out: dict[str, float | str] = {}
+    problems = []
+    for item in [part.strip() for part in text.split(",")]:
+        name, sep, value = (piece.strip() for piece in item.partition("="))
+        if not sep or not name or not value:
+            problems.append(f"each threshold must be NAME=VALUE (e.g. F=0.5 or Db=auto); got {item!r}")
+            continue
+        if name in out:
+            problems.append(f"each threshold must be given once; got {name!r} twice")
+        if value == "auto":
+            out[name] = "auto"
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not 0.0 <= number <= 1.0:
+            problems.append(f"threshold {name} must be a number in [0, 1] or auto; got {value!r}")
+            continue
+        out[name] = number
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+def parse_refinements(text: str) -> tuple[str, ...]:
+    """``"fill_holes,remove_small_objects 20"`` -> ``("fill_holes", "remove_small_objects 20")``; ``"none"`` -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(" ".join(step.split()) for step in text.split(","))
+
+
+def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str] | None = None,
+                         refinements: Sequence[str] | None = None):
+    """The post-processing of an instance predictor: model.json's, with overrides on top.
+
+    The base is ``instance.postprocess`` of the first member's model.json
+    (:meth:`lib.instances.PostProcessConfig.default_for` its channels when absent).
+    ``thresholds`` replace or add seed thresholds by channel name; the key ``growth`` sets the
+    growth mask's threshold. ``refinements`` replace the model's list.
+
+    Returns a validated :class:`lib.instances.PostProcessConfig`. Raises :class:`ModelError`
+    for a bad block in model.json, ``lib.config.ConfigError`` for overrides that do not fit.
+    """
+    from lib.config import ConfigError
+    from lib.instances import PostProcessConfig
+
+    info = predictor.members[0].info
+    block = info.meta.get("instance", {}).get("postprocess")
+    try:
+        base = PostProcessConfig.default_for(info.channel_names) if block is None else \
+            PostProcessConfig.from_dict(block)
+    except ConfigError as exc:
+        raise ModelError(f"instance.postprocess must hold valid post-processing settings; got in {info.path}:\n"
+                         + "\n".join(f"  - {p}" for p in exc.violations)) from None
+    if tuple(base.channels) != info.channel_names:
+        raise ModelError(f"instance.postprocess.channels must equal instance.channels {list(info.channel_names)}; "
+                         f"got {list(base.channels)} in {info.path}")
+    changes: dict[str, Any] = {}
+    if thresholds:
+        seeds = {k: v for k, v in thresholds.items() if k != "growth"}
+        changes["thresholds"] = {**base.thresholds, **seeds}
+        if "growth" in thresholds:
+            changes["growth_threshold"] = thresholds["growth"]
+    if refinements is not None:
+        changes["refinements"] = tuple(refinements)
+    config = dataclasses.replace(base, **changes)
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        raise ConfigError([f"post-processing (model.json with --thresholds/--refinements) {v}"
+                           for v in exc.violations]) from None
+
+
+def segment_instances(maps, config, window: int = POSTPROCESS_WINDOW, overlap: int = POSTPROCESS_OVERLAP,
+                      intermediates: bool = False) -> InstanceSegmentation:
+    """Instance labels from the stitched channel maps ``(H, W, K)`` of a whole image.
+
+    Post-processing always runs on the maps of the whole image, never tile by tile: an
+    object crossing a tile border is one object. Images larger than ``window`` along an
+    axis go through :func:`lib.instances.postprocess_windowed` (``maps`` may then be a
+    memory map); smaller ones through :func:`lib.instances.postprocess`.
+    ``config``: :class:`lib.instances.PostProcessConfig` (:func:`postprocess_settings`).
+    """
+    from lib.instances import postprocess, postprocess_windowed
+
+    if maps.shape[0] > window or maps.shape[1] > window:
+        return InstanceSegmentation(postprocess_windowed(maps, config, window=window, overlap=overlap), None, True)
+    if intermediates:
+        labels, extra = postprocess(np.asarray(maps), config, return_intermediates=True)
+        return InstanceSegmentation(labels, extra, False)
+    return InstanceSegmentation(postprocess(np.asarray(maps), config), None, False)
+
+
+def predict_maps_to_memmap(predictor: Predictor, image, path: Path, tile_size: int | None = None,
+                           halo: int | None = None, batch_size: int | None = None,
+                           on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, TilePlan, dict]:
+    """Exact tiled prediction of a large image into a ``.npy`` memory map ``(H, W, K)`` float32 at ``path``.
+
+    For instance models on images too large for memory: the maps are written zone by zone and
+    post-processed afterwards (window by window) from the file. Returns ``(maps, plan, scores)``.
+    """
+    height, width = image.shape[:2]
+    halo = predictor.receptive_field_radius if halo is None else halo
+    plan = plan_tiles(height, width, predictor.size_divisor, halo, tile_size)
+    want_spread = predictor.samples > 1
+    maps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                     shape=(height, width, predictor.output_channels))
+    entropy_sum = uncertain = spread_sum = 0.0
+    for zone in predict_zones(predictor, image, plan, batch_size, spread=want_spread, on_batch=on_batch):
+        y0, y1, x0, x1 = zone.box
+        maps[y0:y1, x0:x1] = zone.probabilities
+        entropy = pixel_uncertainty(predictor, zone.probabilities)
+        entropy_sum += float(entropy.sum(dtype=np.float64))
+        uncertain += float((entropy > UNCERTAIN_ENTROPY).sum())
+        if zone.spread is not None:
+            spread_sum += float(zone.spread.sum(dtype=np.float64))
+    maps.flush()
+    pixels = float(height * width)
+    scores = {"mean_entropy": entropy_sum / pixels, "uncertain_fraction": uncertain / pixels,
+              "mean_spread": spread_sum / pixels if want_spread else float("nan")}
+    return maps, plan, scores
+
+
+def write_tiled_tiff(path: Path, array) -> None:
+    """Write ``array`` (H, W) or (H, W, C) (a memory map is read strip by strip) as a tiled BigTIFF, atomically."""
+    sink = _TiledTiffSink(path, tuple(array.shape), array.dtype)
+    tiler = _RowTiler(sink, array.shape[1])
+    ok = False
+    try:
+        for y in range(0, array.shape[0], sink.tile):
+            tiler.feed(np.asarray(array[y:y + sink.tile]), last=y + sink.tile >= array.shape[0])
+        ok = True
+    finally:
+        sink.close(ok)
+
+
 # Folder runs (inference.py)
 
 
@@ -1015,6 +1211,15 @@ class InferenceConfig:
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (K, N): every N-th image starting at K
     precision: str = "float32"  # float32, bfloat16 or auto (bfloat16 where native)
+    # Instance models only (see postprocess_settings, segment_instances):
+    thresholds: dict[str, float | str] | None = None  # seed thresholds by channel, "growth"
+    refinements: tuple[str, ...] | None = None  # replace model.json's refinements
+    pixel_size: float | None = None  # physical side of a pixel, for the measurements
+    filter_rules: str | None = None  # lib.instances.parse_rules text: instances to remove
+    save_intermediates: bool = False  # seeds, surface and growth mask
+    matching_thresholds: tuple[float, ...] = (0.3, 0.5, 0.75)  # IoU thresholds of the evaluation
+    postprocess_window: int = POSTPROCESS_WINDOW
+    postprocess_overlap: int = POSTPROCESS_OVERLAP
 
     def validate(self) -> "InferenceConfig":
         """Return self, or raise ``lib.config.ConfigError`` listing every invalid field."""
@@ -1040,6 +1245,7 @@ class InferenceConfig:
             v.append(f"z_filter must be 0 (off) or an odd size >= 3; got {self.z_filter}")
         if self.precision not in PRECISIONS:
             v.append(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        v += self._instance_violations()
         if self.shard is not None:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):
@@ -1047,6 +1253,34 @@ class InferenceConfig:
         if v:
             raise ConfigError(v)
         return self
+
+    def _instance_violations(self) -> list[str]:
+        from lib.instances import parse_refinement, parse_rules
+
+        v = []
+        if self.pixel_size is not None and not (isinstance(self.pixel_size, (int, float))
+                                                and math.isfinite(self.pixel_size) and self.pixel_size > 0):
+            v.append(f"pixel_size must be a positive number (physical units per pixel); got {self.pixel_size!r}")
+        if self.filter_rules is not None:
+            try:
+                parse_rules(self.filter_rules)
+            except ValueError as exc:
+                v.append(f"filter_rules must be valid rules; got {self.filter_rules!r}: {exc}")
+        for step in self.refinements or ():
+            try:
+                parse_refinement(step)
+            except ValueError as exc:
+                v.append(str(exc))
+        for name, value in (self.thresholds or {}).items():
+            if value != "auto" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                v.append(f"thresholds[{name!r}] must be a number in [0, 1] or 'auto'; got {value!r}")
+        levels = list(self.matching_thresholds)
+        if not levels or len(set(levels)) != len(levels) or not all(0 < t <= 1 for t in levels):
+            v.append(f"matching_thresholds must be distinct IoU thresholds in (0, 1]; got {levels}")
+        if self.postprocess_window < 1 or not 0 <= self.postprocess_overlap < self.postprocess_window:
+            v.append(f"postprocess_overlap must be >= 0 and < postprocess_window >= 1; got window "
+                     f"{self.postprocess_window}, overlap {self.postprocess_overlap}")
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1067,9 +1301,13 @@ class InferenceResult:
     megapixels: float  # of the images predicted in this run
     halo: int
     exact: bool
+    instance_overall: dict | None = None  # pooled matching statistics {threshold: MatchStats}, or None
+    instance_metrics_csv: Path | None = None
 
 
 SETTINGS_FILE = "inference.json"
+# Settings that only instance models use (refused for a semantic model rather than ignored).
+INSTANCE_SETTINGS = ("thresholds", "refinements", "pixel_size", "filter_rules", "save_intermediates")
 # Values of settings that folders written before they were recorded were made with.
 LEGACY_COMPARED = {"precision": "float32"}
 # Images of at least this many tiles get a progress bar of their own (over tiles).
@@ -1174,6 +1412,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
                 if "no mask" in problem else f"warning: {problem}")
     if predictor is None:
         predictor = load_predictor(config.model, tta=config.tta, precision=config.precision)
+    post = _instance_settings(predictor, config)
     radius, divisor = predictor.receptive_field_radius, predictor.size_divisor
     halo = radius if config.halo is None else config.halo
     exact = halo >= radius
@@ -1185,18 +1424,30 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
         "precision": predictor.precision,
         "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
         "receptive_field_radius": radius, "size_divisor": divisor, "exact": exact,
-        "number_classes": predictor.number_classes,
+        "label_kind": predictor.label_kind, "number_classes": predictor.number_classes,
         "tile_size_used": config.tile_size or default_tile_size(halo, divisor),
     }
+    if post is not None:
+        instance = {"channels": list(predictor.channel_names), "kinds": list(predictor.channel_kinds),
+                    "postprocess": post.to_dict(), "filter_rules": config.filter_rules,
+                    "pixel_size": config.pixel_size, "matching_thresholds": list(config.matching_thresholds),
+                    "postprocess_window": config.postprocess_window,
+                    "postprocess_overlap": config.postprocess_overlap}
+        settings["compared"]["instance"] = settings["instance"] = instance
     _check_settings(out, settings, config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / SETTINGS_FILE).is_file() or config.overwrite:
         _write_json(out / SETTINGS_FILE, settings)
-    log(f"model {predictor.source}: {len(predictor.members)} member(s), {predictor.number_classes} classes, "
+    kind = (f"{predictor.number_classes} classes" if post is None else
+            f"instance channels {', '.join(f'{n} ({k})' for n, k in zip(predictor.channel_names, predictor.channel_kinds))}")
+    log(f"model {predictor.source}: {len(predictor.members)} member(s), {kind}, "
         f"divisor {divisor}, receptive-field radius {radius}; halo {halo} px "
         + ("(exact: tiled == whole-image)" if exact else f"(< radius {radius}: approximate near tile borders)")
         + (", test-time augmentation x8" if config.tta else "")
         + f"; {predictor.precision}" + (" (auto)" if config.precision == "auto" else ""))
+    if post is not None:
+        log("post-processing of the stitched maps: " + ", ".join(f"{k}={v}" for k, v in post.to_dict().items())
+            + (f"; filter: remove {config.filter_rules}" if config.filter_rules else ""))
     log(f"{len(keys)} image(s) in {config.image_folder}" + (f" (shard {config.shard[0]}/{config.shard[1]})"
                                                             if config.shard else "")
         + (f", {len(masks)} with masks" if config.mask_folder else "") + f" -> {out}")
@@ -1211,7 +1462,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
         for key in keys:
             try:
                 done, pixels = _process_one(predictor, key, files[key], masks.get(key), out, config, halo, log,
-                                            progress)
+                                            progress, post)
             except Exception as exc:  # one bad image must not stop an unattended run
                 # Our own errors carry a full sentence; anything else gets its type for a bug report.
                 message = str(exc) if isinstance(exc, (ImageReadError, ValueError, OSError)) else \
@@ -1241,8 +1492,35 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
         rows = [metrics_row(key, cm) for key, cm in evaluated.items()]
         overall = metrics_row("ALL", sum(evaluated.values()))
         metrics_csv = write_csv(out / f"metrics{_suffix(config)}.csv", rows + [overall])
+    instance_overall = instance_csv = None
+    matched = {k: r["instance_stats"] for k, r in records.items() if r.get("instance_stats")}
+    if matched:
+        from lib.evaluate import instance_metrics_rows
+        from lib.metrics import MatchStats, pool_stats
+
+        tables = {k: {float(t): MatchStats(**d) for t, d in v.items()} for k, v in matched.items()}
+        instance_overall = pool_stats(list(tables.values()))
+        rows = [row for key, table in tables.items() for row in instance_metrics_rows(key, table)]
+        instance_csv = write_csv(out / f"instance_metrics{_suffix(config)}.csv",
+                                 rows + instance_metrics_rows("ALL", instance_overall))
     return InferenceResult(out, predicted, skipped, failed, overall, metrics_csv, uncertainty_csv,
-                           time.perf_counter() - started, megapixels, halo, exact)
+                           time.perf_counter() - started, megapixels, halo, exact, instance_overall, instance_csv)
+
+
+def _instance_settings(predictor: Predictor, config: InferenceConfig):
+    """The post-processing of an instance predictor (None for a semantic one, refusing instance-only settings)."""
+    from lib.config import ConfigError
+
+    if predictor.label_kind == "semantic":
+        given = [f"{name} applies to instance models only; got {getattr(config, name)!r} with a semantic model "
+                 f"({predictor.source})" for name in INSTANCE_SETTINGS if getattr(config, name) not in (None, False)]
+        if given:
+            raise ConfigError(given)
+        return None
+    if config.output_format != "tif":
+        raise ConfigError([f"output_format must be tif for an instance model (its labels may need uint32, which "
+                           f"PNG cannot hold); got {config.output_format!r}"])
+    return postprocess_settings(predictor, config.thresholds, config.refinements)
 
 
 def _tile_bar(predictor: Predictor, info, config: InferenceConfig, halo: int, name: str, progress: bool):
@@ -1260,30 +1538,171 @@ def _tile_bar(predictor: Predictor, info, config: InferenceConfig, halo: int, na
 
 
 def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Path | None, out: Path,
-                 config: InferenceConfig, halo: int, log: Callable[[str], None], progress: bool = False
-                 ) -> tuple[bool, int]:
+                 config: InferenceConfig, halo: int, log: Callable[[str], None], progress: bool = False,
+                 post=None) -> tuple[bool, int]:
     """Predict, write and evaluate one image. Returns (predicted now, pixels); False: skipped (done before).
 
     ``progress``: show a bar over the tiles of an image of at least ``TILE_BAR_MIN_TILES`` tiles.
+    ``post``: the post-processing settings of an instance predictor (None: semantic).
     """
     from lib.images import read_info
 
     info = read_info(image_path)
     volume = info.is_volume
     streamed = not volume and info.shape[0] * info.shape[1] > STREAM_PIXELS
-    paths = _outputs(out, key, config, volume or streamed, mask_path is not None and not volume)
-    if predictor.samples > 1 and config.uncertainty:
+    if post is None:
+        paths = _outputs(out, key, config, volume or streamed, mask_path is not None and not volume)
+    else:
+        paths = _instance_outputs(out, key, predictor, config, info, mask_path is not None)
+    if predictor.samples > 1 and config.uncertainty and not (post is not None and streamed):
         paths["spread"] = out / "uncertainty" / f"{key}_spread.tif"
     if not config.overwrite and all(p.is_file() for p in paths.values()):
         return False, 0
     predictor.check_image(info.shape, info.dtype, str(image_path))
+    if post is not None and volume:
+        raise InputMismatch(f"image must be 2D for an instance model (post-processing is 2D); got a stack of shape "
+                            f"(Z, Y, X, C) = {info.shape} in {image_path}. Predict its planes as separate images")
     bar = _tile_bar(predictor, info, config, halo, key, progress)
     try:
-        return True, _predict_one(predictor, image_path, info, mask_path, out, paths, config, halo, log,
-                                  None if bar is None else bar.update)
+        on_batch = None if bar is None else bar.update
+        if post is not None:
+            return True, _predict_instances_one(predictor, image_path, info, mask_path, out, paths, config, halo,
+                                                log, on_batch, post)
+        return True, _predict_one(predictor, image_path, info, mask_path, out, paths, config, halo, log, on_batch)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _instance_outputs(out: Path, key: str, predictor: Predictor, config: InferenceConfig, info,
+                      evaluate: bool) -> dict[str, Path]:
+    """Every file one image of an instance model produces (see :func:`run_inference`); the record last."""
+    height, width = info.shape[:2]
+    streamed = height * width > STREAM_PIXELS
+    windowed = height > config.postprocess_window or width > config.postprocess_window
+    paths = {"labels": out / f"{key}.tif", "measurements": out / f"{key}_instances.csv"}
+    if config.probabilities:
+        for name in predictor.channel_names:
+            paths[f"probabilities_{name}"] = out / "probabilities" / f"{key}_{name}.tif"
+    if config.uncertainty and not streamed:
+        paths["entropy"] = out / "uncertainty" / f"{key}_entropy.tif"
+    if config.save_intermediates and not windowed:
+        for name in INTERMEDIATES:
+            paths[name] = out / "intermediates" / f"{key}_{name}.tif"
+    if evaluate:
+        paths["associations"] = out / "associations" / f"{key}.csv"
+        if not streamed:
+            paths["overlay"] = out / "overlays" / f"{key}.png"
+    paths["record"] = out / "records" / f"{key}.json"
+    return paths
+
+
+# Intermediate images of the post-processing written by --save_intermediates.
+INTERMEDIATES = ("seeds", "surface", "growth")
+
+
+def _predict_instances_one(predictor: Predictor, image_path: Path, info, mask_path: Path | None, out: Path,
+                           paths: dict[str, Path], config: InferenceConfig, halo: int, log: Callable[[str], None],
+                           on_batch: Callable[[int], None] | None, post) -> int:
+    """Predict one image with an instance model: maps of the whole image, post-processing, measurements,
+    optional filtering and evaluation; the record last. Returns its pixels."""
+    import tempfile
+    import time
+
+    from lib.images import write_image
+    from lib.instance_report import write_csv as write_table
+    from lib.instances import MEASUREMENT_COLUMNS, filter_instances, measure
+
+    started = time.perf_counter()
+    height, width = info.shape[:2]
+    pixels = height * width
+    streamed = pixels > STREAM_PIXELS
+    record: dict[str, Any] = {"image": str(image_path), "shape": list(info.shape), "dtype": info.dtype, "halo": halo}
+    image = _open_image(image_path, info)
+    scratch = maps = None
+    try:
+        if streamed:
+            # The maps of a very large image live in a file; post-processing reads it window by window.
+            fd, scratch = tempfile.mkstemp(prefix=f".{image_path.stem}.maps.", suffix=".partial.npy", dir=out)
+            os.close(fd)
+            maps, plan, scores = predict_maps_to_memmap(predictor, image, Path(scratch), config.tile_size, halo,
+                                                        config.batch_size, on_batch)
+            if config.uncertainty:
+                log(f"note: {image_path.name} has {pixels / 1e6:.0f} Mpixel; its uncertainty maps are not written "
+                    "(scores only)")
+        else:
+            prediction = predict_image(predictor, image, config.tile_size, halo, config.batch_size,
+                                       keep_uncertainty=config.uncertainty, on_batch=on_batch)
+            maps, plan, scores = prediction.probabilities, prediction.plan, prediction.scores
+            if prediction.entropy is not None:
+                write_image(paths["entropy"], prediction.entropy)
+            if prediction.spread is not None and "spread" in paths:
+                write_image(paths["spread"], prediction.spread)
+        record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
+                          "tiles": plan.n_tiles, "streamed": streamed}
+        segmentation = segment_instances(maps, post, config.postprocess_window, config.postprocess_overlap,
+                                         intermediates=config.save_intermediates)
+        if config.save_intermediates and segmentation.windowed:
+            log(f"note: {image_path.name} was post-processed window by window (larger than "
+                f"{config.postprocess_window} px); its intermediates are not written")
+        labels = segmentation.labels
+        rows = measure(labels, config.pixel_size)
+        columns = list(MEASUREMENT_COLUMNS)
+        found = len(rows)
+        if config.filter_rules:
+            labels, rows = filter_instances(labels, rows, config.filter_rules)
+            columns.append("status")
+        write_table(paths["measurements"], rows, columns)
+        (write_tiled_tiff if streamed else write_image)(paths["labels"], labels)
+        for k, name in enumerate(predictor.channel_names):
+            if f"probabilities_{name}" in paths:
+                (write_tiled_tiff if streamed else write_image)(paths[f"probabilities_{name}"], maps[..., k])
+        if segmentation.intermediates is not None:
+            extra = segmentation.intermediates
+            write_image(paths["seeds"], extra["seeds"].astype(np.uint32))
+            write_image(paths["surface"], extra["surface"].astype(np.float32))
+            write_image(paths["growth"], extra["growth"].astype(np.uint8))
+            record["resolved_thresholds"] = extra["thresholds"]
+        kept = sum(row.get("status", "kept") == "kept" for row in rows)
+        record["instances"] = {"found": found, "kept": kept, "removed": found - kept,
+                               "label_dtype": labels.dtype.name, "windowed": segmentation.windowed}
+        if mask_path is not None:
+            record.update(_evaluate_instances_one(image, labels, mask_path, paths, config, streamed, log))
+    finally:
+        if scratch is not None:
+            maps = None  # closes the memory map before its file goes
+            Path(scratch).unlink(missing_ok=True)
+    record["scores"] = scores
+    record["seconds"] = time.perf_counter() - started
+    record["outputs"] = {name: str(p.relative_to(out)) for name, p in paths.items() if name != "record"}
+    _write_json(paths["record"], record)
+    return pixels
+
+
+def _evaluate_instances_one(image, labels: np.ndarray, mask_path: Path, paths: dict[str, Path],
+                            config: InferenceConfig, streamed: bool, log: Callable[[str], None]) -> dict:
+    """Match the instances of one image with its instance mask; write its associations (and overlay)."""
+    from lib.evaluate import evaluate_instances, metrics_row
+    from lib.images import read_mask
+    from lib.instance_report import associations_rows, matching_overlay, save_png, write_csv
+
+    mask = read_mask(mask_path, binary_255=False)
+    try:
+        matching, cm = evaluate_instances(labels, mask, config.matching_thresholds)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {mask_path}") from None
+    rows = [row for t in matching.thresholds for row in associations_rows(matching, paths["labels"].stem, t)]
+    write_csv(paths["associations"], rows)
+    if not streamed:
+        levels = matching.thresholds
+        shown = 0.5 if 0.5 in levels else levels[len(levels) // 2]
+        save_png(paths["overlay"], matching_overlay(np.asarray(image), mask, labels, matching, threshold=shown))
+    else:
+        log(f"note: {mask_path.name}: no overlay for an image of {labels.size / 1e6:.0f} Mpixel")
+    row = metrics_row("", cm)
+    return {"mask": str(mask_path), "confusion_matrix": cm.tolist(),
+            "metrics": {k: v for k, v in row.items() if k != "image"},
+            "instance_stats": {str(t): s.as_dict() for t, s in matching.stats.items()}}
 
 
 def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path | None, out: Path,
