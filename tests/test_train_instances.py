@@ -168,3 +168,26 @@ def test_cli_needs_number_classes_only_for_semantic(instance_db, tmp_path):
     done = subprocess.run(base + ["--target", "instance", "--instance_channels", "F,X", "--max_steps", "1"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "instance targets are invalid" in done.stderr
+
+
+def test_logit_bias_starts_at_the_target_priors(instance_db):
+    import keras
+
+    from lib.lmdb_store import LmdbReader
+    from lib.models import build_model
+    from lib.targets import TargetSpec, make_targets
+    from lib.trainer import _set_head_bias, channel_priors
+
+    spec = TargetSpec(channels=("F", "C", "Db"))
+    with LmdbReader(instance_db / "train-i.lmdb") as db:
+        stacks = [make_targets(np.ascontiguousarray(db[i][1]), spec) for i in range(len(db))]
+    expected = np.concatenate([s.reshape(-1, 3) for s in stacks]).mean(axis=0, dtype=np.float64)
+    priors = channel_priors(str(instance_db / "train-i.lmdb"), spec)  # fewer than 64 records: all of them
+    np.testing.assert_allclose(priors, expected, rtol=1e-6)
+    assert 0 < priors[1] < priors[0] < 1  # contours are a subset of the foreground
+    keras.backend.clear_session()
+    model = build_model("unet", 1, 3, **TINY)
+    _set_head_bias(model, [0.2, 0.0, 0.3], spec.kinds)
+    bias = model.get_layer("head_logits").bias.numpy()
+    # log(0.2 / 0.8); a zero frequency is clipped to 1e-3 (finite log-odds); distances keep their mean.
+    np.testing.assert_allclose(bias, [math.log(0.25), math.log(1e-3 / (1 - 1e-3)), 0.3], rtol=1e-5)
