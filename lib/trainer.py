@@ -712,6 +712,8 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
                     _append_log(out / "log.csv", row)
                     _draw_charts(rows, out / "charts.png")
                 log(_format_row(row, improved))
+            if chief and target_spec is not None and state["best_step"] is not None:
+                tune_postprocess(out, test_reader, target_spec, log)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -838,6 +840,82 @@ def _set_head_bias(model, priors: list[float], kinds) -> None:
     values = [math.log(min(max(p, 1e-3), 1 - 1e-3) / (1 - min(max(p, 1e-3), 1 - 1e-3))) if kind == "binary" else p
               for p, kind in zip(priors, kinds)]
     bias.assign(np.asarray(values, np.float32).astype(bias.dtype))
+
+
+# Post-processing settings tried on the validation tiles at the end of an instance run.
+TUNING_SEED_THRESHOLDS = {"Db": (0.3, 0.4, 0.5, 0.6, 0.7), "C": (0.3, 0.5, 0.7), "P": (0.3, 0.5, 0.7),
+                          "T": (0.3, 0.5, 0.7)}
+TUNING_MIN_SEED_SIZES = (5, 20)
+TUNING_MAX_TILES = 128
+
+
+def postprocess_candidates(spec) -> list:
+    """The defaults first, then every combination of the tuning grid for the channels predicted.
+
+    F keeps its 0.5 (it sets what is object at all); the thresholds that decide how objects
+    split (Db, C, P, T) and the smallest seed vary.
+    """
+    import itertools
+
+    base = _postprocess_defaults(spec)
+    tuned = [c for c in base.seed_channels if c in TUNING_SEED_THRESHOLDS]
+    candidates = [base]
+    for values in itertools.product(*(TUNING_SEED_THRESHOLDS[c] for c in tuned), TUNING_MIN_SEED_SIZES):
+        thresholds = dict(base.thresholds, **dict(zip(tuned, values[:-1])))
+        candidate = dataclasses.replace(base, thresholds=thresholds, min_seed_size=values[-1])
+        if candidate != base:
+            candidates.append(candidate)
+    return candidates
+
+
+def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -> dict:
+    """Choose the post-processing of the best model by matching F1 at IoU 0.5 on the validation tiles.
+
+    Predicts up to ``TUNING_MAX_TILES`` tiles with ``out/model.keras``, scores every
+    candidate of :func:`postprocess_candidates` (pooled over the tiles), and writes the
+    winner into ``model.json`` (``instance.postprocess``) with the table of scores
+    (``instance.postprocess_tuning``). A candidate must beat the defaults to replace them.
+    Returns the tuning record.
+    """
+    import keras
+
+    from .instances import postprocess
+    from .losses import instance_activations
+    from .metrics import match_instances, pool_stats
+
+    start = time.perf_counter()
+    model = keras.models.load_model(out / "model.keras", safe_mode=True, compile=False)
+    activate = instance_activations(spec.kinds)
+    n_channels = len(spec.channels)
+    maps, truths = [], []
+    for batch in test_reader.epoch():
+        if len(maps) >= TUNING_MAX_TILES:
+            continue  # finish the pass: the reader's next pass starts at the beginning
+        predicted = activate(model(batch.images, training=False)).numpy()
+        for b in range(min(len(batch), TUNING_MAX_TILES - len(maps))):
+            maps.append(predicted[b])
+            truths.append(batch.labels[b, :, :, n_channels].astype(np.int64))
+    scores_ = []
+    for candidate in postprocess_candidates(spec):
+        matchings = [match_instances(t, postprocess(m, candidate), thresholds=(0.5,)) for m, t in zip(maps, truths)]
+        f1 = pool_stats(matchings)[0.5].f1
+        scores_.append((candidate, float(f1) if math.isfinite(f1) else 0.0))
+    default_f1 = scores_[0][1]
+    best, best_f1 = max(scores_, key=lambda item: item[1])
+    if best_f1 <= default_f1:
+        best, best_f1 = scores_[0]
+    record = {"tiles": len(maps), "metric": "pooled matching F1 at IoU 0.5", "default_f1": default_f1,
+              "chosen_f1": best_f1, "candidates": [{"thresholds": c.thresholds, "min_seed_size": c.min_seed_size,
+                                                    "f1": f} for c, f in scores_]}
+    meta = json.loads((out / "model.json").read_text())
+    meta["instance"]["postprocess"] = best.to_dict()
+    meta["instance"]["postprocess_tuning"] = record
+    write_json_atomic(out / "model.json", meta)
+    changed = ", ".join(f"{c} {best.thresholds[c]}" for c in best.seed_channels) + \
+        f", min_seed_size {best.min_seed_size}"
+    log(f"post-processing tuned on {len(maps)} validation tiles in {time.perf_counter() - start:.1f} s: {changed} "
+        f"-> F1@0.5 {best_f1:.3f} (defaults {default_f1:.3f}); written to model.json")
+    return record
 
 
 def _postprocess_defaults(spec):

@@ -153,6 +153,12 @@ def test_instance_training_reports_matching_and_writes_the_contract(instance_db,
     assert meta["instance"]["kinds"] == ["binary", "binary", "distance"]
     assert meta["instance"]["targets"]["channels"] == ["F", "C", "Db"]
     assert "postprocess" in meta["instance"] and "f1" in meta["best"]
+    # Post-processing chosen on the validation tiles: never worse than the defaults, and recorded.
+    tuning = meta["instance"]["postprocess_tuning"]
+    assert tuning["chosen_f1"] >= tuning["default_f1"] and len(tuning["candidates"]) == 30
+    chosen = meta["instance"]["postprocess"]
+    assert {"thresholds": chosen["thresholds"], "min_seed_size": chosen["min_seed_size"],
+            "f1": tuning["chosen_f1"]} in tuning["candidates"]
     model = keras.models.load_model(out / "model.keras", compile=False)
     assert model.output_shape[-1] == 3
 
@@ -191,3 +197,16 @@ def test_logit_bias_starts_at_the_target_priors(instance_db):
     bias = model.get_layer("head_logits").bias.numpy()
     # log(0.2 / 0.8); a zero frequency is clipped to 1e-3 (finite log-odds); distances keep their mean.
     np.testing.assert_allclose(bias, [math.log(0.25), math.log(1e-3 / (1 - 1e-3)), 0.3], rtol=1e-5)
+
+
+def test_postprocess_candidates_start_with_the_defaults():
+    from lib.instances import PostProcessConfig
+    from lib.targets import TargetSpec
+    from lib.trainer import postprocess_candidates
+
+    candidates = postprocess_candidates(TargetSpec(channels=("F", "C", "Db")))
+    assert candidates[0] == PostProcessConfig.default_for(("F", "C", "Db"))
+    # 5 Db x 3 C thresholds x 2 smallest seeds, the defaults once; F stays at 0.5.
+    assert len(candidates) == 30 and len(set(map(repr, candidates))) == 30
+    assert {c.thresholds["F"] for c in candidates} == {0.5}
+    assert len(postprocess_candidates(TargetSpec(channels=("F",)))) == 2  # only the smallest seed varies
