@@ -1,6 +1,8 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11:
 #   make demo   generate example data -> fuse experts' masks -> build LMDB databases -> train a small UNet
 #               -> predict and evaluate 4 new images (overlays in demo_output/pred/overlays)
+#               -> train an instance model (F, C, Db) and segment + match the cells of the 4 new images
+#                  (demo_output/pred_instances: labels, measurements, instance_metrics.csv, overlays)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -36,6 +38,17 @@ demo: $(VENV)/.runtime
 	$(PY) data/generate.py --output_folder demo_output/new --n_images 4 --seed 1 --n_experts 0
 	$(PY) inference.py --model demo_output/run --image_folder demo_output/new/images \
 		--mask_folder demo_output/new/masks --output_folder demo_output/pred --probabilities --uncertainty
+	# Instance segmentation: one integer per cell, grown by watershed from predicted F, C, Db channels
+	$(PY) build_lmdb.py --image_folder demo_output/data/images --mask_folder demo_output/data/instances \
+		--output_folder demo_output/db --dataset_name cells --mask_type instance --train_fraction 0.75 \
+		--tile_size 256 --overwrite --quiet
+	rm -rf demo_output/run_instances demo_output/pred_instances
+	$(PY) train_unet.py --train_database demo_output/db/train-cells.lmdb --test_database demo_output/db/test-cells.lmdb \
+		--output_dir demo_output/run_instances --target instance --instance_channels F,C,Db \
+		--model_options '{"base_filters": 16, "depth": 3}' --batch_size 4 --patch_size 128 --learning_rate 1e-3 \
+		--test_every_n_steps 100 --max_steps 400 --reader_count 2
+	$(PY) inference.py --model demo_output/run_instances --image_folder demo_output/new/images \
+		--mask_folder demo_output/new/instances --output_folder demo_output/pred_instances --pixel_size 0.65
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
