@@ -6,8 +6,11 @@
 Exact tiled prediction: tiles carry a halo of the model's receptive-field radius, so the
 labels equal whole-image prediction for images of any size. Writes KEY.tif|png label images,
 optional probabilities/ and uncertainty/ maps, records/KEY.json, uncertainty.csv and, with
---mask_folder, metrics.csv and overlays/. A rerun skips images already done (--overwrite redoes
-them). Exit code 0: all images done; 1: some images failed (listed); 2: bad settings or model.
+--mask_folder, metrics.csv and overlays/. Instance models (model.json label_kind "instance") get
+their channel maps post-processed on the whole image into KEY.tif instance labels and
+KEY_instances.csv measurements; with --mask_folder (instance label masks), instance_metrics.csv
+and associations/ too. A rerun skips images already done (--overwrite redoes them).
+Exit code 0: all images done; 1: some images failed (listed); 2: bad settings or model.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiles = parser.add_argument_group("tiling")
     tiles.add_argument("--tile_size", type=int, default=None,
                        help="largest tile edge fed to the model, a multiple of its size divisor "
-                            "(default: a zone of max(512, 2*halo) plus the halo on each side)")
+                            "(default: a zone of max(768, 2*halo) plus the halo on each side)")
     tiles.add_argument("--halo", type=int, default=None,
                        help="pixels of context around each tile's zone (default: the receptive-field radius, "
                             "exact; smaller is faster and approximate near tile borders)")

@@ -20,8 +20,10 @@ pixels, from a float32 prediction in the same process; not timed).
 Models have random weights (speed does not depend on them) and the default options of their
 architecture (the default UNet: 64 filters, depth 4), except ``unet-small`` (base 16 filters,
 depth 3: the demo's model). The halo is the receptive-field radius (exact) except where a case
-says otherwise: FC-DenseNet56 uses the 96-px halo of NIST's effective receptive field and
-832-px tiles, as NIST's inference does. ``--tile_size`` overrides every case's tile size.
+says otherwise: FC-DenseNet56 uses the 96-px halo of NIST's effective receptive field (and, in
+``fcd56-2048-nist-tile``, NIST's 832-px tiles, which the planner equalises to 16 tiles of 704
+px; the default gives 9 of 896). Tiles are the library's default unless a case sets them;
+``--tile_size`` overrides every case's tile size.
 Each process builds the model, predicts once untimed (tracing), then ``--repeats`` times;
 figures are medians. ``--huge N`` also runs ``inference.py``'s library entry on an N x N uint16
 TIFF with the small UNet (streamed to a tiled BigTIFF) and reports its peak resident memory.
@@ -50,8 +52,9 @@ NIST_REFERENCE = {"fc-densenet56_2048_mpix_s": 0.07, "fc-densenet56_2048_peak_gi
 SMALL_UNET = {"base_filters": 16, "depth": 3}
 CASES = {
     # name: (architecture, options, size, halo, tile_size, modes)
-    "fcd56-2048": ("fc-densenet56", {}, 2048, 96, 832, ("tiled", "one_tile")),
-    "fcd56-4096": ("fc-densenet56", {}, 4096, 96, 832, ("tiled", "one_tile")),
+    "fcd56-2048": ("fc-densenet56", {}, 2048, 96, None, ("tiled", "one_tile")),
+    "fcd56-2048-nist-tile": ("fc-densenet56", {}, 2048, 96, 832, ("tiled",)),
+    "fcd56-4096": ("fc-densenet56", {}, 4096, 96, None, ("tiled", "one_tile")),
     "unet-2048": ("unet", {}, 2048, None, None, ("tiled", "one_tile", "whole")),
     "unet-4096": ("unet", {}, 4096, None, None, ("tiled", "one_tile")),
     "unet-small-2048": ("unet", SMALL_UNET, 2048, None, None, ("tiled", "one_tile", "whole")),
