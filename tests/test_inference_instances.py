@@ -382,3 +382,83 @@ def test_help_lists_the_instance_flags_without_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False False"
+
+
+# Library errors and small helpers
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pixel_size": 0.0}, "pixel_size must be a positive number"),
+    ({"filter_rules": "npixels <"}, "filter_rules must be valid rules"),
+    ({"refinements": ("dilation",)}, "refinement 'dilation' must be followed by one integer"),
+    ({"thresholds": {"F": 1.5}}, "thresholds['F'] must be a number in [0, 1] or 'auto'"),
+    ({"matching_thresholds": (0.5, 0.5)}, "matching_thresholds must be distinct IoU thresholds"),
+    ({"postprocess_window": 64, "postprocess_overlap": 64}, "postprocess_overlap must be >= 0 and < "),
+])
+def test_inference_config_instance_errors(change, message, tmp_path):
+    from lib.config import ConfigError
+    from lib.predict import InferenceConfig
+
+    config = InferenceConfig(model="m", image_folder=str(tmp_path), output_folder=str(tmp_path / "o"), **change)
+    with pytest.raises(ConfigError) as info:
+        config.validate()
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("postprocess, message", [
+    ({"channels": ["F"]}, "instance.postprocess must hold valid post-processing settings"),
+    ({**PostProcessConfig.default_for(("F", "Db")).to_dict()}, "must equal instance.channels"),
+])
+def test_bad_post_processing_in_model_json(postprocess, message):
+    from lib.predict import postprocess_settings
+
+    meta = instance_json()
+    meta["instance"]["postprocess"] = postprocess
+    with pytest.raises(ModelError, match=message):
+        postprocess_settings(predictor_from_models([(oracle_model(), meta)]))
+
+
+def test_post_processing_defaults_when_model_json_has_none():
+    from lib.predict import postprocess_settings
+
+    meta = instance_json()
+    del meta["instance"]["postprocess"]
+    config = postprocess_settings(predictor_from_models([(oracle_model(), meta)]), {"Db": "auto"}, ["fill_holes"])
+    assert config.thresholds["Db"] == "auto" and config.refinements == ("fill_holes",)
+    assert config.surface_channel == PostProcessConfig.default_for(CHANNELS).surface_channel
+
+
+def test_semantic_only_functions_refuse_instance_models(tmp_path):
+    from lib.predict import predict_to_tiff, predict_volume
+
+    predictor = predictor_from_models([(oracle_model(), instance_json())])
+    with pytest.raises(ValueError, match="predictor must be a semantic model to label a stack"):
+        predict_volume(predictor, np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="predictor must be a semantic model to stream labels"):
+        predict_to_tiff(predictor, np.zeros((8, 8, 3), np.float32), tmp_path / "x.tif")
+
+
+def test_evaluate_instances_and_rows():
+    from lib.evaluate import INSTANCE_METRIC_FIELDS, evaluate_instances, instance_metrics_rows
+
+    truth = np.array([[1, 1, 0, 2], [1, 1, 0, 2]], np.uint16)
+    labels = np.array([[3, 3, 0, 0], [3, 0, 0, 0]], np.uint16)
+    matching, cm = evaluate_instances(labels, truth, (0.5, 0.9))
+    assert cm.tolist() == [[2, 0], [3, 3]]  # rows: truth background/object; columns: prediction
+    rows = instance_metrics_rows("x", matching.stats)
+    assert [r["threshold"] for r in rows] == [0.5, 0.9] and list(rows[0]) == list(INSTANCE_METRIC_FIELDS)
+    assert (rows[0]["tp"], rows[0]["fp"], rows[0]["fn"]) == (1, 0, 1)  # IoU 3/4 matches at 0.5
+    assert (rows[1]["tp"], rows[1]["fn"]) == (0, 2)
+    with pytest.raises(ValueError, match="mask size must equal the image size"):
+        evaluate_instances(labels, truth[:, :3])
+
+
+def test_binary_entropy_hand_computed():
+    from lib.predict import binary_entropy
+
+    maps = np.array([[[0.5, 0.9, 0.3], [1.0, 0.0, 0.7]]], np.float32)
+    expected_first = (1.0 + -(0.9 * np.log2(0.9) + 0.1 * np.log2(0.1))) / 2
+    entropy = binary_entropy(maps, [True, True, False])
+    assert entropy.shape == (1, 2) and entropy[0, 0] == pytest.approx(expected_first, abs=1e-6)
+    assert entropy[0, 1] == pytest.approx(0.0, abs=1e-4)
+    assert not binary_entropy(maps, [False, False, False]).any()
