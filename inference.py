@@ -53,10 +53,10 @@ def _refinements(text: str) -> tuple[str, ...]:
 
 
 def _rules(text: str) -> str:
-    from lib.instances import parse_rules
+    from lib.instances import MEASUREMENT_COLUMNS, parse_rules
 
     try:
-        parse_rules(text)
+        parse_rules(text, MEASUREMENT_COLUMNS)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(" ".join(str(exc).split())) from None
     return text

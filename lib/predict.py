@@ -1270,7 +1270,7 @@ class InferenceConfig:
         return self
 
     def _instance_violations(self) -> list[str]:
-        from lib.instances import parse_refinement, parse_rules
+        from lib.instances import MEASUREMENT_COLUMNS, parse_refinement, parse_rules
 
         v = []
         if self.pixel_size is not None and not (isinstance(self.pixel_size, (int, float))
@@ -1278,7 +1278,7 @@ class InferenceConfig:
             v.append(f"pixel_size must be a positive number (physical units per pixel); got {self.pixel_size!r}")
         if self.filter_rules is not None:
             try:
-                parse_rules(self.filter_rules)
+                parse_rules(self.filter_rules, MEASUREMENT_COLUMNS)  # the columns of lib.instances.measure
             except ValueError as exc:
                 v.append(f"filter_rules must be valid rules; got {self.filter_rules!r}: {exc}")
         for step in self.refinements or ():

@@ -361,6 +361,7 @@ def test_stacks_are_refused_by_name(oracle_folder, tmp_path, capsys):
     (["--thresholds", "F"], "each threshold must be NAME=VALUE"),
     (["--refinements", "grow 3"], "refinement must be one of"),
     (["--filter_rules", "size < 3"], "property must be one of"),
+    (["--filter_rules", "nvoxels < 3"], "property must be one of label, npixels, area"),  # 3D only
     (["--pixel_size", "0"], "--pixel_size: must be a positive number"),
     (["--matching_thresholds", "0.5", "0"], "--matching_thresholds must be distinct IoU thresholds in (0, 1]"),
     (["--postprocess_overlap", "5000"], "--postprocess_overlap must be >= 0 and below --postprocess_window"),
