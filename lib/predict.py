@@ -43,6 +43,7 @@ DEFAULT_BATCH_PIXELS = 2 ** 20
 # 896-px tiles as on 704-px ones (measured), so larger zones only cut the work spent on halos:
 # on 2048 x 2048 with a 96-px halo, 9 tiles of 896 px (7.2 Mpixel) instead of 16 of 704 (7.9).
 DEFAULT_MIN_ZONE = 768
+STREAM_MIN_ZONE = 512  # zones of images streamed to tiled BigTIFF (predict_to_tiff)
 
 
 class ModelError(ValueError):
@@ -600,9 +601,11 @@ class TilePlan:
                 for i in range(rows) for j in range(cols)]
 
 
-def default_tile_size(halo: int, divisor: int) -> int:
-    """Tile edge used when none is given: a zone of at least ``DEFAULT_MIN_ZONE`` px and at least twice the halo."""
-    return _round_up(max(DEFAULT_MIN_ZONE, 2 * halo) + 2 * halo, divisor)
+def default_tile_size(halo: int, divisor: int, min_zone: int | None = None) -> int:
+    """Tile edge used when none is given: a zone of at least ``min_zone`` (default ``DEFAULT_MIN_ZONE``) px
+    and at least twice the halo."""
+    min_zone = DEFAULT_MIN_ZONE if min_zone is None else min_zone
+    return _round_up(max(min_zone, 2 * halo) + 2 * halo, divisor)
 
 
 def _plan_axis(length: int, tile: int, halo: int, divisor: int) -> tuple[int, int]:
@@ -950,6 +953,10 @@ def predict_to_tiff(predictor: Predictor, image, labels_path: Path, tile_size: i
                          "predict_maps_to_memmap, then segment_instances)")
     height, width = image.shape[:2]
     halo = predictor.receptive_field_radius if halo is None else halo
+    if tile_size is None:
+        # Streaming holds a whole row of zones of every output: smaller zones keep the peak low
+        # (16384x16384, small UNet: 1.96 GiB with 512-px zones, 2.14 GiB with 768).
+        tile_size = default_tile_size(halo, predictor.size_divisor, STREAM_MIN_ZONE)
     plan = plan_tiles(height, width, predictor.size_divisor, halo, tile_size)
     classes = predictor.number_classes
     want_spread = predictor.samples > 1
