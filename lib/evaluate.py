@@ -91,15 +91,20 @@ def metrics_row(name: str, cm: np.ndarray) -> dict[str, object]:
     return row
 
 
-def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, object]]) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV atomically; floats with 6 significant digits."""
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, object]],
+              fieldnames: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` as CSV atomically; floats with 6 significant digits, NaN as an empty cell.
+
+    Columns ``fieldnames`` (a header even without rows), default the keys of the first row
+    (no file content at all without rows).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.csv", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as handle:
-            if rows:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if rows or fieldnames is not None:
+                writer = csv.DictWriter(handle, fieldnames=list(fieldnames if fieldnames is not None else rows[0]))
                 writer.writeheader()
                 for row in rows:
                     writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else

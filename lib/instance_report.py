@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -73,20 +71,9 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, object]],
         if extra:
             raise ValueError(f"rows must only hold the columns {', '.join(fieldnames)}; got {', '.join(extra)} in "
                              f"row {number}. Pass fieldnames=")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fieldnames)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else
-                                     "" if isinstance(v, float) else v) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from lib.evaluate import write_csv as write_rows
+
+    return write_rows(path, rows, fieldnames)
 
 
 def grey_display(image: np.ndarray) -> np.ndarray:
