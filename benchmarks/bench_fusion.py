@@ -27,12 +27,12 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -77,15 +77,6 @@ def structured_experts(size: int, experts: int, n_classes: int, rng: np.random.G
         mask[flip] = rng.integers(0, n_classes, int(flip.sum()))
         masks.append(mask)
     return masks
-
-
-def timed(function, repeats: int) -> tuple[float, object]:
-    seconds, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
 
 
 def main(argv: list[str] | None = None) -> int:

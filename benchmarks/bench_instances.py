@@ -30,12 +30,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -134,15 +134,6 @@ def synthetic_maps(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     maps = ndimage.gaussian_filter(maps, sigma=(1.0, 1.0, 0.0))
     maps += rng.normal(0, 0.05, maps.shape).astype(np.float32)
     return np.clip(maps, 0.0, 1.0)
-
-
-def timed(function, repeats: int) -> tuple[float, object]:
-    seconds, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
 
 
 def main(argv: list[str] | None = None) -> int:
