@@ -36,6 +36,7 @@ def held_back_iou(run: Path, test_db: Path) -> dict:
     """Foreground IoU of the best model on every record of the test database (whole 256x256 images)."""
     import keras
 
+    import lib.models  # noqa: F401  (registers the toolkit's layers)
     from lib.lmdb_store import LmdbReader
 
     meta = json.loads((run / "model.json").read_text())

@@ -136,7 +136,7 @@ def _child(spec: dict) -> dict:
     plan = getattr(first, "plan", None)
     row = {"seconds": seconds, "mpix_s": size * size / 1e6 / seconds, "peak_gib": _peak_gib(),
            "precision": precision, "halo": radius if halo is None else halo, "radius": radius,
-           "tile": None if plan is None else plan.tile_height, "tiles": None if plan is None else plan.n_tiles}
+           "tile": None if plan is None else [plan.tile_height, plan.tile_width], "tiles": None if plan is None else plan.n_tiles}
     if precision != "float32":
         # Agreement with float32 on a corner, predicted the same way (after the peak was read).
         side = min(size, AGREEMENT_SIDE)

@@ -51,6 +51,7 @@ def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     """Whole-image prediction with the best model, then the model's post-processing."""
     import keras
 
+    import lib.models  # noqa: F401  (registers the toolkit's layers)
     from lib.instances import PostProcessConfig, postprocess
 
     meta = json.loads((run / "model.json").read_text())

@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 NIST = ROOT.parent / "shared" / "data" / "nist_phase_contrast"
 NIST_IMAGES_PER_S = {"unet": 0.89, "fc-densenet56": 1.33}
-MODES = ("reader_f32", "preloaded_f32", "preloaded_f32_xla", "preloaded_bf16", "reader_bf16")
+MODES = ("reader_f32", "preloaded_f32", "preloaded_f32_xla", "preloaded_bf16", "reader_bf16",
+         "reader_f32_kerasbn", "reader_bf16_kerasbn")
+# *_kerasbn: the same model with Keras' own BatchNormalization instead of the fused kernel
+# (lib.models.layers.FusedBatchNormalization), to measure what the fused kernel buys.
 
 
 def build_db(tmp: Path) -> Path:
@@ -49,19 +52,26 @@ def run_mode(mode: str, architecture: str, batch: int, database: Path, steps: in
     import numpy as np
     import tensorflow as tf
 
+    import lib.models.blocks as blocks
     from lib.imagereader import ImageReader, as_tf_dataset
     from lib.losses import make_loss
     from lib.models import build_model
     from lib.trainer import make_train_step
 
     keras.backend.clear_session()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mode.endswith("bf16") else "float32")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if "_bf16" in mode else "float32")
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
-    model = build_model(architecture, 1, 2)
+    fused = blocks.FusedBatchNormalization
+    if mode.endswith("_kerasbn"):
+        blocks.FusedBatchNormalization = keras.layers.BatchNormalization
+    try:
+        model = build_model(architecture, 1, 2)
+    finally:
+        blocks.FusedBatchNormalization = fused
     optimizer = keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=1e-4)
     optimizer.build(model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, make_loss("ce", 2), batch, jit_compile=mode.endswith("xla"))
+    step = make_train_step(strategy, model, optimizer, make_loss("ce", 2), batch, jit_compile="_xla" in mode)
     reader = ImageReader(database, batch, mode="train", reader_count=reader_count, seed=0)
     times = []
     with reader:

@@ -44,6 +44,7 @@ DEFAULT_BATCH_PIXELS = 2 ** 20
 # on 2048 x 2048 with a 96-px halo, 9 tiles of 896 px (7.2 Mpixel) instead of 16 of 704 (7.9).
 DEFAULT_MIN_ZONE = 768
 STREAM_MIN_ZONE = 512  # zones of images streamed to tiled BigTIFF (predict_to_tiff)
+BFLOAT16_TILE_AREA = 1.3  # default tile area in bfloat16 relative to float32 (default_tile_pixels)
 
 
 class ModelError(ValueError):
@@ -619,7 +620,45 @@ def _plan_axis(length: int, tile: int, halo: int, divisor: int) -> tuple[int, in
     return _round_up(zone + 2 * halo, divisor), zone
 
 
-def plan_tiles(height: int, width: int, divisor: int, halo: int, tile_size: int | None = None) -> TilePlan:
+def default_tile_pixels(halo: int, divisor: int, precision: str = "float32") -> int:
+    """Largest tile area (pixels) of a default plan: a default square tile's area, 1.3x that in bfloat16.
+
+    The tile's activations are what cost the memory. FC-DenseNet56 (measured, 2048 x 2048,
+    halo 96): resident memory grows by 3.3 GiB per tile megapixel in float32 and 2.3 GiB in
+    bfloat16, so a bfloat16 tile 1.3x larger still costs less than the float32 one.
+    """
+    area = default_tile_size(halo, divisor) ** 2
+    return int(area * BFLOAT16_TILE_AREA) if precision == "bfloat16" else area
+
+
+def _budget_plan(height: int, width: int, divisor: int, halo: int, max_pixels: int) -> tuple[int, int, int, int]:
+    """(tile_height, tile_width, zone_height, zone_width) computing the fewest pixels with tiles of at most
+    ``max_pixels`` pixels (then the fewest tiles). Rectangular tiles fit a grid to the image: 2048 x 2048
+    with a 96-px halo in tiles of at most 1.2 Mpixel is 2 x 3 tiles of 1216 x 896 (6.5 Mpixel computed)
+    where squares of 896 need 3 x 3 (7.2 Mpixel)."""
+    smallest = _round_up(2 * halo + divisor, divisor)
+    top = max(smallest, min(_round_up(height + 2 * halo, divisor), max_pixels // smallest // divisor * divisor))
+    best: tuple | None = None
+    seen: set[tuple[int, int]] = set()
+    for candidate in range(smallest, top + 1, divisor):
+        tile_height, zone_height = _plan_axis(height, candidate, halo, divisor)
+        if (tile_height, zone_height) in seen:
+            continue
+        seen.add((tile_height, zone_height))
+        allowed = max(smallest, max_pixels // tile_height // divisor * divisor)
+        tile_width, zone_width = _plan_axis(width, allowed, halo, divisor)
+        if tile_height * tile_width > max_pixels and best is not None:
+            continue
+        tiles = -(-height // zone_height) * -(-width // zone_width)
+        key = (tile_height * tile_width > max_pixels, tiles * tile_height * tile_width, tiles)
+        if best is None or key < best[0]:
+            best = (key, tile_height, tile_width, zone_height, zone_width)
+    assert best is not None
+    return best[1:]
+
+
+def plan_tiles(height: int, width: int, divisor: int, halo: int, tile_size: int | None = None,
+               max_tile_pixels: int | None = None) -> TilePlan:
     """Plan the tiles of an image.
 
     Parameters
@@ -627,8 +666,11 @@ def plan_tiles(height: int, width: int, divisor: int, halo: int, tile_size: int 
     height, width : image size in pixels (any size >= 1).
     divisor : the model's size divisor; tile sizes and zone origins are multiples of it.
     halo : pixels of context on each side of a zone (the receptive-field radius for exact output).
-    tile_size : largest tile edge, a multiple of ``divisor`` (default :func:`default_tile_size`).
-        A smaller image gets one smaller tile per axis.
+    tile_size : largest tile edge, a multiple of ``divisor``: square tiles, as equal zones as the
+        divisor allows. A smaller image gets one smaller tile per axis.
+    max_tile_pixels : when ``tile_size`` is None, the largest tile area; tiles may then be
+        rectangular, chosen to compute the fewest pixels (default: the area of
+        :func:`default_tile_size`, see :func:`default_tile_pixels`).
 
     Raises ``ValueError`` when ``tile_size`` is not a multiple of ``divisor`` or leaves no zone.
     """
@@ -636,7 +678,11 @@ def plan_tiles(height: int, width: int, divisor: int, halo: int, tile_size: int 
                                  ("halo", halo, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    tile = default_tile_size(halo, divisor) if tile_size is None else tile_size
+    if tile_size is None:
+        budget = default_tile_pixels(halo, divisor) if max_tile_pixels is None else int(max_tile_pixels)
+        tile_height, tile_width, zone_height, zone_width = _budget_plan(height, width, divisor, halo, budget)
+        return TilePlan(height, width, tile_height, tile_width, zone_height, zone_width, halo, divisor)
+    tile = tile_size
     if tile % divisor:
         raise ValueError(f"tile_size must be a multiple of the model's size divisor {divisor}; got {tile}. "
                          f"Use {tile // divisor * divisor or divisor} or {_round_up(tile, divisor)}")
@@ -646,6 +692,13 @@ def plan_tiles(height: int, width: int, divisor: int, halo: int, tile_size: int 
     tile_height, zone_height = _plan_axis(height, tile, halo, divisor)
     tile_width, zone_width = _plan_axis(width, tile, halo, divisor)
     return TilePlan(height, width, tile_height, tile_width, zone_height, zone_width, halo, divisor)
+
+
+def plan_for(predictor: "Predictor", height: int, width: int, halo: int, tile_size: int | None = None) -> TilePlan:
+    """The tile plan of ``predictor`` on an image: ``tile_size`` squares, or by default rectangular
+    tiles within :func:`default_tile_pixels` for the predictor's precision."""
+    budget = default_tile_pixels(halo, predictor.size_divisor, predictor.precision)
+    return plan_tiles(height, width, predictor.size_divisor, halo, tile_size, budget)
 
 
 def reflect_indices(indices: np.ndarray, length: int) -> np.ndarray:
@@ -805,7 +858,7 @@ def predict_image(predictor: Predictor, image, tile_size: int | None = None, hal
     """
     height, width = image.shape[:2]
     halo = predictor.receptive_field_radius if halo is None else halo
-    plan = plan_tiles(height, width, predictor.size_divisor, halo, tile_size)
+    plan = plan_for(predictor, height, width, halo, tile_size)
     semantic = predictor.label_kind == "semantic"
     channels = predictor.output_channels
     want_spread = predictor.samples > 1
@@ -1176,7 +1229,7 @@ def predict_maps_to_memmap(predictor: Predictor, image, path: Path, tile_size: i
     """
     height, width = image.shape[:2]
     halo = predictor.receptive_field_radius if halo is None else halo
-    plan = plan_tiles(height, width, predictor.size_divisor, halo, tile_size)
+    plan = plan_for(predictor, height, width, halo, tile_size)
     want_spread = predictor.samples > 1
     maps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
                                      shape=(height, width, predictor.output_channels))
@@ -1458,7 +1511,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
         "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
         "receptive_field_radius": radius, "size_divisor": divisor, "exact": exact,
         "label_kind": predictor.label_kind, "number_classes": predictor.number_classes,
-        "tile_size_used": config.tile_size or default_tile_size(halo, divisor),
+        "tile_size_used": config.tile_size,  # None: rectangular tiles of at most tile_pixels_max (records/)
+        "tile_pixels_max": (config.tile_size or 0) ** 2 or default_tile_pixels(halo, divisor, predictor.precision),
     }
     if post is not None:
         instance = {"channels": list(predictor.channel_names), "kinds": list(predictor.channel_kinds),
@@ -1561,7 +1615,7 @@ def _tile_bar(predictor: Predictor, info, config: InferenceConfig, halo: int, na
     if not progress:
         return None
     height, width = info.shape[-3:-1] if info.is_volume else info.shape[:2]
-    tiles = plan_tiles(height, width, predictor.size_divisor, halo, config.tile_size).n_tiles
+    tiles = plan_for(predictor, height, width, halo, config.tile_size).n_tiles
     tiles *= info.shape[0] if info.is_volume else 1
     if tiles < TILE_BAR_MIN_TILES:
         return None

@@ -48,6 +48,9 @@ EVAL_MATCHING_THRESHOLDS = (0.5,)
 MODEL_JSON_VERSION = 1
 IMPROVEMENT_TOLERANCE = 1e-4  # an evaluation within this of the best test loss counts as best (as NIST)
 # Settings that may change between a run and its resumption.
+# Default training patch of --target instance: on 2 CPU cores, 128-px patches made 3.5x the steps
+# of 256-px ones in 15 minutes and a better model (benchmarks/bench_instance_accuracy.py, README).
+INSTANCE_PATCH = 128
 RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps")
 
 
@@ -296,7 +299,7 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
                             f", got {config.number_classes}")
     divisor, _ = model_geometry(config.architecture, **config.model_options)
     tile = train.get("tile_size")
-    patch = config.patch_size or tile
+    patch = train_patch(config, tile, divisor)
     if patch is None:
         problems.append("patch_size must be given for a database of whole images (built with --use_tiling 0)")
     else:
@@ -554,7 +557,7 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
         + (" (auto: native bfloat16 on this device)" if config.mixed_precision is None and use_bf16 else ""))
     keras.utils.set_random_seed(config.seed)
     geometry = model_geometry(config.architecture, **config.model_options)
-    patch = config.patch_size or train_meta["tile_size"]
+    patch = train_patch(config, train_meta["tile_size"], geometry[0])
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     channels = train_meta["channels"]
@@ -843,10 +846,20 @@ def _set_head_bias(model, priors: list[float], kinds) -> None:
 
 
 # Post-processing settings tried on the validation tiles at the end of an instance run.
-TUNING_SEED_THRESHOLDS = {"Db": (0.3, 0.4, 0.5, 0.6, 0.7), "C": (0.3, 0.5, 0.7), "P": (0.3, 0.5, 0.7),
+TUNING_SEED_THRESHOLDS = {"Db": (0.3, 0.4, 0.5, 0.6, 0.7), "C": (0.2, 0.3, 0.5, 0.7), "P": (0.3, 0.5, 0.7),
                           "T": (0.3, 0.5, 0.7)}
 TUNING_MIN_SEED_SIZES = (5, 20)
 TUNING_MAX_TILES = 128
+
+
+def train_patch(config: "TrainConfig", tile: int | None, divisor: int) -> int | None:
+    """The training patch edge: ``--patch_size``, else :data:`INSTANCE_PATCH` for instance targets on larger
+    tiles (when the model's divisor allows), else the tile size (None for whole-image databases)."""
+    if config.patch_size:
+        return config.patch_size
+    if config.target == "instance" and tile is not None and tile > INSTANCE_PATCH and INSTANCE_PATCH % divisor == 0:
+        return INSTANCE_PATCH
+    return tile
 
 
 def postprocess_candidates(spec) -> list:

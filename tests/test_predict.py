@@ -14,9 +14,10 @@ keras = pytest.importorskip("keras")
 
 from lib.evaluate import evaluate_labels, metrics_row, overlay  # noqa: E402
 from lib.models import build_model, model_geometry  # noqa: E402
-from lib.predict import (InputMismatch, ModelError, ModelInfo, find_models, load_predictor,  # noqa: E402
-                         plan_tiles, predict_image, predict_volume, predict_whole, predictor_from_models,
-                         read_window, reflect_indices, resolve_precision, with_precision)
+from lib.predict import (InputMismatch, ModelError, ModelInfo, default_tile_pixels,  # noqa: E402
+                         default_tile_size, find_models, load_predictor, plan_tiles, predict_image,
+                         predict_volume, predict_whole, predictor_from_models, read_window, reflect_indices,
+                         resolve_precision, with_precision)
 
 
 def model_json(architecture: str, options: dict, classes: int = 3, channels: int = 1, mode: str = "dataset",
@@ -101,6 +102,45 @@ def test_plan_tiles(height, width, divisor, halo, tile, expected):
 def test_plan_tiles_errors(args, message):
     with pytest.raises(ValueError, match=message):
         plan_tiles(*args)
+
+
+@pytest.mark.parametrize("height, width, divisor, halo, budget", [
+    (2048, 2048, 32, 96, None), (2048, 2048, 32, 96, 1_200_000), (1500, 3001, 16, 40, 500_000),
+    (77, 131, 4, 23, 100 * 100), (10, 10, 16, 0, None), (5000, 300, 8, 0, 256 * 256), (5, 3, 16, 10, None),
+    (1, 1, 32, 96, None),
+])
+def test_budget_plan_covers_within_budget_and_beats_squares(height, width, divisor, halo, budget):
+    plan = plan_tiles(height, width, divisor, halo, max_tile_pixels=budget)
+    limit = budget or default_tile_size(halo, divisor) ** 2
+    assert plan.tile_height * plan.tile_width <= limit
+    assert plan.tile_height % divisor == 0 and plan.tile_width % divisor == 0
+    assert plan.tile_height >= plan.zone_height + 2 * halo and plan.tile_width >= plan.zone_width + 2 * halo
+    covered = np.zeros((height, width), int)
+    for y0, y1, x0, x1 in plan.zones():
+        covered[y0:y1, x0:x1] += 1
+        assert y0 % divisor == 0 and x0 % divisor == 0
+    assert (covered == 1).all()
+    # never more computed pixels than the largest square tile within the same budget
+    square = int(np.sqrt(limit)) // divisor * divisor
+    if square >= 2 * halo + divisor:
+        reference = plan_tiles(height, width, divisor, halo, square)
+        computed = plan.n_tiles * plan.tile_height * plan.tile_width
+        assert computed <= reference.n_tiles * reference.tile_height * reference.tile_width
+
+
+def test_budget_plan_rectangles_on_2048_with_nist_halo():
+    # FC-DenseNet56 case of issue 5: squares of 896 need 3 x 3 tiles (7.2 Mpixel computed); within
+    # 1.2 Mpixel per tile, 2 x 3 tiles of 1216 x 896 compute 6.5 Mpixel.
+    plan = plan_tiles(2048, 2048, 32, 96, max_tile_pixels=1_200_000)
+    assert sorted((plan.tile_height, plan.tile_width)) == [896, 1216]
+    assert plan.n_tiles == 6
+    assert default_tile_pixels(96, 32, "bfloat16") > default_tile_pixels(96, 32) == 960 ** 2
+
+
+def test_budget_plan_below_the_smallest_tile_uses_the_smallest():
+    plan = plan_tiles(100, 100, 8, 10, max_tile_pixels=10)
+    assert (plan.tile_height, plan.tile_width) == (32, 32)
+    assert (plan.zone_height, plan.zone_width) == (8, 8)
 
 
 # Exactness

@@ -155,7 +155,7 @@ def test_instance_training_reports_matching_and_writes_the_contract(instance_db,
     assert "postprocess" in meta["instance"] and "f1" in meta["best"]
     # Post-processing chosen on the validation tiles: never worse than the defaults, and recorded.
     tuning = meta["instance"]["postprocess_tuning"]
-    assert tuning["chosen_f1"] >= tuning["default_f1"] and len(tuning["candidates"]) == 30
+    assert tuning["chosen_f1"] >= tuning["default_f1"] and len(tuning["candidates"]) == 40  # 5 Db x 4 C x 2 seed sizes
     chosen = meta["instance"]["postprocess"]
     assert {"thresholds": chosen["thresholds"], "min_seed_size": chosen["min_seed_size"],
             "f1": tuning["chosen_f1"]} in tuning["candidates"]
@@ -206,7 +206,7 @@ def test_postprocess_candidates_start_with_the_defaults():
 
     candidates = postprocess_candidates(TargetSpec(channels=("F", "C", "Db")))
     assert candidates[0] == PostProcessConfig.default_for(("F", "C", "Db"))
-    # 5 Db x 3 C thresholds x 2 smallest seeds, the defaults once; F stays at 0.5.
-    assert len(candidates) == 30 and len(set(map(repr, candidates))) == 30
+    # 5 Db x 4 C thresholds x 2 smallest seeds, the defaults once; F stays at 0.5.
+    assert len(candidates) == 40 and len(set(map(repr, candidates))) == 40
     assert {c.thresholds["F"] for c in candidates} == {0.5}
     assert len(postprocess_candidates(TargetSpec(channels=("F",)))) == 2  # only the smallest seed varies

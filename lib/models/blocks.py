@@ -18,6 +18,8 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from .layers import FastDropout, FusedBatchNormalization
+
 KERNEL_INITIALIZER = "he_normal"  # every ReLU conv; the logits head keeps Keras' glorot default
 
 
@@ -132,7 +134,7 @@ def conv_bn_relu(filters: int, prefix: str, index: int, batch_norm: bool,
         x = keras.layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm,
                                 kernel_initializer=KERNEL_INITIALIZER, name=f"{prefix}_conv{index}")(x)
         if batch_norm:
-            x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn{index}")(x)
+            x = FusedBatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn{index}")(x)
         return keras.layers.ReLU(name=f"{prefix}_relu{index}")(x)
     return apply
 
@@ -144,12 +146,12 @@ def bn_relu_conv(filters: int, kernel_size: int, dropout: float, prefix: str, bn
     Layers are named ``{prefix}_bn``, ``{prefix}_relu``, ``{prefix}_conv``, ``{prefix}_dropout``.
     """
     def apply(x):
-        x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn")(x)
+        x = FusedBatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
         x = keras.layers.Conv2D(filters, kernel_size, padding="same", kernel_initializer=KERNEL_INITIALIZER,
                                 name=f"{prefix}_conv")(x)
         if dropout > 0:
-            x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout")(x)
+            x = FastDropout(dropout, name=f"{prefix}_dropout")(x)
         return x
     return apply
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from .blocks import Extent, KERNEL_INITIALIZER, bilinear_kernel, check_bool, check_choice, check_int, check_rate, \
     image_input, logits_dtype
+from .layers import FastDropout
 
 VARIANTS = (32, 16, 8)
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -160,7 +161,7 @@ def build_fcn(input_channels: int, n_outputs: int, *, variant: int = 8, width: f
     for name, kernel_size in (("fc6", fc6_kernel), ("fc7", 1)):
         x = conv(x, fc_filters or _filters(4096, width), kernel_size, name)
         if dropout > 0:
-            x = keras.layers.Dropout(dropout, name=f"{name}_dropout")(x)
+            x = FastDropout(dropout, name=f"{name}_dropout")(x)
 
     # Decoder: scores at stride 32, fused with pool4 and pool3 scores on the way up
     upsamplers = []

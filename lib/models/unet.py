@@ -22,6 +22,7 @@ import keras
 
 from .blocks import (Extent, check_bool, check_choice, check_int, check_rate, conv_bn_relu, image_input,
                      logits_head)
+from .layers import FastDropout
 
 UPSAMPLING_MODES = ("transpose", "nearest")
 # Moving-statistics momentum of the batch-norm layers. Keras' 0.99 averages over ~100 steps, so
@@ -127,7 +128,7 @@ def build_unet(input_channels: int, n_outputs: int, *, base_filters: int = 64, d
     for index in (1, 2):
         x = conv_bn_relu(base_filters * 2 ** depth, "bottom", index, batch_norm, bn_momentum=bn_momentum)(x)
     if dropout > 0:
-        x = keras.layers.Dropout(dropout, name="bottom_dropout")(x)
+        x = FastDropout(dropout, name="bottom_dropout")(x)
 
     # Decoder
     for level in range(depth, 0, -1):
