@@ -62,8 +62,10 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=25.0)
     parser.add_argument("--architectures", nargs="+", default=["unet", "fc-densenet56"])
     parser.add_argument("--keep", default=None, help="keep the runs in this folder")
+    parser.add_argument("--train_args", default="", help="extra train_unet.py flags (default: none = defaults)")
     args = parser.parse_args()
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": args.minutes, "runs": {}}
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": args.minutes,
+                     "train_args": args.train_args, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp_name:
         work = Path(args.keep) if args.keep else Path(tmp_name)
         db = work / "db"
@@ -77,7 +79,8 @@ def main() -> int:
             proc = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--train_database",
                                    str(db / "train-nist.lmdb"), "--test_database", str(db / "test-nist.lmdb"),
                                    "--output_dir", str(run), "--number_classes", "2", "--architecture", architecture,
-                                   "--max_minutes", str(args.minutes)], capture_output=True, text=True)
+                                   "--max_minutes", str(args.minutes)] + args.train_args.split(),
+                                  capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode != 0:
                 print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)

@@ -210,3 +210,35 @@ def test_postprocess_candidates_start_with_the_defaults():
     assert len(candidates) == 40 and len(set(map(repr, candidates))) == 40
     assert {c.thresholds["F"] for c in candidates} == {0.5}
     assert len(postprocess_candidates(TargetSpec(channels=("F",)))) == 2  # only the smallest seed varies
+
+
+@pytest.mark.parametrize("extra, learning_rate, options", [
+    (["--number_classes", "2"], 1e-3, {}),
+    (["--target", "instance"], 1e-3, {"base_filters": 32}),
+    (["--target", "instance", "--learning_rate", "2e-4", "--model_options", '{"base_filters": 8}'], 2e-4,
+     {"base_filters": 8}),
+    (["--target", "instance", "--architecture", "fc-densenet56"], 1e-3, {}),
+])
+def test_cli_defaults(extra, learning_rate, options):
+    from lib.train_cli import build_parser, config_from_args
+    from train_unet import ARCHITECTURES
+
+    parser = build_parser("train_unet.py", "", ARCHITECTURES, "unet", "--architecture")
+    args = parser.parse_args(["--train_database", "a.lmdb", "--test_database", "b.lmdb", "--output_dir", "out",
+                              *extra])
+    config = config_from_args(args, parser, ARCHITECTURES)
+    assert config.learning_rate == learning_rate and config.model_options == options
+    assert config.patch_size is None  # resolved against the tile size by train_patch
+
+
+@pytest.mark.parametrize("target, patch, tile, divisor, expected", [
+    ("instance", None, 256, 16, 128), ("instance", None, 96, 16, 96), ("instance", 64, 256, 16, 64),
+    ("semantic", None, 256, 16, 128), ("semantic", None, 128, 16, 128), ("instance", None, 256, 48, 256),
+    ("instance", None, None, 16, None),
+])
+def test_train_patch(target, patch, tile, divisor, expected):
+    from lib.trainer import train_patch
+
+    config = TrainConfig(train_database="a", test_database="b", output_dir="o", number_classes=2, target=target,
+                         patch_size=patch)
+    assert train_patch(config, tile, divisor) == expected
