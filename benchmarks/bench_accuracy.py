@@ -43,7 +43,7 @@ def held_back_iou(run: Path, test_db: Path) -> dict:
     model = keras.models.load_model(run / "model.keras", safe_mode=True, compile=False)
     mean = np.asarray(meta["normalization"]["mean"], np.float32)
     std = np.asarray(meta["normalization"]["std"], np.float32)
-    per_image, tp, union = [], 0, 0
+    per_image, fractions, tp, union = [], [], 0, 0
     with LmdbReader(test_db) as reader:
         for i in range(len(reader)):
             image, label = reader[i]
@@ -52,9 +52,12 @@ def held_back_iou(run: Path, test_db: Path) -> dict:
             fg_true, fg_pred = label > 0, prediction > 0
             inter, uni = int((fg_true & fg_pred).sum()), int((fg_true | fg_pred).sum())
             per_image.append(inter / uni if uni else 1.0)
+            fractions.append(float(fg_true.mean()))
             tp, union = tp + inter, union + uni
     return {"mean_foreground_iou_per_image": round(float(np.mean(per_image)), 4),
-            "pooled_foreground_iou": round(tp / max(union, 1), 4), "test_images": len(per_image)}
+            "pooled_foreground_iou": round(tp / max(union, 1), 4), "test_images": len(per_image),
+            "per_image": [{"foreground_fraction": round(f, 4), "iou": round(v, 4)}
+                          for f, v in sorted(zip(fractions, per_image))]}
 
 
 def main() -> int:

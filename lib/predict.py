@@ -983,6 +983,54 @@ class _RowTiler:
         self.rows = [buffered[full:]] if full < buffered.shape[0] else []
 
 
+def _mapping_of(array):
+    """The ``mmap.mmap`` behind a numpy memory map (or a view of one), else None."""
+    import mmap
+
+    base = array
+    for _ in range(8):
+        mapped = getattr(base, "_mmap", None)
+        if isinstance(mapped, mmap.mmap):
+            return mapped
+        if isinstance(base, mmap.mmap):
+            return base
+        base = getattr(base, "base", None)
+        if base is None:
+            return None
+    return None
+
+
+def release_rows(image, stop: int) -> bool:
+    """Drop the resident pages of rows ``[0, stop)`` of a memory-mapped, C-contiguous ``image``.
+
+    Reading a memory-mapped image window by window leaves every page read resident (counted in
+    the process's memory) until the map closes; rows already predicted are never read again,
+    so their pages are released (``madvise(MADV_DONTNEED)``: a read-only file mapping rereads
+    them from the file if touched). Returns False where this does not apply (not a map, not
+    contiguous, no ``madvise``).
+    """
+    import mmap
+
+    mapped = _mapping_of(image)
+    if mapped is None or stop <= 0 or not getattr(image, "flags", None) or not image.flags.c_contiguous \
+            or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    try:
+        start_address = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+    except (TypeError, ValueError):
+        return False
+    row_bytes = image.strides[0]
+    end = image.ctypes.data - start_address + min(stop, image.shape[0]) * row_bytes
+    end = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= 0:
+        return False
+    try:
+        mapped.madvise(mmap.MADV_DONTNEED, 0, end)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def predict_to_tiff(predictor: Predictor, image, labels_path: Path, tile_size: int | None = None,
                     halo: int | None = None, batch_size: int | None = None,
                     probabilities_path: Path | None = None, entropy_path: Path | None = None,
@@ -1050,6 +1098,7 @@ def predict_to_tiff(predictor: Predictor, image, labels_path: Path, tile_size: i
             overview.append(strips["labels"][first - y0::overview_step, ::overview_step])
             rows_done = y1
             row = []
+            release_rows(image, y1 - halo)  # the next zones read from y1 - halo on
         ok = True
     finally:
         for sink in sinks.values():

@@ -433,3 +433,20 @@ def test_overlay_colours():
     assert magenta[0] > 0 and magenta[2] > 0 and magenta[1] == 0
     assert blue[2] > blue[0]
     assert yellow[0] > 0 and yellow[1] > 0 and yellow[2] == 0
+
+
+def test_release_rows_keeps_a_memory_mapped_image_readable(tmp_path):
+    import tifffile
+
+    from lib.predict import release_rows
+
+    data = np.random.default_rng(0).integers(0, 60000, (300, 5000), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    mapped = tifffile.memmap(tmp_path / "a.tif", mode="r")
+    view = mapped.reshape(300, 5000, 1)
+    assert int(view[:, :, 0].sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page resident
+    assert release_rows(view, 200)
+    assert np.array_equal(view[:, :, 0], data)  # released pages are read again from the file
+    assert not release_rows(np.zeros((10, 10)), 5)  # not a map: nothing to do
+    assert not release_rows(view, 0)
+    del view, mapped
