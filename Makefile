@@ -45,8 +45,7 @@ demo: $(VENV)/.runtime
 	rm -rf demo_output/run_instances demo_output/pred_instances
 	$(PY) train_unet.py --train_database demo_output/db/train-cells.lmdb --test_database demo_output/db/test-cells.lmdb \
 		--output_dir demo_output/run_instances --target instance --instance_channels F,C,Db \
-		--model_options '{"base_filters": 16, "depth": 3}' --batch_size 4 --patch_size 128 --learning_rate 1e-3 \
-		--test_every_n_steps 100 --max_steps 400 --reader_count 2
+		--batch_size 4 --test_every_n_steps 100 --max_steps 400 --reader_count 2
 	$(PY) inference.py --model demo_output/run_instances --image_folder demo_output/new/images \
 		--mask_folder demo_output/new/instances --output_folder demo_output/pred_instances --pixel_size 0.65
 
