@@ -39,7 +39,7 @@ def _run(layer, x, training):
     return tf.cast(y, tf.float32).numpy(), [g.numpy().astype(np.float32) for g in grads]
 
 
-@pytest.mark.parametrize("channels", [4, 60, 64])
+@pytest.mark.parametrize("channels", [4, 48, 60, 64])
 @pytest.mark.parametrize("dtype_policy, tolerance", [("float32", 1e-4), ("mixed_bfloat16", 5e-2)])
 def test_fused_batch_norm_matches_keras(policy, channels, dtype_policy, tolerance):
     policy(dtype_policy)
