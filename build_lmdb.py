@@ -17,7 +17,7 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from lib.config import flag_bool
+    from lib.common.cli import flag_bool
 
     parser = argparse.ArgumentParser(
         prog="build_lmdb.py", description=__doc__.split("\n\n")[0],
@@ -69,10 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lib.build import build_databases
-    from lib.config import BuildConfig, ConfigError
-    from lib.images import DatasetError
-    from lib.lmdb_store import summarize
+    from lib.common.settings import ConfigError
+    from lib.store.build import BuildConfig, build_databases
+    from lib.store.images import DatasetError
+    from lib.store.lmdb_store import summarize
 
     config = BuildConfig(
         image_folder=args.image_folder, mask_folder=args.mask_folder, output_folder=args.output_folder,

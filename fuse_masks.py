@@ -6,7 +6,7 @@
 the same file key (``expert1/mask1.png``, ``expert2/mask1.png``, ...). Writes the fused
 masks under the input file names, an agreement map per image, optional probability maps,
 per-expert Dice (and STAPLE sensitivity/specificity) per image and summarised per expert.
-The work is done by :func:`lib.fusion.fuse_folder`.
+The work is done by :func:`lib.fusion.runner.fuse_folder`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
-from lib import fusion, images
+from lib.fusion import runner as fusion
+from lib.store import images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,7 +31,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _thresholds(text: str) -> dict:
-    from lib.predict import parse_thresholds
+    from lib.inference.predict import parse_thresholds
 
     try:
         return parse_thresholds(text)
@@ -40,8 +40,8 @@ def _thresholds(text: str) -> dict:
 
 
 def _refinements(text: str) -> tuple[str, ...]:
-    from lib.instances import parse_refinement
-    from lib.predict import parse_refinements
+    from lib.inference.predict import parse_refinements
+    from lib.instances.postprocess import parse_refinement
 
     steps = parse_refinements(text)
     for step in steps:
@@ -53,7 +53,7 @@ def _refinements(text: str) -> tuple[str, ...]:
 
 
 def _rules(text: str) -> str:
-    from lib.instances import MEASUREMENT_COLUMNS, parse_rules
+    from lib.instances.postprocess import MEASUREMENT_COLUMNS, parse_rules
 
     try:
         parse_rules(text, MEASUREMENT_COLUMNS)
@@ -170,8 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from lib.config import ConfigError
-    from lib.predict import InferenceConfig, ModelError, run_inference
+    from lib.common.settings import ConfigError
+    from lib.inference.predict import InferenceConfig, run_inference
+    from lib.model_folder import ModelError
 
     config = InferenceConfig(
         model=args.model, image_folder=args.image_folder, output_folder=args.output_folder,

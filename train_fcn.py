@@ -16,7 +16,7 @@ ARCHITECTURES = {"fcn8": "fcn8", "fcn16": "fcn16", "fcn32": "fcn32"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.train_cli import run
+    from lib.training.train_cli import run
 
     return run(argv, "train_fcn.py", __doc__.split("\n\n")[0], ARCHITECTURES, "fcn8", "--variant")
 

@@ -16,7 +16,7 @@ ARCHITECTURES = {"unet": "unet", "fc-densenet56": "fc-densenet56", "fc-densenet6
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.train_cli import run
+    from lib.training.train_cli import run
 
     return run(argv, "train_unet.py", __doc__.split("\n\n")[0], ARCHITECTURES, "unet", "--architecture")
 

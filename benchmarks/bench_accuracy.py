@@ -37,7 +37,7 @@ def held_back_iou(run: Path, test_db: Path) -> dict:
     import keras
 
     import lib.models  # noqa: F401  (registers the toolkit's layers)
-    from lib.lmdb_store import LmdbReader
+    from lib.store.lmdb_store import LmdbReader
 
     meta = json.loads((run / "model.json").read_text())
     model = keras.models.load_model(run / "model.keras", safe_mode=True, compile=False)

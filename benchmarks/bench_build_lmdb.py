@@ -32,10 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib.build import build_databases  # noqa: E402
-from lib.config import BuildConfig  # noqa: E402
-from lib.images import list_images, pair_images_masks  # noqa: E402
-from lib.tiling import tile_grid  # noqa: E402
+from lib.store.build import BuildConfig, build_databases
+from lib.store.images import list_images, pair_images_masks
+from lib.store.tiling import tile_grid
 
 NIST = ROOT.parent / "shared" / "data" / "nist_phase_contrast"
 
@@ -82,7 +81,7 @@ def whole_process(image_folder: Path, mask_folder: Path, out: Path) -> float:
 
 
 def make_large(folder: Path, n: int, size: int) -> None:
-    from lib.images import write_image
+    from lib.store.images import write_image
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 4000, (size, size), dtype=np.uint16)

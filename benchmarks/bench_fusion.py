@@ -31,12 +31,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import fusion  # noqa: E402
+from lib.fusion import runner as fusion
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,12 +7,12 @@ For each case (model x image size), each way of predicting and each precision, t
 synthetic uint16 image is predicted in a fresh process so that its peak resident memory
 (ru_maxrss) is its own. Ways (``--modes``):
 
-- ``tiled``: :func:`lib.predict.predict_image`, batched tiles (default batch: ~1 Mpixel);
+- ``tiled``: :func:`lib.inference.predict.predict_image`, batched tiles (default batch: ~1 Mpixel);
 - ``one_tile``: the same tiles, one per model call (batch 1);
-- ``whole``: :func:`lib.predict.predict_whole`, the image in one call, run only where the case
+- ``whole``: :func:`lib.inference.predict.predict_whole`, the image in one call, run only where the case
   lists it (where it fits in memory) and up to ``--whole_max_mpix``.
 
-Precisions (``--precisions``): ``float32`` and ``bfloat16`` (:func:`lib.predict.with_precision`:
+Precisions (``--precisions``): ``float32`` and ``bfloat16`` (:func:`lib.inference.predict.with_precision`:
 Keras mixed_bfloat16, float32 logits head); each bfloat16 row also gives the fraction of its
 labels equal to float32's and the largest probability difference (on the first 1024 x 1024
 pixels, from a float32 prediction in the same process; not timed).
@@ -105,8 +105,8 @@ def _child(spec: dict) -> dict:
         return _child_huge(spec)
     import keras
 
+    from lib.inference.predict import predict_image, predict_whole, predictor_from_models
     from lib.models import build_model, model_geometry
-    from lib.predict import predict_image, predict_whole, predictor_from_models
 
     keras.utils.set_random_seed(0)
     divisor, radius = model_geometry(spec["architecture"], **spec["options"])
@@ -153,8 +153,8 @@ def _child_huge(spec: dict) -> dict:
     import numpy as np
     import tifffile
 
+    from lib.inference.predict import InferenceConfig, run_inference
     from lib.models import build_model, model_geometry
-    from lib.predict import InferenceConfig, run_inference
 
     options = {"base_filters": 16, "depth": 3}
     size = spec["size"]

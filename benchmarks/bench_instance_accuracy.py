@@ -2,14 +2,14 @@
 """Instance-segmentation accuracy: train ``train_unet.py --target instance`` with its default
 settings for a wall-time budget on the synthetic example data, then report matching F1 at IoU
 0.5 on held-back images, against a classical baseline (Otsu threshold + distance-transform
-watershed, :func:`lib.instances.classical_baseline`) on the same images.
+watershed, :func:`lib.instances.postprocess.classical_baseline`) on the same images.
 
 Training data: ``data/generate.py`` images (seed 0), split 80/20 by image into the training
 and validation databases (``build_lmdb.py --mask_type instance``). Held-back images:
 generated with another seed, never seen in training or model selection. Each held-back image
 is predicted whole (it fits), the channel maps go through the model's recorded
 post-processing (``model.json``), and predicted objects are matched one-to-one with the true
-ones (:func:`lib.metrics.match_instances`). Also reported: how many true objects touch
+ones (:func:`lib.scoring.metrics.match_instances`). Also reported: how many true objects touch
 another object (an 8-neighbour of a different id), the case a threshold cannot separate.
 
     python benchmarks/bench_instance_accuracy.py [--minutes 15] [--train_images 24] [--test_images 8]
@@ -52,7 +52,7 @@ def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     import keras
 
     import lib.models  # noqa: F401  (registers the toolkit's layers)
-    from lib.instances import PostProcessConfig, postprocess
+    from lib.instances.postprocess import PostProcessConfig, postprocess
 
     meta = json.loads((run / "model.json").read_text())
     model = keras.models.load_model(run / "model.keras", safe_mode=True, compile=False)
@@ -76,7 +76,7 @@ def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def score(truths: list[np.ndarray], predictions: list[np.ndarray]) -> dict:
-    from lib.metrics import match_instances, pool_stats
+    from lib.scoring.metrics import match_instances, pool_stats
 
     matchings = [match_instances(t, p, thresholds=THRESHOLDS) for t, p in zip(truths, predictions)]
     pooled = pool_stats(matchings)
@@ -100,8 +100,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from data.generate import generate_dataset
-    from lib.images import read_image, read_mask
-    from lib.instances import classical_baseline
+    from lib.instances.postprocess import classical_baseline
+    from lib.store.images import read_image, read_mask
 
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": args.minutes,
                      "train_args": args.train_args}

@@ -13,9 +13,9 @@ Synthetic, seeded, generated in memory (not timed):
 
 Timed:
 
-(a) ``lib.metrics.match_instances`` at thresholds 0.3, 0.5, 0.75 (and ``overlaps`` alone),
+(a) ``lib.scoring.metrics.match_instances`` at thresholds 0.3, 0.5, 0.75 (and ``overlaps`` alone),
     after one untimed warm-up call (which pays for the SciPy imports);
-(b) ``lib.instances.postprocess`` with ``PostProcessConfig.default_for(("F", "C", "Db"))`` on
+(b) ``lib.instances.postprocess.postprocess`` with ``PostProcessConfig.default_for(("F", "C", "Db"))`` on
     maps made from the truth: F foreground, C thick boundaries, Db the distance to the object
     border normalised to [0, 1] per object, each blurred (sigma 1 px) with Gaussian noise
     (sd 0.05) added and clipped to [0, 1]. Reported as Mpixel/s, with its F1 at IoU 0.5
@@ -34,12 +34,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import metrics  # noqa: E402
+from lib.scoring import metrics
 
 THRESHOLDS = (0.3, 0.5, 0.75)
 CHANNELS = ("F", "C", "Db")
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # (b) Post-processing
     figures.update(postprocess_s=None, postprocess_mpixel_per_s=None)
     try:
-        from lib import instances
+        from lib.instances import postprocess as instances
         config = instances.PostProcessConfig.default_for(CHANNELS)
     except Exception as error:  # lib/instances.py is written alongside; report why there is no figure
         figures["postprocess_skipped"] = f"{type(error).__name__}: {error}"

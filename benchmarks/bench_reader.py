@@ -4,7 +4,7 @@
 
 Data: the NIST phase-contrast images (``../shared/data/nist_phase_contrast``, 256x256 uint16,
 one channel) built into a temporary LMDB database with ``lib.build`` (256x256 tiles, 80% train).
-Both pipelines run the same work per example: read the tile from LMDB, ``lib.augment.augment``
+Both pipelines run the same work per example: read the tile from LMDB, ``lib.reader.augment.augment``
 with the default (NIST) parameters, z-score with the database statistics, labels as uint8;
 batch 8. Ours: ``ImageReader(reader_count=N)`` (forkserver workers, shared-memory ring).
 Off-the-shelf: the same per-example code in ``keras.utils.PyDataset.__getitem__`` with
@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.augment import AugmentParams, augment  # noqa: E402
-from lib.imagereader import ImageReader  # noqa: E402
-from lib.lmdb_store import LmdbReader  # noqa: E402
+from lib.reader.augment import AugmentParams, augment
+from lib.reader.imagereader import ImageReader
+from lib.store.lmdb_store import LmdbReader
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_phase_contrast"
 BATCH_SIZE = 8
@@ -72,8 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_database(data: Path, folder: Path) -> Path:
-    from lib.build import build_databases
-    from lib.config import BuildConfig
+    from lib.store.build import BuildConfig, build_databases
 
     config = BuildConfig(image_folder=str(data / "images"), mask_folder=str(data / "masks"),
                          output_folder=str(folder), dataset_name="nist", train_fraction=0.8, tile_size=256)

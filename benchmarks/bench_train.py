@@ -4,7 +4,7 @@ float32 against mixed bfloat16, with and without XLA.
 
 Data: the 60 shared NIST 256x256 phase-contrast tiles (../shared/data/nist_phase_contrast),
 built into a temporary database; default augmentation; 2 classes. Every configuration runs
-the trainer's own step (``lib.trainer.make_train_step``) on one device: ``--warmup`` steps
+the trainer's own step (``lib.training.trainer.make_train_step``) on one device: ``--warmup`` steps
 (tracing) are discarded, then ``--steps`` steps are timed one by one; figures are medians.
 
 NIST's own code on this 2-core machine, 256x256x1, 2 classes, batch 4 (the issue's anchors):
@@ -37,8 +37,7 @@ MODES = ("reader_f32", "preloaded_f32", "preloaded_f32_xla", "preloaded_bf16", "
 
 
 def build_db(tmp: Path) -> Path:
-    from lib.build import build_databases
-    from lib.config import BuildConfig
+    from lib.store.build import BuildConfig, build_databases
 
     build_databases(BuildConfig(image_folder=str(NIST / "images"), mask_folder=str(NIST / "masks"),
                                 output_folder=str(tmp), dataset_name="nist", tile_size=256, train_fraction=0.8,
@@ -53,10 +52,10 @@ def run_mode(mode: str, architecture: str, batch: int, database: Path, steps: in
     import tensorflow as tf
 
     import lib.models.blocks as blocks
-    from lib.imagereader import ImageReader, as_tf_dataset
-    from lib.losses import make_loss
     from lib.models import build_model
-    from lib.trainer import make_train_step
+    from lib.reader.imagereader import ImageReader, as_tf_dataset
+    from lib.training.losses import make_loss
+    from lib.training.trainer import make_train_step
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if "_bf16" in mode else "float32")

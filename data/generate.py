@@ -130,7 +130,7 @@ def expert_mask(instances: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def generate_dataset(output_folder: str | Path, n_images: int = 16, height: int = 384, width: int = 384,
                      n_experts: int = 3, seed: int = 0) -> Path:
     """Write the dataset described in the module docstring into ``output_folder``."""
-    from lib.images import write_image
+    from lib.store.images import write_image
 
     if n_images < 1 or n_experts < 0 or height < 32 or width < 32:
         raise ValueError(f"n_images must be >= 1, n_experts >= 0, height and width >= 32; got {n_images}, "

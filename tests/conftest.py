@@ -18,7 +18,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "nist_phase_contrast"
 def write_pairs(folder: Path, shapes: list[tuple[int, ...]], dtype: str = "uint16", n_classes: int = 3,
                 seed: int = 0, image_ext: str = ".tif", mask_ext: str = ".png", mask_suffix: str = "") -> Path:
     """Write images ``img_XX`` (shapes (H, W) or (H, W, C)) and masks with values < n_classes."""
-    from lib.images import write_image
+    from lib.store.images import write_image
 
     rng = np.random.default_rng(seed)
     for i, shape in enumerate(shapes):

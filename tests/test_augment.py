@@ -6,10 +6,21 @@ import argparse
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lib.augment import (AugmentParams, Transform, add_augmentation_arguments, affine_matrix, apply_transform,
-                         augment, augment_params_from_args, crop_centre, gaussian_blur, sample_transform)
+from lib.reader.augment import (
+    AugmentParams,
+    Transform,
+    add_augmentation_arguments,
+    affine_matrix,
+    apply_transform,
+    augment,
+    augment_params_from_args,
+    crop_centre,
+    gaussian_blur,
+    sample_transform,
+)
 
 
 def make_pair(seed=0, shape=(48, 40), channels=2, label_dtype=np.uint8, n_values=4):

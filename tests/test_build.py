@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import build_lmdb
-from lib.build import _split, build_databases
-from lib.config import BuildConfig, ConfigError
-from lib.images import DatasetError, read_image, read_mask, write_image
-from lib.lmdb_store import LmdbReader
+from lib.common.settings import ConfigError
+from lib.store.build import BuildConfig, _split, build_databases
+from lib.store.images import DatasetError, read_image, read_mask, write_image
+from lib.store.lmdb_store import LmdbReader
 from tests.conftest import ROOT, SHARED_DATA, write_pairs
 
 

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuse_masks
-from lib import fusion, images
+from lib.fusion import runner as fusion
+from lib.store import images
 
 ROOT = Path(__file__).resolve().parents[1]
 

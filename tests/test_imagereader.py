@@ -10,11 +10,20 @@ import time
 import numpy as np
 import pytest
 
-from lib import imagereader
-from lib.augment import AugmentParams
-from lib.imagereader import (STARVATION_MESSAGE, STARVATION_OVER_MESSAGE, ImageReader, ReaderError, RemoteTraceback,
-                             add_reader_arguments, as_tf_dataset, reader_options_from_args, save_augmentation_samples)
-from lib.lmdb_store import LmdbWriter, StoreError, encode_record
+from lib.reader import imagereader
+from lib.reader.augment import AugmentParams
+from lib.reader.imagereader import (
+    STARVATION_MESSAGE,
+    STARVATION_OVER_MESSAGE,
+    ImageReader,
+    ReaderError,
+    RemoteTraceback,
+    add_reader_arguments,
+    as_tf_dataset,
+    reader_options_from_args,
+    save_augmentation_samples,
+)
+from lib.store.lmdb_store import LmdbWriter, StoreError, encode_record
 
 MEAN, STD = 2000.0, 1000.0
 
@@ -81,7 +90,7 @@ def _exists(pid):
 
 
 def stored_tile(database, record):
-    from lib.lmdb_store import LmdbReader
+    from lib.store.lmdb_store import LmdbReader
 
     with LmdbReader(database) as source:
         image, label = source[record]
@@ -132,7 +141,7 @@ def test_spawn_gives_the_same_batches_as_forkserver(db):
 
 FORK_SCRIPT = """
 import sys, numpy as np
-from lib.imagereader import ImageReader
+from lib.reader.imagereader import ImageReader
 with ImageReader(sys.argv[1], 4, mode="test", reader_count=2, start_method="fork") as r:
     assert np.concatenate([b.records.copy() for b in r.epoch()]).tolist() == list(range(11))
 with ImageReader(sys.argv[1], 4, reader_count=2, start_method="fork", seed=4) as r:

@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 import tifffile
 
-from lib.images import (DatasetError, ImageReadError, check_pair_headers, cross_check, infer_mask_suffix,
-                        list_images, pair_images_masks, read_image, read_info, read_mask, read_volume,
-                        write_image)
+from lib.store.images import (
+    DatasetError,
+    ImageReadError,
+    check_pair_headers,
+    cross_check,
+    infer_mask_suffix,
+    list_images,
+    pair_images_masks,
+    read_image,
+    read_info,
+    read_mask,
+    read_volume,
+    write_image,
+)
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".png"])
@@ -143,7 +154,7 @@ def test_list_images_filters_format_and_reports_duplicate_keys(tmp_path):
 
 
 def test_header_checks_and_cross_checks(tmp_path):
-    from lib.images import Pair
+    from lib.store.images import Pair
 
     write_image(tmp_path / "i1.tif", np.zeros((20, 30), np.uint16))
     write_image(tmp_path / "m1.png", np.zeros((20, 31), np.uint8))

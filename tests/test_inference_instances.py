@@ -23,15 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 
 import inference  # noqa: E402
-from lib.images import read_image, write_image  # noqa: E402
+from lib.store.images import read_image, write_image
 
 keras = pytest.importorskip("keras")
 
-from lib.instances import MEASUREMENT_COLUMNS, PostProcessConfig, postprocess  # noqa: E402
+from lib.inference.predict import predict_image, predict_whole, predictor_from_models, segment_instances
+from lib.instances.postprocess import MEASUREMENT_COLUMNS, PostProcessConfig, postprocess
+from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
-from lib.predict import (ModelError, ModelInfo, find_models, predict_image, predict_whole,  # noqa: E402
-                         predictor_from_models, segment_instances)
-from lib.targets import TargetSpec, make_targets  # noqa: E402
+from lib.reader.targets import TargetSpec, make_targets
 
 CHANNELS = ("F", "C", "Db")
 KINDS = ("binary", "binary", "distance")
@@ -131,7 +131,7 @@ def test_objects_crossing_tile_borders_stay_whole():
     segmentation = segment_instances(prediction.probabilities, config)
     assert not segmentation.windowed and segmentation.labels.dtype == np.uint16
     assert segmentation.labels.max() == len(centres)
-    from lib.metrics import match_instances
+    from lib.scoring.metrics import match_instances
 
     assert match_instances(truth, segmentation.labels).stats[0.75].f1 == 1.0
     # The rule matters: the same post-processing zone by zone splits (or loses) objects.
@@ -284,13 +284,13 @@ def test_filter_rules_and_post_processing_overrides(oracle_folder, instance_data
 
 
 def test_large_images_stream_and_post_process_by_windows(oracle_folder, instance_data, tmp_path, monkeypatch):
-    import lib.predict
+    import lib.inference.predict
 
     args = ["--model", oracle_folder, "--image_folder", instance_data / "images", "--mask_folder",
             instance_data / "masks", "--probabilities", "--tile_size", "32"]
     assert run(*args, "--output_folder", tmp_path / "memory") == 0
-    monkeypatch.setattr(lib.predict, "STREAM_PIXELS", 4000)
-    monkeypatch.setattr(lib.predict, "TIFF_TILE", 16)
+    monkeypatch.setattr(lib.inference.predict, "STREAM_PIXELS", 4000)
+    monkeypatch.setattr(lib.inference.predict, "TIFF_TILE", 16)
     assert run(*args, "--output_folder", tmp_path / "stream", "--postprocess_window", "64",
                "--postprocess_overlap", "60") == 0
     for key in ("img_00", "img_03"):  # 7680 and 6720 pixels: streamed, and longer than a window
@@ -397,8 +397,8 @@ def test_help_lists_the_instance_flags_without_tensorflow():
     ({"postprocess_window": 64, "postprocess_overlap": 64}, "postprocess_overlap must be >= 0 and < "),
 ])
 def test_inference_config_instance_errors(change, message, tmp_path):
-    from lib.config import ConfigError
-    from lib.predict import InferenceConfig
+    from lib.common.settings import ConfigError
+    from lib.inference.predict import InferenceConfig
 
     config = InferenceConfig(model="m", image_folder=str(tmp_path), output_folder=str(tmp_path / "o"), **change)
     with pytest.raises(ConfigError) as info:
@@ -411,7 +411,7 @@ def test_inference_config_instance_errors(change, message, tmp_path):
     ({**PostProcessConfig.default_for(("F", "Db")).to_dict()}, "must equal instance.channels"),
 ])
 def test_bad_post_processing_in_model_json(postprocess, message):
-    from lib.predict import postprocess_settings
+    from lib.inference.predict import postprocess_settings
 
     meta = instance_json()
     meta["instance"]["postprocess"] = postprocess
@@ -420,7 +420,7 @@ def test_bad_post_processing_in_model_json(postprocess, message):
 
 
 def test_post_processing_defaults_when_model_json_has_none():
-    from lib.predict import postprocess_settings
+    from lib.inference.predict import postprocess_settings
 
     meta = instance_json()
     del meta["instance"]["postprocess"]
@@ -430,7 +430,7 @@ def test_post_processing_defaults_when_model_json_has_none():
 
 
 def test_semantic_only_functions_refuse_instance_models(tmp_path):
-    from lib.predict import predict_to_tiff, predict_volume
+    from lib.inference.predict import predict_to_tiff, predict_volume
 
     predictor = predictor_from_models([(oracle_model(), instance_json())])
     with pytest.raises(ValueError, match="predictor must be a semantic model to label a stack"):
@@ -440,7 +440,7 @@ def test_semantic_only_functions_refuse_instance_models(tmp_path):
 
 
 def test_evaluate_instances_and_rows():
-    from lib.evaluate import INSTANCE_METRIC_FIELDS, evaluate_instances, instance_metrics_rows
+    from lib.scoring.evaluate import INSTANCE_METRIC_FIELDS, evaluate_instances, instance_metrics_rows
 
     truth = np.array([[1, 1, 0, 2], [1, 1, 0, 2]], np.uint16)
     labels = np.array([[3, 3, 0, 0], [3, 0, 0, 0]], np.uint16)
@@ -455,7 +455,7 @@ def test_evaluate_instances_and_rows():
 
 
 def test_binary_entropy_hand_computed():
-    from lib.predict import binary_entropy
+    from lib.inference.predict import binary_entropy
 
     maps = np.array([[[0.5, 0.9, 0.3], [1.0, 0.0, 0.7]]], np.float32)
     expected_first = (1.0 + -(0.9 * np.log2(0.9) + 0.1 * np.log2(0.1))) / 2

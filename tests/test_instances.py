@@ -13,9 +13,9 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from lib import instances
-from lib.config import ConfigError
-from lib.instances import PostProcessConfig
+from lib.common.settings import ConfigError
+from lib.instances import postprocess as instances
+from lib.instances.postprocess import PostProcessConfig
 
 # Synthetic instances and their perfect channel maps (made here: lib/targets.py is not used)
 

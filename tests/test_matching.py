@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from lib import instance_report, metrics
+from lib.scoring import instance_report, metrics
 
 NAN = float("nan")
 STAT_FIELDS = ("tp", "fp", "fn", "precision", "recall", "f1", "accuracy", "panoptic_quality", "mean_matched_iou")

@@ -8,8 +8,15 @@ import keras
 import numpy as np
 import pytest
 
-from lib.models import (ARCHITECTURES, build_model, check_input_size, default_options, load_vgg16_weights,
-                        model_geometry, resolve_options)
+from lib.models import (
+    ARCHITECTURES,
+    build_model,
+    check_input_size,
+    default_options,
+    load_vgg16_weights,
+    model_geometry,
+    resolve_options,
+)
 from lib.models.blocks import Extent
 from lib.models.fc_densenet import fc_densenet_defaults
 from lib.models.fcn import VGG16_CONVS, build_fcn

@@ -12,12 +12,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 keras = pytest.importorskip("keras")
 
-from lib.evaluate import evaluate_labels, metrics_row, overlay  # noqa: E402
+from lib.common.device import resolve_precision
+from lib.inference.predict import (
+    InputMismatch,
+    default_tile_pixels,
+    default_tile_size,
+    load_predictor,
+    plan_tiles,
+    predict_image,
+    predict_volume,
+    predict_whole,
+    predictor_from_models,
+    read_window,
+    reflect_indices,
+    with_precision,
+)
+from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
-from lib.predict import (InputMismatch, ModelError, ModelInfo, default_tile_pixels,  # noqa: E402
-                         default_tile_size, find_models, load_predictor, plan_tiles, predict_image,
-                         predict_volume, predict_whole, predictor_from_models, read_window, reflect_indices,
-                         resolve_precision, with_precision)
+from lib.scoring.evaluate import evaluate_labels, metrics_row, overlay
 
 
 def model_json(architecture: str, options: dict, classes: int = 3, channels: int = 1, mode: str = "dataset",
@@ -438,7 +450,7 @@ def test_overlay_colours():
 def test_release_rows_keeps_a_memory_mapped_image_readable(tmp_path):
     import tifffile
 
-    from lib.predict import release_rows
+    from lib.inference.predict import release_rows
 
     data = np.random.default_rng(0).integers(0, 60000, (300, 5000), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "a.tif", data)

@@ -9,9 +9,16 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from lib.config import ConfigError
-from lib.targets import (CHANNELS, CONTOUR_MODES, TargetSpec, contours, make_targets, parse_instance_channels,
-                         touching_areas)
+from lib.common.settings import ConfigError
+from lib.reader.targets import (
+    CHANNELS,
+    CONTOUR_MODES,
+    TargetSpec,
+    contours,
+    make_targets,
+    parse_instance_channels,
+    touching_areas,
+)
 
 ALL = ("F", "C", "Db", "P", "T")
 

@@ -7,11 +7,19 @@ import json
 import lmdb
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lib.lmdb_store import (FORMAT_VERSION, METADATA_KEY, LmdbReader, LmdbWriter, StoreError, decode_record,
-                            encode_record)
-from lib.tiling import pad_to, tile_grid, tile_starts
+from lib.store.lmdb_store import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    LmdbReader,
+    LmdbWriter,
+    StoreError,
+    decode_record,
+    encode_record,
+)
+from lib.store.tiling import pad_to, tile_grid, tile_starts
 
 
 @given(length=st.integers(1, 700), tile=st.integers(1, 300), data=st.data())
@@ -166,7 +174,7 @@ def test_reader_missing_record_is_reported(tmp_path):
 FORK_SCRIPT = """
 import multiprocessing, pickle, sys
 sys.path.insert(0, sys.argv[1])
-from lib.lmdb_store import LmdbReader
+from lib.store.lmdb_store import LmdbReader
 
 def read_value(reader, index):
     return int(reader[index][0][0, 0, 0])

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.config import ConfigError
-from lib.trainer import TrainConfig, TrainingError, check_databases
+from lib.common.settings import ConfigError
+from lib.training.trainer import TrainConfig, TrainingError, check_databases
 from tests.conftest import ROOT
 
 TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
@@ -21,8 +21,7 @@ TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
 def instance_db(tmp_path_factory) -> Path:
     """Train/test databases of instance labels (touching synthetic cells), and a semantic one of the same images."""
     from data.generate import generate_dataset
-    from lib.build import build_databases
-    from lib.config import BuildConfig
+    from lib.store.build import BuildConfig, build_databases
 
     folder = tmp_path_factory.mktemp("instances")
     generate_dataset(folder / "data", n_images=6, height=96, width=96, n_experts=0, seed=5)
@@ -44,9 +43,9 @@ def _config(db: Path, out: Path, **kw) -> TrainConfig:
 
 
 def test_reader_delivers_targets_and_instance_ids(instance_db):
-    from lib.imagereader import ImageReader
-    from lib.lmdb_store import LmdbReader
-    from lib.targets import TargetSpec, make_targets
+    from lib.reader.imagereader import ImageReader
+    from lib.reader.targets import TargetSpec, make_targets
+    from lib.store.lmdb_store import LmdbReader
 
     spec = TargetSpec(channels=("F", "Db", "C"))
     with ImageReader(instance_db / "test-i.lmdb", 2, mode="test", reader_count=0, targets=spec.to_dict()) as reader:
@@ -64,8 +63,8 @@ def test_reader_delivers_targets_and_instance_ids(instance_db):
 
 
 def test_augmented_targets_follow_the_augmented_ids(instance_db):
-    from lib.imagereader import ImageReader
-    from lib.targets import TargetSpec, make_targets
+    from lib.reader.imagereader import ImageReader
+    from lib.reader.targets import TargetSpec, make_targets
 
     spec = TargetSpec(channels=("F", "C", "Db"))
     with ImageReader(instance_db / "train-i.lmdb", 3, mode="train", reader_count=1, patch_shape=48, seed=2,
@@ -78,8 +77,8 @@ def test_augmented_targets_follow_the_augmented_ids(instance_db):
 
 
 def test_targets_need_an_instance_database(instance_db):
-    from lib.imagereader import ImageReader
-    from lib.targets import TargetSpec
+    from lib.reader.imagereader import ImageReader
+    from lib.reader.targets import TargetSpec
 
     with pytest.raises(ValueError, match="targets need a database of instance labels"):
         ImageReader(instance_db / "train-s.lmdb", 2, reader_count=0, targets=TargetSpec().to_dict())
@@ -88,7 +87,7 @@ def test_targets_need_an_instance_database(instance_db):
 def test_instance_losses_by_hand():
     import tensorflow as tf
 
-    from lib.losses import instance_activations, make_instance_loss
+    from lib.training.losses import instance_activations, make_instance_loss
 
     targets = np.zeros((1, 2, 2, 3), np.float32)
     targets[0, 0, 0] = [1.0, 0.0, 0.5]
@@ -132,7 +131,7 @@ def test_label_kind_must_match_the_target(instance_db, tmp_path):
 def test_instance_training_reports_matching_and_writes_the_contract(instance_db, tmp_path):
     import keras
 
-    from lib.trainer import train
+    from lib.training.trainer import train
 
     keras.backend.clear_session()
     out = tmp_path / "run"
@@ -179,10 +178,10 @@ def test_cli_needs_number_classes_only_for_semantic(instance_db, tmp_path):
 def test_logit_bias_starts_at_the_target_priors(instance_db):
     import keras
 
-    from lib.lmdb_store import LmdbReader
     from lib.models import build_model
-    from lib.targets import TargetSpec, make_targets
-    from lib.trainer import _set_head_bias, channel_priors
+    from lib.reader.targets import TargetSpec, make_targets
+    from lib.store.lmdb_store import LmdbReader
+    from lib.training.trainer import _set_head_bias, channel_priors
 
     spec = TargetSpec(channels=("F", "C", "Db"))
     with LmdbReader(instance_db / "train-i.lmdb") as db:
@@ -200,9 +199,9 @@ def test_logit_bias_starts_at_the_target_priors(instance_db):
 
 
 def test_postprocess_candidates_start_with_the_defaults():
-    from lib.instances import PostProcessConfig
-    from lib.targets import TargetSpec
-    from lib.trainer import postprocess_candidates
+    from lib.instances.postprocess import PostProcessConfig
+    from lib.reader.targets import TargetSpec
+    from lib.training.trainer import postprocess_candidates
 
     candidates = postprocess_candidates(TargetSpec(channels=("F", "C", "Db")))
     assert candidates[0] == PostProcessConfig.default_for(("F", "C", "Db"))
@@ -220,7 +219,7 @@ def test_postprocess_candidates_start_with_the_defaults():
     (["--target", "instance", "--architecture", "fc-densenet56"], 1e-3, {}),
 ])
 def test_cli_defaults(extra, learning_rate, options):
-    from lib.train_cli import build_parser, config_from_args
+    from lib.training.train_cli import build_parser, config_from_args
     from train_unet import ARCHITECTURES
 
     parser = build_parser("train_unet.py", "", ARCHITECTURES, "unet", "--architecture")
@@ -237,7 +236,7 @@ def test_cli_defaults(extra, learning_rate, options):
     ("instance", None, None, 16, None),
 ])
 def test_train_patch(target, patch, tile, divisor, expected):
-    from lib.trainer import train_patch
+    from lib.training.trainer import train_patch
 
     config = TrainConfig(train_database="a", test_database="b", output_dir="o", number_classes=2, target=target,
                          patch_size=patch)

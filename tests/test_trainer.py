@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.config import ConfigError
-from lib.losses import class_weights_from_counts
-from lib.metrics import confusion_matrix, scores
-from lib.trainer import TrainConfig, TrainingError, _record, check_databases, learning_rate_at
+from lib.common.settings import ConfigError
+from lib.scoring.metrics import confusion_matrix, scores
+from lib.training.losses import class_weights_from_counts
+from lib.training.trainer import TrainConfig, TrainingError, _record, check_databases, learning_rate_at
 from tests.conftest import ROOT
 
 TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
@@ -55,7 +55,7 @@ def test_class_weights_follow_the_metadata_counts():
 def test_losses_by_hand():
     import tensorflow as tf
 
-    from lib.losses import make_loss
+    from lib.training.losses import make_loss
 
     labels = tf.constant(np.array([[[0, 1], [1, 1]]]), tf.uint8)
     uniform = tf.zeros((1, 2, 2, 3))
@@ -116,8 +116,7 @@ def test_config_collects_violations(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_db(tmp_path_factory) -> Path:
     from data.generate import generate_dataset
-    from lib.build import build_databases
-    from lib.config import BuildConfig
+    from lib.store.build import BuildConfig, build_databases
 
     folder = tmp_path_factory.mktemp("tiny")
     generate_dataset(folder / "data", n_images=6, height=64, width=64, n_experts=0, seed=3)
@@ -151,7 +150,7 @@ def test_incompatible_databases_are_rejected_before_training(tiny_db, tmp_path):
 def test_tiny_model_learns_and_writes_the_model_folder(tiny_db, tmp_path):
     import keras
 
-    from lib.trainer import train
+    from lib.training.trainer import train
 
     keras.backend.clear_session()
     result = train(_tiny_config(tiny_db, tmp_path / "run", max_steps=40), log=lambda m: None)
@@ -178,7 +177,7 @@ def test_tiny_model_learns_and_writes_the_model_folder(tiny_db, tmp_path):
 def test_mixed_bfloat16_trains_and_keeps_float32_logits(tiny_db, tmp_path):
     import keras
 
-    from lib.trainer import train
+    from lib.training.trainer import train
 
     keras.backend.clear_session()
     result = train(_tiny_config(tiny_db, tmp_path / "bf16", max_steps=20, mixed_precision=True), log=lambda m: None)
@@ -244,8 +243,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     import keras
     sys.path.insert(0, sys.argv[1])
     from lib.models import build_model
-    from lib.losses import make_loss
-    from lib.trainer import make_train_step
+    from lib.training.losses import make_loss
+    from lib.training.trainer import make_train_step
 
     def run(replicas):
         keras.utils.set_random_seed(0)
@@ -281,8 +280,8 @@ def test_two_mirrored_replicas_equal_one_device():
 
 
 def test_fold_records_split_by_source_image(tiny_db):
-    from lib.lmdb_store import LmdbReader
-    from lib.trainer import fold_records
+    from lib.store.lmdb_store import LmdbReader
+    from lib.training.trainer import fold_records
 
     with LmdbReader(tiny_db / "train-t.lmdb") as reader:
         meta = reader.metadata
@@ -300,7 +299,7 @@ def test_kfold_trains_one_model_per_fold(tiny_db, tmp_path):
 
     import keras
 
-    from lib.trainer import train_kfold
+    from lib.training.trainer import train_kfold
 
     keras.backend.clear_session()
     results = train_kfold(_tiny_config(tiny_db, tmp_path / "kf", folds=2, fold=0, max_steps=6,
@@ -319,9 +318,10 @@ MULTIWORKER_SCRIPT = textwrap.dedent("""
     import tensorflow as tf
     import keras
     sys.path.insert(0, sys.argv[1])
-    from lib.losses import make_loss
+    from lib.training.losses import make_loss
     from lib.models import build_model
-    from lib.trainer import _worker_info, make_train_step, select_strategy
+    from lib.common.device import _worker_info, select_strategy
+    from lib.training.trainer import make_train_step
 
     strategy = select_strategy()  # TF_CONFIG is set: MultiWorkerMirroredStrategy
     index, n_workers = _worker_info(strategy)

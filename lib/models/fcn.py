@@ -37,8 +37,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .blocks import Extent, KERNEL_INITIALIZER, bilinear_kernel, check_bool, check_choice, check_int, check_rate, \
-    image_input, logits_dtype
+from .blocks import (
+    KERNEL_INITIALIZER,
+    Extent,
+    bilinear_kernel,
+    check_bool,
+    check_choice,
+    check_int,
+    check_rate,
+    image_input,
+    logits_dtype,
+)
 from .layers import FastDropout
 
 VARIANTS = (32, 16, 8)

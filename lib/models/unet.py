@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import keras
 
-from .blocks import (Extent, check_bool, check_choice, check_int, check_rate, conv_bn_relu, image_input,
-                     logits_head)
+from .blocks import Extent, check_bool, check_choice, check_int, check_rate, conv_bn_relu, image_input, logits_head
 from .layers import FastDropout
 
 UPSAMPLING_MODES = ("transpose", "nearest")

@@ -51,7 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lib import images
+from ..store import images
 
 logger = logging.getLogger(__name__)
 

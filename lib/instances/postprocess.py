@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from lib.config import ConfigError
+from ..common.settings import ConfigError
 
 CHANNELS = ("F", "C", "Db", "P", "T")
 SEED_ABOVE = ("F", "Db", "P")  # seed where map > threshold

@@ -34,12 +34,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
-from .augment import AugmentParams
-from .config import ConfigError, write_json_atomic
-from .lmdb_store import LmdbReader, StoreError
+from .. import __version__
+from ..common.device import _worker_info, bfloat16_is_native, select_strategy
+from ..common.files import write_json
+from ..common.settings import ConfigError
+from ..reader.augment import AugmentParams
+from ..scoring.metrics import confusion_matrix, scores
+from ..store.lmdb_store import LmdbReader, StoreError
 from .losses import LOSSES, class_weights_from_counts
-from .metrics import confusion_matrix, scores
 
 LR_SCHEDULES = ("constant", "plateau", "cosine", "onecycle")
 TARGETS = ("semantic", "instance")
@@ -106,10 +108,10 @@ class TrainConfig:
     instance_options: dict = dataclasses.field(default_factory=dict)  # TargetSpec fields (contour_mode, ...)
 
     def target_spec(self):
-        """The :class:`lib.targets.TargetSpec` of an instance run (validated), None for a semantic one."""
+        """The :class:`lib.reader.targets.TargetSpec` of an instance run (validated), None for a semantic one."""
         if self.target != "instance":
             return None
-        from .targets import parse_instance_channels
+        from ..reader.targets import parse_instance_channels
 
         return parse_instance_channels(self.instance_channels, self.instance_weights, **self.instance_options)
 
@@ -120,7 +122,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Return self or raise ``ConfigError`` listing every invalid field (files are checked by :func:`train`)."""
-        from .models import ARCHITECTURES
+        from ..models import ARCHITECTURES
 
         v = []
         if self.architecture not in ARCHITECTURES:
@@ -191,53 +193,6 @@ class TrainResult:
 # Strategy
 
 
-def select_strategy(devices: list[str] | None = None):
-    """The distribution strategy for this process.
-
-    ``TF_CONFIG`` set, or a SLURM allocation of several tasks: ``MultiWorkerMirroredStrategy``
-    (cluster from ``TF_CONFIG`` or ``SlurmClusterResolver``); several GPUs (or ``devices``
-    given): ``MirroredStrategy``; otherwise the default single-device strategy.
-    """
-    import tensorflow as tf
-
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    if devices:
-        return tf.distribute.MirroredStrategy(devices=devices)
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def _worker_info(strategy) -> tuple[int, int]:
-    """(worker index, number of workers) of this process in the strategy's cluster."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return 0, 1
-    n_workers = len(resolver.cluster_spec().as_dict().get("worker", [])) or 1
-    return int(resolver.task_id or 0), n_workers
-
-
-def bfloat16_is_native() -> bool:
-    """Whether this machine computes bfloat16 natively: a GPU of compute capability >= 8.0, or,
-    with no GPU, a CPU with AVX512_BF16 or AMX (measured here: 1.2-1.3x faster training)."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
-        return tuple(capability) >= (8, 0)
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # Learning rate
 
 
@@ -268,7 +223,7 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
 
     Raises ``TrainingError`` listing every incompatibility.
     """
-    from .models import model_geometry
+    from ..models import model_geometry
 
     problems = []
     metas = {}
@@ -349,7 +304,7 @@ def _save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     tmp.mkdir(parents=True)
     model.save_weights(tmp / "model.weights.h5")
     np.savez(tmp / "optimizer.npz", **{f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
-    write_json_atomic(tmp / "state.json", state)
+    write_json(tmp / "state.json", state)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -531,9 +486,9 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     import keras
     import tensorflow as tf
 
-    from .imagereader import ImageReader, as_tf_dataset
+    from ..models import build_model, model_geometry
+    from ..reader.imagereader import ImageReader, as_tf_dataset
     from .losses import instance_activations, make_instance_loss, make_loss
-    from .models import build_model, model_geometry
 
     out = Path(config.output_dir)
     resume_state = _find_resume(out, config)
@@ -548,7 +503,7 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     worker_index, n_workers = _worker_info(strategy)
     chief = worker_index == 0
     if chief:
-        write_json_atomic(out / "train_config.json", config.to_dict())
+        write_json(out / "train_config.json", config.to_dict())
 
     previous_policy = keras.mixed_precision.global_policy().name
     use_bf16 = bfloat16_is_native() if config.mixed_precision is None else config.mixed_precision
@@ -771,8 +726,8 @@ def _evaluate_instances(state, test_reader, eval_step, config, period_losses, pe
     Foreground metrics (the confusion matrix keys of a semantic run) compare the
     post-processed objects with the true ones as background/object.
     """
-    from .instances import postprocess
-    from .metrics import match_instances, pool_stats
+    from ..instances.postprocess import postprocess
+    from ..scoring.metrics import match_instances, pool_stats
 
     spec = config.target_spec()
     post = _postprocess_defaults(spec)
@@ -820,7 +775,7 @@ def train_records_for_priors(config: TrainConfig, train_meta: dict) -> list[int]
 
 def channel_priors(database: str, spec, records: list[int] | None = None, max_records: int = 64) -> list[float]:
     """Mean of each target channel over up to ``max_records`` evenly spaced stored tiles (no augmentation)."""
-    from .targets import make_targets
+    from ..reader.targets import make_targets
 
     with LmdbReader(database) as reader:
         pool = np.arange(len(reader)) if records is None else np.asarray(records)
@@ -893,9 +848,9 @@ def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -
     """
     import keras
 
-    from .instances import postprocess
+    from ..instances.postprocess import postprocess
+    from ..scoring.metrics import match_instances, pool_stats
     from .losses import instance_activations
-    from .metrics import match_instances, pool_stats
 
     start = time.perf_counter()
     model = keras.models.load_model(out / "model.keras", safe_mode=True, compile=False)
@@ -924,7 +879,7 @@ def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -
     meta = json.loads((out / "model.json").read_text())
     meta["instance"]["postprocess"] = best.to_dict()
     meta["instance"]["postprocess_tuning"] = record
-    write_json_atomic(out / "model.json", meta)
+    write_json(out / "model.json", meta)
     changed = ", ".join(f"{c} {best.thresholds[c]}" for c in best.seed_channels) + \
         f", min_seed_size {best.min_seed_size}"
     log(f"post-processing tuned on {len(maps)} validation tiles in {time.perf_counter() - start:.1f} s: {changed} "
@@ -934,7 +889,7 @@ def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -
 
 def _postprocess_defaults(spec):
     """The post-processing settings recorded with an instance model (and used at each evaluation)."""
-    from .instances import PostProcessConfig
+    from ..instances.postprocess import PostProcessConfig
 
     return PostProcessConfig.default_for(spec.channels)
 
@@ -962,7 +917,7 @@ def _record(state, row, config, model, out, chief, train_meta, test_meta, geomet
             tmp = out / ".model.partial.keras"
             model.save(tmp)
             os.replace(tmp, out / "model.keras")
-            write_json_atomic(out / "model.json", _model_json(config, train_meta, test_meta, geometry, patch,
+            write_json(out / "model.json", _model_json(config, train_meta, test_meta, geometry, patch,
                                                               state["best_metrics"]))
     return improved
 

@@ -51,10 +51,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from lib.augment import AugmentParams, Transform, apply_transform, augment, crop_centre
-from lib.config import flag_bool
-from lib.images import smallest_uint
-from lib.lmdb_store import LmdbReader, StoreError
+from ..common.cli import flag_bool
+from ..store.images import smallest_uint
+from ..store.lmdb_store import LmdbReader, StoreError
+from .augment import AugmentParams, Transform, apply_transform, augment, crop_centre
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ReaderSpec:
     label_kind: str
     check_labels: bool
     records: tuple[int, ...] | None = None  # the subset of records to use (k-fold); None = all
-    targets: dict | None = None  # instance training: lib.targets.TargetSpec.to_dict(); None = labels as stored
+    targets: dict | None = None  # instance training: lib.reader.targets.TargetSpec.to_dict(); None = labels as stored
 
     @property
     def workers(self) -> int:
@@ -193,7 +193,7 @@ class BatchProducer:
         self.rng_epoch = -1
         self.target_spec = None
         if spec.targets is not None:
-            from lib.targets import TargetSpec
+            from .targets import TargetSpec
 
             self.target_spec = TargetSpec.from_dict(spec.targets)
 
@@ -295,7 +295,7 @@ class BatchProducer:
         if self.target_spec is not None:
             # Targets from the augmented instance ids; the ids ride along as the last channel
             # (exact in float32 below 2**24) for matching statistics at evaluation.
-            from lib.targets import make_targets
+            from .targets import make_targets
 
             instances = label if label.ndim == 2 else label[:, :, 0]
             n_targets = label_out.shape[-1] - 1
@@ -490,7 +490,7 @@ class ImageReader:
     check_labels : verify each semantic label is below ``number_classes`` (one max per example)
     channel_stats : ``(mean, std)`` per channel for ``normalization="dataset"`` instead of this
         database's own (a test reader normalises with the training statistics)
-    targets : for an instance database, ``lib.targets.TargetSpec.to_dict()``: labels become
+    targets : for an instance database, ``lib.reader.targets.TargetSpec.to_dict()``: labels become
         ``(h, w, K + 1)`` float32, the K target channels computed after augmentation, then
         the instance ids
 
@@ -579,7 +579,7 @@ class ImageReader:
             # Instance ids keep their stored width: their largest value is not recorded.
             label_dtype, check = stored_label_dtype, False
         if targets is not None:
-            from lib.targets import TargetSpec
+            from .targets import TargetSpec
 
             if label_kind != "instance":
                 raise ValueError(f"targets need a database of instance labels (build_lmdb.py --mask_type instance); "
@@ -962,7 +962,7 @@ def save_augmentation_samples(reader_or_db: ImageReader | LmdbReader | str | os.
     defaults), an LmdbReader or a database path. Returns the paths written. Raises
     ``ValueError`` for ``n < 1``.
     """
-    from lib.images import write_image
+    from ..store.images import write_image
 
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive number of samples; got {n!r}")

@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from lib.config import ConfigError
+from ..common.settings import ConfigError
 
 CHANNELS: dict[str, str] = {"F": "binary", "C": "binary", "Db": "distance", "P": "binary", "T": "binary"}
 CONTOUR_MODES = ("thick", "inner", "outer")

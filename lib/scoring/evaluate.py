@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lib.metrics import InstanceMatching, MatchStats, confusion_matrix, match_instances, scores
+from .metrics import InstanceMatching, MatchStats, confusion_matrix, match_instances, scores
 
 # Overlay colours (RGB): correct foreground, foreground predicted on background (false
 # positive), foreground predicted as background (false negative), wrong foreground class.
@@ -49,7 +49,7 @@ def evaluate_instances(labels: np.ndarray, mask: np.ndarray, thresholds: Sequenc
     """Instance matching and the foreground confusion matrix of instance ``labels`` (H, W) against ``mask`` (H, W).
 
     Both are instance label images (0 background, one id per object). Returns the matching at
-    each IoU threshold (:func:`lib.metrics.match_instances`) and the 2 x 2 confusion matrix of
+    each IoU threshold (:func:`lib.scoring.metrics.match_instances`) and the 2 x 2 confusion matrix of
     background/object (``mask > 0`` against ``labels > 0``), so the semantic scores exist for
     instance models too. Raises ``ValueError`` when the shapes differ.
     """

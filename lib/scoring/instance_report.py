@@ -1,4 +1,4 @@
-"""Reports of instance matching (:func:`lib.metrics.match_instances`): association tables and overlay pictures.
+"""Reports of instance matching (:func:`lib.scoring.metrics.match_instances`): association tables and overlay pictures.
 
 * :func:`associations_rows` lists, for one image at one threshold, every true object (matched
   to which prediction, with which IoU, or missed) and every false-positive prediction;
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lib.metrics import InstanceMatching
+from .metrics import InstanceMatching
 
 ASSOCIATION_FIELDS = ("image", "threshold", "true_id", "pred_id", "iou", "status")
 MATCHED, MISSED, FALSE_POSITIVE = "matched", "missed", "false_positive"
@@ -71,7 +71,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, object]],
         if extra:
             raise ValueError(f"rows must only hold the columns {', '.join(fieldnames)}; got {', '.join(extra)} in "
                              f"row {number}. Pass fieldnames=")
-    from lib.evaluate import write_csv as write_rows
+    from .evaluate import write_csv as write_rows
 
     return write_rows(path, rows, fieldnames)
 
@@ -108,7 +108,7 @@ def matching_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, matc
     image : (H, W) or (H, W, C), any dtype; shown grey (:func:`grey_display`).
     true, pred : (H, W) integer label images the matching was computed on (or one Z plane of
         the 3-D volumes: objects are drawn by id).
-    matching : from :func:`lib.metrics.match_instances`.
+    matching : from :func:`lib.scoring.metrics.match_instances`.
     threshold : one of ``matching.thresholds``.
 
     Missed true objects are filled red at opacity ``MISSED_ALPHA``; then the inner outlines

@@ -23,7 +23,7 @@ INSTANCE_UNET_FILTERS = 32
 
 
 def _auto_or_bool(text: str) -> bool | None:
-    from .config import flag_bool
+    from ..common.cli import flag_bool
 
     return None if str(text).strip().lower() == "auto" else flag_bool(text)
 
@@ -31,9 +31,9 @@ def _auto_or_bool(text: str) -> bool | None:
 def build_parser(prog: str, description: str, architectures: dict[str, str], default_architecture: str,
                  architecture_flag: str) -> argparse.ArgumentParser:
     """The parser of a training CLI. ``architectures`` maps the CLI's choice to the registry name."""
-    from .augment import add_augmentation_arguments
-    from .config import flag_bool
-    from .imagereader import add_reader_arguments
+    from ..common.cli import flag_bool
+    from ..reader.augment import add_augmentation_arguments
+    from ..reader.imagereader import add_reader_arguments
     from .losses import LOSSES
     from .trainer import LR_SCHEDULES
 
@@ -106,9 +106,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, architectures: dict[str, str]):
     """A validated TrainConfig from parsed flags; misuse exits through ``parser.error`` (code 2)."""
-    from .augment import augment_params_from_args
-    from .config import ConfigError
-    from .imagereader import reader_options_from_args
+    from ..common.settings import ConfigError
+    from ..reader.augment import augment_params_from_args
+    from ..reader.imagereader import reader_options_from_args
     from .trainer import TrainConfig
 
     try:
@@ -158,8 +158,8 @@ def run(argv: list[str] | None, prog: str, description: str, architectures: dict
     from .trainer import TrainingError, TrainingInterrupted, train, train_kfold
 
     if args.save_aug_samples:
-        from .imagereader import save_augmentation_samples
-        from .augment import AugmentParams
+        from ..reader.augment import AugmentParams
+        from ..reader.imagereader import save_augmentation_samples
 
         params = AugmentParams(**config.augmentation) if config.use_augmentation else AugmentParams.none()
         paths = save_augmentation_samples(config.train_database, args.save_aug_samples, params=params,

@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-MODEL_FILE = "model.keras"
-MODEL_JSON = "model.json"
+from ..common.device import PRECISIONS, resolve_precision
+from ..model_folder import ModelError, ModelInfo, check_members, find_models, load_model
+
 # Pixels per batch of tiles when --batch_size is not given: measured on FC-DenseNet56, batches of
 # one 704-px tile are as fast as batches of four and use a third of the memory (5.7 -> 1.9 GiB).
 DEFAULT_BATCH_PIXELS = 2 ** 20
@@ -47,10 +48,6 @@ STREAM_MIN_ZONE = 512  # zones of images streamed to tiled BigTIFF (predict_to_t
 BFLOAT16_TILE_AREA = 1.3  # default tile area in bfloat16 relative to float32 (default_tile_pixels)
 
 
-class ModelError(ValueError):
-    """A model folder that cannot be used: missing files, a bad model.json, members that disagree."""
-
-
 class InputMismatch(ValueError):
     """An image that does not fit the model (channels, dtype, layout)."""
 
@@ -58,204 +55,10 @@ class InputMismatch(ValueError):
 # Model folders
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What inference needs from a ``model.json`` (the trainer's contract).
-
-    ``mean`` and ``std`` have one value per input channel; ``normalization`` is "dataset"
-    (use ``mean``/``std``) or "tile" (each image with its own statistics).
-    """
-
-    path: str
-    architecture: str
-    number_classes: int
-    input_channels: int
-    input_dtype: str
-    normalization: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    size_divisor: int
-    receptive_field_radius: int
-    label_kind: str = "semantic"
-    channel_names: tuple[str, ...] = ()
-    channel_kinds: tuple[str, ...] = ()
-    meta: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def output_channels(self) -> int:
-        """Channels of the model's logits: classes (semantic) or instance target channels."""
-        return len(self.channel_names) if self.label_kind == "instance" else self.number_classes
-
-    @classmethod
-    def from_dict(cls, meta: dict, path: str = "<memory>") -> "ModelInfo":
-        """Validate a model.json dict; raise :class:`ModelError` listing every problem."""
-        problems = []
-
-        def need(key: str, check: Callable[[Any], bool], rule: str) -> Any:
-            value = meta.get(key)
-            if key not in meta or not check(value):
-                problems.append(f"{key} must {rule}; got {value!r}")
-                return None
-            return value
-
-        def is_int(minimum: int) -> Callable[[Any], bool]:
-            return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-        kind = meta.get("label_kind", "semantic")
-        names: tuple[str, ...] = ()
-        kinds: tuple[str, ...] = ()
-        if kind not in LABEL_KINDS:
-            problems.append(f"label_kind must be one of {', '.join(LABEL_KINDS)}; got {kind!r}")
-        elif kind == "instance":
-            names, kinds = _instance_channels(meta, problems)
-        architecture = need("architecture", lambda v: isinstance(v, str), "be a string")
-        classes = need("number_classes", is_int(2), "be an integer >= 2")
-        channels = need("input_channels", is_int(1), "be an integer >= 1")
-        dtype = need("input_dtype", lambda v: isinstance(v, str), "be a dtype name")
-        divisor = need("size_divisor", is_int(1), "be an integer >= 1")
-        radius = need("receptive_field_radius", is_int(0), "be an integer >= 0")
-        norm = need("normalization", lambda v: isinstance(v, dict), "be an object {mode, mean, std}") or {}
-        mode = norm.get("mode", "dataset")
-        mean, std = norm.get("mean"), norm.get("std")
-        if mode not in ("dataset", "tile"):
-            problems.append(f"normalization.mode must be 'dataset' or 'tile'; got {mode!r}")
-        for name, values in (("mean", mean), ("std", std)):
-            if not isinstance(values, list) or (channels and len(values) != channels) or not all(
-                    isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                problems.append(f"normalization.{name} must be a list of {channels} finite numbers (one per "
-                                f"channel); got {values!r}")
-        if problems:
-            raise ModelError(f"{path} is not a usable model.json:\n" + "\n".join(f"  - {p}" for p in problems)
-                             + "\nIt is written by train_unet.py / train_fcn.py; retrain or fix the file.")
-        return cls(path=path, architecture=architecture, number_classes=classes, input_channels=channels,
-                   input_dtype=dtype, normalization=mode, mean=tuple(float(v) for v in mean),
-                   std=tuple(float(v) for v in std), size_divisor=divisor, receptive_field_radius=radius,
-                   label_kind=kind, channel_names=names, channel_kinds=kinds, meta=meta)
-
-
-LABEL_KINDS = ("semantic", "instance")
 # Output channel kinds of instance models and their activation: binary -> sigmoid, distance -> clip to [0, 1].
-CHANNEL_KINDS = ("binary", "distance")
-
-
-def _instance_channels(meta: dict, problems: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Validate the ``instance`` block of an instance model's model.json; append problems; return (names, kinds)."""
-    block = meta.get("instance")
-    if not isinstance(block, dict):
-        problems.append(f"instance must be an object {{channels, kinds, targets, postprocess}} for label_kind "
-                        f"'instance'; got {block!r}")
-        return (), ()
-    names, kinds = block.get("channels"), block.get("kinds")
-    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
-            and len(set(names)) == len(names)):
-        problems.append(f"instance.channels must be a non-empty list of distinct channel names; got {names!r}")
-        names = None
-    if not (isinstance(kinds, list) and all(k in CHANNEL_KINDS for k in kinds)):
-        problems.append(f"instance.kinds must be a list of {' or '.join(CHANNEL_KINDS)}, one per channel; got "
-                        f"{kinds!r}")
-        kinds = None
-    if names is not None and kinds is not None and len(kinds) != len(names):
-        problems.append(f"instance.kinds must have one entry per channel ({len(names)}: {', '.join(names)}); got "
-                        f"{len(kinds)}")
-        kinds = None
-    output = meta.get("output_channels")
-    if names is not None and output != len(names):
-        problems.append(f"output_channels must equal the number of instance.channels ({len(names)}); got {output!r}")
-    for key in ("targets", "postprocess"):
-        if key in block and not isinstance(block[key], dict):
-            problems.append(f"instance.{key} must be an object; got {block[key]!r}")
-    if names is None or kinds is None:
-        return (), ()
-    return tuple(names), tuple(kinds)
-
-
-def _read_model_json(path: Path) -> ModelInfo:
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"model.json must exist beside the model; got none at {path}. Every model folder "
-                         "written by train_unet.py holds one") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"model.json must be readable JSON; got {type(exc).__name__}: {exc} in {path}") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"model.json must hold a JSON object; got {type(meta).__name__} in {path}")
-    return ModelInfo.from_dict(meta, str(path))
-
-
-def find_models(path: str | os.PathLike) -> list[tuple[Path, ModelInfo]]:
-    """Resolve ``path`` to model files and their metadata, without loading any model.
-
-    ``path`` may be a model folder (``model.keras`` + ``model.json``), a folder whose
-    sub-folders are model folders (an ensemble, e.g. k-fold output), a ``.keras`` file with
-    ``model.json`` beside it, or a SavedModel directory (``saved_model.pb``) with ``model.json``
-    beside it or in its parent folder.
-
-    Returns ``[(model_path, info), ...]`` sorted by path (one entry for a single model).
-    Raises :class:`ModelError` when nothing usable is found or ensemble members disagree.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model must be an existing model folder, ensemble folder or .keras file; got {str(path)!r} "
-                         "(not found)")
-    if path.is_file():
-        if path.suffix != ".keras":
-            raise ModelError(f"model file must be a .keras file; got {str(path)!r}. Pass the model folder")
-        found = [(path, _read_model_json(path.parent / MODEL_JSON))]
-    elif (path / MODEL_FILE).is_file():
-        found = [(path / MODEL_FILE, _read_model_json(path / MODEL_JSON))]
-    elif (path / "saved_model.pb").is_file():
-        beside = path / MODEL_JSON if (path / MODEL_JSON).is_file() else path.parent / MODEL_JSON
-        found = [(path, _read_model_json(beside))]
-    else:
-        members = sorted(p for p in path.iterdir() if p.is_dir() and (p / MODEL_FILE).is_file())
-        if not members:
-            raise ModelError(f"model must be a folder holding {MODEL_FILE} and {MODEL_JSON}, or a folder of such "
-                             f"folders (an ensemble); got {str(path)!r}, which holds neither. Pass the folder "
-                             "given to train_unet.py as --output_dir")
-        found = [(p / MODEL_FILE, _read_model_json(p / MODEL_JSON)) for p in members]
-    check_members([info for _, info in found], [str(p.parent) for p, _ in found])
-    return found
-
-
-def check_members(infos: Sequence[ModelInfo], names: Sequence[str] | None = None) -> None:
-    """Raise :class:`ModelError` unless ensemble members agree on what they predict.
-
-    They must share the label kind, the number of classes and input channels, and, for
-    instance models, the list of output channels and their kinds (their maps are averaged).
-    """
-    names = list(names) if names is not None else [info.path for info in infos]
-    first = infos[0]
-    for info, name in zip(infos[1:], names[1:]):
-        if info.label_kind != first.label_kind:
-            raise ModelError(f"ensemble members must all be semantic or all instance models; got "
-                             f"{first.label_kind} in {names[0]} and {info.label_kind} in {name}")
-        for key in ("number_classes", "input_channels", "channel_names", "channel_kinds"):
-            if getattr(info, key) != getattr(first, key):
-                shown = {k: (",".join(v) if isinstance(v, tuple) else v) for k, v in
-                         ((0, getattr(first, key)), (1, getattr(info, key)))}
-                raise ModelError(f"ensemble members must agree on {key}; got {shown[0]} in {names[0]} and "
-                                 f"{shown[1]} in {name}. Their outputs are averaged channel by channel")
 
 
 # Precision
-
-PRECISIONS = ("float32", "bfloat16", "auto")
-
-
-def resolve_precision(precision: str) -> str:
-    """The compute precision for a requested one: ``"float32"`` or ``"bfloat16"``.
-
-    ``"auto"`` is bfloat16 where the device computes it natively (a GPU of compute capability
-    >= 8.0, or a CPU with AVX512_BF16 / AMX; :func:`lib.trainer.bfloat16_is_native`), else
-    float32. Raises ``ValueError`` for an unknown name.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "auto":
-        from lib.trainer import bfloat16_is_native
-
-        return "bfloat16" if bfloat16_is_native() else "float32"
-    return precision
 
 
 def _policy_name(layer_config: dict) -> str | None:
@@ -316,22 +119,6 @@ def with_precision(model, precision: str, name: str = "<memory>"):
     rebuilt = keras.Model.from_config(config)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
-
-
-def _load_one(model_path: Path):
-    import keras
-
-    import lib.models  # noqa: F401  (registers the toolkit's layers before deserialising)
-
-    if model_path.is_dir():
-        # A TF SavedModel: a graph, no Python code is executed.
-        layer = keras.layers.TFSMLayer(str(model_path), call_endpoint="serving_default")
-        return layer
-    try:
-        return keras.models.load_model(model_path, safe_mode=True, compile=False)
-    except Exception as exc:  # a damaged or foreign file: say which one
-        raise ModelError(f"model must load with Keras in safe mode; got {type(exc).__name__}: {exc} in "
-                         f"{model_path}") from None
 
 
 # Predictor
@@ -549,7 +336,7 @@ def load_predictor(path: str | os.PathLike, tta: bool = False, precision: str = 
     set to compute in ``precision`` (:func:`with_precision`). Raises :class:`ModelError`.
     """
     found = find_models(path)
-    models = [(_load_one(model_path), info) for model_path, info in found]
+    models = [(load_model(model_path), info) for model_path, info in found]
     for (model_path, info), (model, _) in zip(found, models):
         output_shape = getattr(model, "output_shape", None)
         expected = info.output_channels
@@ -841,7 +628,7 @@ UNCERTAIN_ENTROPY = 0.5
 
 
 def label_dtype(number_classes: int) -> np.dtype:
-    from lib.images import smallest_uint
+    from ..store.images import smallest_uint
 
     return smallest_uint(number_classes - 1)
 
@@ -1047,7 +834,7 @@ def predict_to_tiff(predictor: Predictor, image, labels_path: Path, tile_size: i
     ``mask`` (H, W): also return the confusion matrix ``(K, K)``. Returns ``(scores, plan,
     confusion matrix or None, labels[::overview_step, ::overview_step])``.
     """
-    from lib.metrics import confusion_matrix
+    from ..scoring.metrics import confusion_matrix
 
     if predictor.label_kind != "semantic":
         raise ValueError("predictor must be a semantic model to stream labels; got an instance model (use "
@@ -1146,7 +933,7 @@ def predict_volume(predictor: Predictor, volume, tile_size: int | None = None, h
 # Instance models: post-processing of the stitched maps
 
 # Images whose height or width exceeds this are post-processed window by window
-# (lib.instances.postprocess_windowed); objects up to about a third of the overlap are then
+# (lib.instances.postprocess.postprocess_windowed); objects up to about a third of the overlap are then
 # labelled exactly as on the whole image.
 POSTPROCESS_WINDOW = 4096
 POSTPROCESS_OVERLAP = 256
@@ -1211,15 +998,15 @@ def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str
     """The post-processing of an instance predictor: model.json's, with overrides on top.
 
     The base is ``instance.postprocess`` of the first member's model.json
-    (:meth:`lib.instances.PostProcessConfig.default_for` its channels when absent).
+    (:meth:`lib.instances.postprocess.PostProcessConfig.default_for` its channels when absent).
     ``thresholds`` replace or add seed thresholds by channel name; the key ``growth`` sets the
     growth mask's threshold. ``refinements`` replace the model's list.
 
-    Returns a validated :class:`lib.instances.PostProcessConfig`. Raises :class:`ModelError`
-    for a bad block in model.json, ``lib.config.ConfigError`` for overrides that do not fit.
+    Returns a validated :class:`lib.instances.postprocess.PostProcessConfig`. Raises :class:`ModelError`
+    for a bad block in model.json, ``lib.common.settings.ConfigError`` for overrides that do not fit.
     """
-    from lib.config import ConfigError
-    from lib.instances import PostProcessConfig
+    from ..common.settings import ConfigError
+    from ..instances.postprocess import PostProcessConfig
 
     info = predictor.members[0].info
     block = info.meta.get("instance", {}).get("postprocess")
@@ -1254,11 +1041,11 @@ def segment_instances(maps, config, window: int = POSTPROCESS_WINDOW, overlap: i
 
     Post-processing always runs on the maps of the whole image, never tile by tile: an
     object crossing a tile border is one object. Images larger than ``window`` along an
-    axis go through :func:`lib.instances.postprocess_windowed` (``maps`` may then be a
-    memory map); smaller ones through :func:`lib.instances.postprocess`.
-    ``config``: :class:`lib.instances.PostProcessConfig` (:func:`postprocess_settings`).
+    axis go through :func:`lib.instances.postprocess.postprocess_windowed` (``maps`` may then be a
+    memory map); smaller ones through :func:`lib.instances.postprocess.postprocess`.
+    ``config``: :class:`lib.instances.postprocess.PostProcessConfig` (:func:`postprocess_settings`).
     """
-    from lib.instances import postprocess, postprocess_windowed
+    from ..instances.postprocess import postprocess, postprocess_windowed
 
     if maps.shape[0] > window or maps.shape[1] > window:
         return InstanceSegmentation(postprocess_windowed(maps, config, window=window, overlap=overlap), None, True)
@@ -1339,15 +1126,15 @@ class InferenceConfig:
     thresholds: dict[str, float | str] | None = None  # seed thresholds by channel, "growth"
     refinements: tuple[str, ...] | None = None  # replace model.json's refinements
     pixel_size: float | None = None  # physical side of a pixel, for the measurements
-    filter_rules: str | None = None  # lib.instances.parse_rules text: instances to remove
+    filter_rules: str | None = None  # lib.instances.postprocess.parse_rules text: instances to remove
     save_intermediates: bool = False  # seeds, surface and growth mask
     matching_thresholds: tuple[float, ...] = (0.3, 0.5, 0.75)  # IoU thresholds of the evaluation
     postprocess_window: int = POSTPROCESS_WINDOW
     postprocess_overlap: int = POSTPROCESS_OVERLAP
 
     def validate(self) -> "InferenceConfig":
-        """Return self, or raise ``lib.config.ConfigError`` listing every invalid field."""
-        from lib.config import ConfigError
+        """Return self, or raise ``lib.common.settings.ConfigError`` listing every invalid field."""
+        from ..common.settings import ConfigError
 
         v = []
         if not Path(self.image_folder).is_dir():
@@ -1379,7 +1166,7 @@ class InferenceConfig:
         return self
 
     def _instance_violations(self) -> list[str]:
-        from lib.instances import MEASUREMENT_COLUMNS, parse_refinement, parse_rules
+        from ..instances.postprocess import MEASUREMENT_COLUMNS, parse_refinement, parse_rules
 
         v = []
         if self.pixel_size is not None and not (isinstance(self.pixel_size, (int, float))
@@ -1387,7 +1174,7 @@ class InferenceConfig:
             v.append(f"pixel_size must be a positive number (physical units per pixel); got {self.pixel_size!r}")
         if self.filter_rules is not None:
             try:
-                parse_rules(self.filter_rules, MEASUREMENT_COLUMNS)  # the columns of lib.instances.measure
+                parse_rules(self.filter_rules, MEASUREMENT_COLUMNS)  # the columns of lib.instances.postprocess.measure
             except ValueError as exc:
                 v.append(f"filter_rules must be valid rules; got {self.filter_rules!r}: {exc}")
         for step in self.refinements or ():
@@ -1524,8 +1311,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     """
     import time
 
-    from lib.evaluate import metrics_row, write_csv
-    from lib.images import ImageReadError, list_images, pair_images_masks
+    from ..scoring.evaluate import metrics_row, write_csv
+    from ..store.images import ImageReadError, list_images, pair_images_masks
 
     started = time.perf_counter()
     config.validate()
@@ -1631,8 +1418,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     instance_overall = instance_csv = None
     matched = {k: r["instance_stats"] for k, r in records.items() if r.get("instance_stats")}
     if matched:
-        from lib.evaluate import instance_metrics_rows
-        from lib.metrics import MatchStats, pool_stats
+        from ..scoring.evaluate import instance_metrics_rows
+        from ..scoring.metrics import MatchStats, pool_stats
 
         tables = {k: {float(t): MatchStats(**d) for t, d in v.items()} for k, v in matched.items()}
         instance_overall = pool_stats(list(tables.values()))
@@ -1645,7 +1432,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
 
 def _instance_settings(predictor: Predictor, config: InferenceConfig):
     """The post-processing of an instance predictor (None for a semantic one, refusing instance-only settings)."""
-    from lib.config import ConfigError
+    from ..common.settings import ConfigError
 
     if predictor.label_kind == "semantic":
         given = [f"{name} applies to instance models only; got {getattr(config, name)!r} with a semantic model "
@@ -1681,7 +1468,7 @@ def _process_one(predictor: Predictor, key: str, image_path: Path, mask_path: Pa
     ``progress``: show a bar over the tiles of an image of at least ``TILE_BAR_MIN_TILES`` tiles.
     ``post``: the post-processing settings of an instance predictor (None: semantic).
     """
-    from lib.images import read_info
+    from ..store.images import read_info
 
     info = read_info(image_path)
     volume = info.is_volume
@@ -1745,9 +1532,9 @@ def _predict_instances_one(predictor: Predictor, image_path: Path, info, mask_pa
     import tempfile
     import time
 
-    from lib.images import write_image
-    from lib.instance_report import write_csv as write_table
-    from lib.instances import MEASUREMENT_COLUMNS, filter_instances, measure
+    from ..instances.postprocess import MEASUREMENT_COLUMNS, filter_instances, measure
+    from ..scoring.instance_report import write_csv as write_table
+    from ..store.images import write_image
 
     started = time.perf_counter()
     height, width = info.shape[:2]
@@ -1818,9 +1605,9 @@ def _predict_instances_one(predictor: Predictor, image_path: Path, info, mask_pa
 def _evaluate_instances_one(image, labels: np.ndarray, mask_path: Path, paths: dict[str, Path],
                             config: InferenceConfig, streamed: bool, log: Callable[[str], None]) -> dict:
     """Match the instances of one image with its instance mask; write its associations (and overlay)."""
-    from lib.evaluate import evaluate_instances, metrics_row
-    from lib.images import read_mask
-    from lib.instance_report import associations_rows, matching_overlay, save_png, write_csv
+    from ..scoring.evaluate import evaluate_instances, metrics_row
+    from ..scoring.instance_report import associations_rows, matching_overlay, save_png, write_csv
+    from ..store.images import read_mask
 
     mask = read_mask(mask_path, binary_255=False)
     try:
@@ -1847,7 +1634,7 @@ def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path |
     """Predict one image into ``paths`` and evaluate it; the record last. Returns its pixels."""
     import time
 
-    from lib.images import read_volume, write_image
+    from ..store.images import read_volume, write_image
 
     volume = info.is_volume
     streamed = not volume and info.shape[0] * info.shape[1] > STREAM_PIXELS
@@ -1877,13 +1664,13 @@ def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path |
                 "BigTIFF (.tif) whatever --output_format")
         mask = None
         if mask_path is not None:
-            from lib.images import read_mask
+            from ..store.images import read_mask
 
             mask = read_mask(mask_path)
             if mask.shape != tuple(info.shape[:2]):
                 raise ValueError(f"mask size must equal the image size; got {mask.shape} for {info.shape[:2]} in "
                                  f"{mask_path}")
-        from lib.evaluate import OVERLAY_MAX_SIDE
+        from ..scoring.evaluate import OVERLAY_MAX_SIDE
 
         step = max(1, -(-max(info.shape[:2]) // OVERLAY_MAX_SIDE))
         scores, plan, cm, overview = predict_to_tiff(
@@ -1893,8 +1680,8 @@ def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path |
         record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
                           "tiles": plan.n_tiles, "streamed": True}
         if cm is not None:
-            from lib.evaluate import metrics_row, overlay
-            from lib.images import write_image as write
+            from ..scoring.evaluate import metrics_row, overlay
+            from ..store.images import write_image as write
 
             write(paths["overlay"], overlay(np.asarray(image[::step, ::step]), overview, mask[::step, ::step]))
             row = metrics_row("", cm)
@@ -1931,7 +1718,7 @@ MEMMAP_PIXELS = 2 ** 24
 
 def _open_image(path: Path, info):
     """The image as (H, W, C): memory-mapped when large and an uncompressed contiguous YX/YXC TIFF, else decoded."""
-    from lib.images import TIFF_EXTENSIONS, read_image
+    from ..store.images import TIFF_EXTENSIONS, read_image
 
     if path.suffix.lower() in TIFF_EXTENSIONS and info.axes in ("YX", "YXC") and \
             info.shape[0] * info.shape[1] > MEMMAP_PIXELS:
@@ -1948,8 +1735,8 @@ def _open_image(path: Path, info):
 
 
 def _evaluate_one(image, labels: np.ndarray, mask_path: Path, classes: int, overlay_path: Path) -> dict:
-    from lib.evaluate import evaluate_labels, metrics_row, overlay
-    from lib.images import read_mask, write_image
+    from ..scoring.evaluate import evaluate_labels, metrics_row, overlay
+    from ..store.images import read_mask, write_image
 
     mask = read_mask(mask_path)
     try:

@@ -1,0 +1,59 @@
+"""The pieces every command line shares: truth-value flags, the parser, errors to exit codes.
+
+This is the only ``lib`` module that imports argparse. Each CLI script builds its parser with
+:func:`make_parser`, maps the flags onto its typed config, and runs its one library call
+through :func:`run_main`, which turns every :class:`~lib.common.errors.ToolkitError` into its
+message on stderr and its exit code. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from .errors import ToolkitError
+
+
+def flag_bool(text: str) -> bool:
+    """Parse a command-line truth value as NIST's scripts take them: 1/0, true/false, yes/no, on/off."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no; got {text!r}")
+
+
+def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A parser that shows defaults in ``--help`` (flag groups are added by the caller)."""
+    return argparse.ArgumentParser(description=description, epilog=epilog,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def report_error(error: BaseException, prog: str | None = None) -> None:
+    """Print a user-caused error as one message on stderr (no traceback)."""
+    prog = prog or sys.argv[0].rsplit("/", 1)[-1]
+    print(f"{prog}: error: {error}", file=sys.stderr)
+
+
+def run_main(body: Callable[[], int | None], prog: str | None = None) -> int:
+    """Run a CLI's body; map :class:`ToolkitError` to its exit code and message.
+
+    ``body`` returns the exit code (``None`` means 0). ``KeyboardInterrupt`` exits 130 as a
+    shell would. Any other exception is a bug: it propagates with its traceback (exit 1).
+    """
+    try:
+        code = body()
+    except ToolkitError as error:
+        report_error(error, prog)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; misuse exits 2 through ``parser.error`` as argparse does."""
+    return parser.parse_args(argv)
