@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lib.store.build import BuildConfig, build_databases
-from lib.store.images import list_images, pair_images_masks
+from lib.store.images import list_images, pair_images_masks, write_image
 from lib.store.tiling import tile_grid
 
 NIST = ROOT.parent / "shared" / "data" / "nist_phase_contrast"
@@ -81,8 +81,6 @@ def whole_process(image_folder: Path, mask_folder: Path, out: Path) -> float:
 
 
 def make_large(folder: Path, n: int, size: int) -> None:
-    from lib.store.images import write_image
-
     rng = np.random.default_rng(0)
     base = rng.integers(0, 4000, (size, size), dtype=np.uint16)
     for i in range(n):

@@ -11,11 +11,12 @@ illumination, optical blur, shot and read noise. For each image it writes
     experts/expertK/NAME.png     perturbed binary masks of several simulated annotators
 
     python data/generate.py --output_folder demo_output/data --n_images 16 --seed 0
+
+Every file is written through :func:`lib.store.images.write_image` (atomic, modes from the umask).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,6 +24,10 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib.common.cli import make_parser, run_main  # noqa: E402  (after the path set-up above)
+from lib.common.settings import ConfigError  # noqa: E402
+from lib.store.images import write_image  # noqa: E402
 
 
 def _blob_mask(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float, angle: float,
@@ -129,12 +134,15 @@ def expert_mask(instances: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def generate_dataset(output_folder: str | Path, n_images: int = 16, height: int = 384, width: int = 384,
                      n_experts: int = 3, seed: int = 0) -> Path:
-    """Write the dataset described in the module docstring into ``output_folder``."""
-    from lib.store.images import write_image
+    """Write the dataset described in the module docstring into ``output_folder``.
 
-    if n_images < 1 or n_experts < 0 or height < 32 or width < 32:
-        raise ValueError(f"n_images must be >= 1, n_experts >= 0, height and width >= 32; got {n_images}, "
-                         f"{n_experts}, {height}, {width}")
+    Raises ``ConfigError`` (a ``ValueError``) listing every invalid argument; nothing is written then.
+    """
+    violations = [f"{name} must be >= {low}; got {value}" for name, value, low in
+                  (("n_images", n_images, 1), ("n_experts", n_experts, 0), ("height", height, 32),
+                   ("width", width, 32)) if value < low]
+    if violations:
+        raise ConfigError(violations)
     out = Path(output_folder)
     for i in range(n_images):
         rng = np.random.default_rng([seed, i])
@@ -150,8 +158,7 @@ def generate_dataset(output_folder: str | Path, n_images: int = 16, height: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the synthetic example microscopy dataset.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser("Generate the synthetic example microscopy dataset.")
     parser.add_argument("--output_folder", required=True)
     parser.add_argument("--n_images", type=int, default=16)
     parser.add_argument("--height", type=int, default=384)
@@ -159,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_experts", type=int, default=3, help="perturbed expert masks per image (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.n_images < 1 or args.n_experts < 0 or args.height < 32 or args.width < 32:
-        parser.error(f"--n_images must be >= 1, --n_experts >= 0, --height and --width >= 32; got {args.n_images}, "
-                     f"{args.n_experts}, {args.height}, {args.width}")
-    out = generate_dataset(args.output_folder, args.n_images, args.height, args.width, args.n_experts, args.seed)
-    print(f"wrote {args.n_images} images of {args.height}x{args.width} with masks, instances and "
-          f"{args.n_experts} expert masks each to {out}")
-    return 0
+
+    def body() -> int:
+        out = generate_dataset(args.output_folder, args.n_images, args.height, args.width, args.n_experts, args.seed)
+        print(f"wrote {args.n_images} images of {args.height}x{args.width} with masks, instances and "
+              f"{args.n_experts} expert masks each to {out}")
+        return 0
+
+    return run_main(body, prog="generate.py")
 
 
 if __name__ == "__main__":

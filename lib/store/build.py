@@ -33,8 +33,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import __version__
+from ..common.errors import OutputError
+from ..common.files import write_with
 from ..common.settings import ConfigError, from_dict
 from .images import (
     DatasetError,
@@ -49,13 +52,18 @@ from .images import (
     read_image,
     read_mask,
 )
-from .lmdb_store import FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
+from .lmdb_store import FILE_MODE, FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
 from .tiling import pad_to, tile_grid
+
+
+def default_workers() -> int:
+    """Processes of a build unless told otherwise: one per core, at most 8 (disk-bound beyond)."""
+    return min(os.cpu_count() or 1, 8)
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
-    """Settings of a database build (``build_lmdb.py``)."""
+    """Settings of a database build; ``build_lmdb.py`` maps its flags onto these, defaults included."""
 
     image_folder: str
     mask_folder: str
@@ -71,7 +79,7 @@ class BuildConfig:
     mask_type: str = "semantic"
     seed: int = 0
     folds: int = 0
-    workers: int = 2
+    workers: int = dataclasses.field(default_factory=default_workers)  # 0: in this process
     overwrite: bool = False
 
     @property
@@ -118,6 +126,10 @@ class BuildConfig:
         return from_dict(cls, values)
 
 
+class OutputExistsError(OutputError, FileExistsError):
+    """An output database or split file exists and ``overwrite`` is false (exit 2, nothing written)."""
+
+
 TMP_PREFIX = ".building-"
 SMALL_BUILD_BYTES = 32 << 20  # below this many bytes of records, decode in this process
 PAGE = 4096
@@ -161,8 +173,8 @@ def _init_worker(db_paths: dict[str, str], map_size: dict[str, int], settings: d
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER["settings"] = settings
     # No writemap: on a fresh file its page faults cost more than LMDB's write() at commit.
-    _WORKER["envs"] = {split: lmdb.open(path, map_size=map_size[split], subdir=True, sync=False, metasync=False)
-                       for split, path in db_paths.items()}
+    _WORKER["envs"] = {split: lmdb.open(path, map_size=map_size[split], subdir=True, sync=False, metasync=False,
+                                        mode=FILE_MODE) for split, path in db_paths.items()}
 
 
 def _close_worker_envs() -> None:
@@ -305,8 +317,6 @@ def _map_size(jobs: list[_Job], record_bytes: dict[int, int]) -> int:
 
 def _run_jobs(jobs: list[_Job], workers: int, db_paths: dict[str, str], map_sizes: dict[str, int],
               settings: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs), unit="image", desc="building" if db_paths else "checking", disable=not progress,
                file=sys.stderr, mininterval=0.5)
@@ -345,26 +355,58 @@ def _run_jobs(jobs: list[_Job], workers: int, db_paths: dict[str, str], map_size
     return results
 
 
-def build_databases(config: BuildConfig, command: str = "", progress: bool = True,
-                    log: Callable[[str], None] = print) -> BuildResult:
-    """Validate the dataset of ``config`` and write ``train-NAME.lmdb`` / ``test-NAME.lmdb``.
+@dataclasses.dataclass
+class _Plan:
+    """Everything decided before any pixel is read: pairs, split, folds, tile grids, dtypes."""
 
-    Raises ``ConfigError`` for invalid settings, ``DatasetError`` listing every problem of the
-    input folders (nothing is written then), ``FileExistsError`` when an output exists and
-    ``config.overwrite`` is false.
+    config: BuildConfig
+    pairs: list[Pair]
+    checks: list[PairCheck]
+    split: dict[str, str]  # key -> "train" | "test"
+    fold: dict[str, int]  # key -> 0..K-1 for training images with folds, else -1
+    jobs: list[_Job]
+    record_bytes: dict[int, int]  # job index -> bytes of one of its records
+    n_records: dict[str, int]  # split -> records
+    settings: dict[str, Any]  # what workers need: mask_type, number_classes, label_dtype, n_classes
+    command: str
+    created: str  # ISO 8601 time of the build
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("train", "test") if self.n_records[s] > 0]
+
+    @property
+    def channels(self) -> int:
+        return self.checks[0].image_shape[2]
+
+    @property
+    def n_folds(self) -> int:
+        return max(self.fold.values()) + 1 if self.fold and max(self.fold.values()) >= 0 else 0
+
+
+def _size_warnings(config: BuildConfig, checks: list[PairCheck]) -> list[str]:
+    """Warnings about images smaller than the tile (they are padded)."""
+    if not config.use_tiling or not checks:
+        return []
+    small = [c.key for c in checks if min(c.image_shape[:2]) < config.tile_size]
+    if len(small) == len(checks):
+        return [f"tile_size {config.tile_size} is larger than every image (largest "
+                f"{max(max(c.image_shape[:2]) for c in checks)} px); all tiles will be padded. "
+                "A smaller --tile_size stores less padding"]
+    if small:
+        return [f"{len(small)} image(s) are smaller than tile_size {config.tile_size} along an axis and "
+                f"are padded (reflection for the image, background for the mask): "
+                f"{', '.join(small[:10])}{' ...' if len(small) > 10 else ''}"]
+    return []
+
+
+def _check_dataset(config: BuildConfig, progress: bool,
+                   log: Callable[[str], None]) -> tuple[list[Pair], list[PairCheck], list[str], dict[str, Any]]:
+    """Step 1: pair by key and check every header. Returns ``(pairs, checks, warnings, settings)``.
+
+    Raises :class:`DatasetError` listing every problem; the pairs whose headers are fine are
+    then decoded too (without writing), so that the report is complete.
     """
-    start = time.perf_counter()
-    config.validate()
-    output = Path(config.output_folder)
-    name = config.dataset_name
-    finals = {"train": output / f"train-{name}.lmdb", "test": output / f"test-{name}.lmdb"}
-    split_csv = output / f"split-{name}.csv"
-    existing = [p for p in (*finals.values(), split_csv) if p.exists()]
-    if existing and not config.overwrite:
-        raise FileExistsError(f"output must not exist; found {', '.join(str(p) for p in existing)}. "
-                              "Pass --overwrite to replace it, or choose another --output_folder/--dataset_name")
-
-    # Step 1: pairing and headers
     images, problems = list_images(config.image_folder, config.image_format)
     masks, mask_problems = list_images(config.mask_folder)
     problems += mask_problems
@@ -374,46 +416,34 @@ def build_databases(config: BuildConfig, command: str = "", progress: bool = Tru
                         f"{config.image_folder}")
     pairs, pair_problems = pair_images_masks(images, masks, config.mask_suffix)
     problems += pair_problems
-    checks: list[PairCheck] = [check_pair_headers(p) for p in pairs]
+    checks = [check_pair_headers(p) for p in pairs]
     for c in checks:
         problems += c.problems
     problems += cross_check(checks)
-    warnings: list[str] = []
-    ok_checks = [c for c in checks if c.image_shape is not None and c.mask_shape is not None]
-    if config.use_tiling and ok_checks:
-        small = [c.key for c in ok_checks if min(c.image_shape[:2]) < config.tile_size]
-        if len(small) == len(ok_checks):
-            warnings.append(f"tile_size {config.tile_size} is larger than every image (largest "
-                            f"{max(max(c.image_shape[:2]) for c in ok_checks)} px); all tiles will be padded. "
-                            "A smaller --tile_size stores less padding")
-        elif small:
-            warnings.append(f"{len(small)} image(s) are smaller than tile_size {config.tile_size} along an axis and "
-                            f"are padded (reflection for the image, background for the mask): "
-                            f"{', '.join(small[:10])}{' ...' if len(small) > 10 else ''}")
+    warnings = _size_warnings(config, [c for c in checks if c.image_shape is not None and c.mask_shape is not None])
     for w in warnings:
         log(f"warning: {w}")
-
     label_dtype = _label_dtype([c.mask_dtype for c in checks if c.mask_dtype], config.mask_type,
                                config.number_classes)
     # None: the number of classes is learnt from the masks (largest value + 1).
     n_classes = 2 if config.mask_type == "instance" else config.number_classes
     settings = {"mask_type": config.mask_type, "number_classes": config.number_classes,
                 "label_dtype": label_dtype, "n_classes": n_classes or 0}
-
     if problems:
-        # Decode the pairs that passed the header check too, so the report is complete.
         jobs = [_Job(i, p, "", 0, (), 0, 0) for i, (p, c) in enumerate(zip(pairs, checks)) if not c.problems]
-        results = _run_jobs(jobs, config.workers, {}, {}, settings, progress)
-        for r in results:
+        for r in _run_jobs(jobs, config.workers, {}, {}, settings, progress):
             problems += r["problems"]
         raise DatasetError(problems)
+    return pairs, checks, warnings, settings
 
-    # Step 2: split, folds, grids
-    keys = [p.key for p in pairs]
-    split, fold = _split(keys, config.train_fraction, config.seed, config.folds)
+
+def _make_plan(config: BuildConfig, pairs: list[Pair], checks: list[PairCheck], settings: dict[str, Any],
+               command: str) -> _Plan:
+    """Step 2: the seeded split, the folds and the tile grid (hence record numbers) of every image."""
+    split, fold = _split([p.key for p in pairs], config.train_fraction, config.seed, config.folds)
     jobs, next_record, record_bytes = [], {"train": 0, "test": 0}, {}
-    channels = checks[0].image_shape[2]
-    image_itemsize = np.dtype(checks[0].image_dtype).itemsize
+    pixel_bytes = checks[0].image_shape[2] * np.dtype(checks[0].image_dtype).itemsize \
+        + settings["label_dtype"].itemsize
     for i, (pair, check) in enumerate(zip(pairs, checks)):
         h, w = check.image_shape[:2]
         if config.use_tiling:
@@ -424,82 +454,121 @@ def build_databases(config: BuildConfig, command: str = "", progress: bool = Tru
         s = split[pair.key]
         jobs.append(_Job(i, pair, s, next_record[s], grid, tile_h, tile_w))
         next_record[s] += len(grid)
-        record_bytes[i] = HEADER.size + tile_h * tile_w * (channels * image_itemsize + label_dtype.itemsize)
-    splits = [s for s in ("train", "test") if next_record[s] > 0]
-    if "test" not in splits:
-        log("note: train_fraction 1.0 leaves no test images; no test database is written")
+        record_bytes[i] = HEADER.size + tile_h * tile_w * pixel_bytes
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return _Plan(config, pairs, checks, split, fold, jobs, record_bytes, next_record, settings, command, created)
 
-    # Step 3: write into a temporary folder, rename when complete
+
+def _output_paths(config: BuildConfig) -> tuple[dict[str, Path], Path]:
+    """``({split: database folder}, split CSV)`` of a build."""
+    output, name = Path(config.output_folder), config.dataset_name
+    return {s: output / f"{s}-{name}.lmdb" for s in ("train", "test")}, output / f"split-{name}.csv"
+
+
+def build_databases(config: BuildConfig, command: str = "", progress: bool = True,
+                    log: Callable[[str], None] = print) -> BuildResult:
+    """Validate the dataset of ``config`` and write ``train-NAME.lmdb`` / ``test-NAME.lmdb``.
+
+    ``command``: the command line recorded in the metadata; ``progress``: a progress bar on
+    stderr; ``log``: where warnings and notes go (one line each).
+
+    Raises ``ConfigError`` for invalid settings, ``DatasetError`` listing every problem of the
+    input folders (nothing is written then), :class:`OutputExistsError` (a ``FileExistsError``)
+    when an output exists and ``config.overwrite`` is false. All three exit 2 in a CLI.
+    """
+    start = time.perf_counter()
+    config.validate()
+    finals, split_csv = _output_paths(config)
+    existing = [p for p in (*finals.values(), split_csv) if p.exists()]
+    if existing and not config.overwrite:
+        raise OutputExistsError(f"output must not exist; found {', '.join(str(p) for p in existing)}. "
+                                "Pass --overwrite to replace it, or choose another --output_folder/--dataset_name")
+    pairs, checks, warnings, settings = _check_dataset(config, progress, log)
+    plan = _make_plan(config, pairs, checks, settings, command)
+    if "test" not in plan.splits:
+        log("note: train_fraction 1.0 leaves no test images; no test database is written")
+    results = _write_outputs(plan, finals, split_csv, progress)
+    return BuildResult(databases={s: finals[s] for s in plan.splits}, split_csv=split_csv,
+                       n_records={s: plan.n_records[s] for s in plan.splits},
+                       n_images={s: sum(1 for j in plan.jobs if j.split == s) for s in plan.splits},
+                       seconds=time.perf_counter() - start,
+                       input_bytes=sum(r["input_bytes"] for r in results), warnings=warnings)
+
+
+def _write_outputs(plan: _Plan, finals: dict[str, Path], split_csv: Path, progress: bool) -> list[dict[str, Any]]:
+    """Step 3: write everything into a hidden folder beside the outputs, then rename into place.
+
+    Any problem, exception or SIGTERM removes the folder, so a database that looks valid at
+    an output path is always complete. Returns the workers' results in job order.
+    """
+    output = split_csv.parent
     output.mkdir(parents=True, exist_ok=True)
     _stale_cleanup(output)
-    tmp = output / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    tmp = output / f"{TMP_PREFIX}{plan.config.dataset_name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     previous_term = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
 
     def _on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
-        if threading.current_thread() is threading.main_thread():
+        if in_main_thread:
             signal.signal(signal.SIGTERM, _on_term)
-        db_paths = {s: str(tmp / finals[s].name) for s in splits}
-        map_sizes = {s: _map_size([j for j in jobs if j.split == s], record_bytes) for s in splits}
-        for s in splits:
-            # Create the environments here so workers only open them.
-            LmdbWriter(db_paths[s], map_size=map_sizes[s]).close()
-        # A pool pays for its start-up only when there is enough to decode.
-        total = sum(len(j.grid) * record_bytes[j.index] for j in jobs)
-        workers = config.workers if total >= SMALL_BUILD_BYTES else 0
-        results = _run_jobs(jobs, workers, db_paths, map_sizes, settings, progress)
-        for r in results:
-            problems += r["problems"]
-        if problems:
-            raise DatasetError(problems)
-        sources = [{"key": p.key, "image": str(p.image.resolve()), "mask": str(p.mask.resolve()), "height": c.image_shape[0],
-                    "width": c.image_shape[1], "split": split[p.key], "fold": fold[p.key]}
-                   for p, c in zip(pairs, checks)]
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        n_folds = max(fold.values()) + 1 if fold and max(fold.values()) >= 0 else 0
-        if n_classes is None:
-            # Largest value seen in any mask + 1, the same for both databases.
-            n_classes = max([2] + [len(r["class_counts"]) for r in results])
-        for s in splits:
-            metadata = _metadata(config, s, [(j, r) for j, r in zip(jobs, results) if j.split == s], sources,
-                                 channels, checks[0].image_dtype, label_dtype, n_classes, n_folds, command, created)
-            with LmdbWriter(db_paths[s], map_size=map_sizes[s]) as writer:
-                writer.put_metadata(metadata)
-        _write_split_csv(tmp / split_csv.name, pairs, checks, split, fold, jobs)
+        results = _fill_databases(plan, {s: tmp / finals[s].name for s in plan.splits}, progress)
+        write_with(tmp / split_csv.name, lambda path: _write_split_csv(path, plan))
         # Publish: replace old outputs only now that the new ones are complete.
         trash = tmp / ".old"
         trash.mkdir()
-        for final in (*[finals[s] for s in splits], split_csv):
+        for final in (*[finals[s] for s in plan.splits], split_csv):
             if final.exists():
                 os.replace(final, trash / final.name)
             os.replace(tmp / final.name, final)
         for s in ("train", "test"):
-            if s not in splits and finals[s].exists():  # a stale database from an older build
+            if s not in plan.splits and finals[s].exists():  # a stale database from an older build
                 os.replace(finals[s], trash / finals[s].name)
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if in_main_thread:
             signal.signal(signal.SIGTERM, previous_term)
         shutil.rmtree(tmp, ignore_errors=True)
-    return BuildResult(databases={s: finals[s] for s in splits}, split_csv=split_csv,
-                       n_records={s: next_record[s] for s in splits},
-                       n_images={s: sum(1 for j in jobs if j.split == s) for s in splits},
-                       seconds=time.perf_counter() - start,
-                       input_bytes=sum(r["input_bytes"] for r in results), warnings=warnings)
+    return results
 
 
-def _metadata(config: BuildConfig, split: str, items: list[tuple[_Job, dict[str, Any]]], sources: list[dict],
-              channels: int, image_dtype: str, label_dtype: np.dtype, n_classes: int, n_folds: int, command: str,
-              created: str) -> dict[str, Any]:
+def _fill_databases(plan: _Plan, databases: dict[str, Path], progress: bool) -> list[dict[str, Any]]:
+    """Create the databases at ``databases`` (split -> folder), write every record, then the metadata."""
+    db_paths = {s: str(path) for s, path in databases.items()}
+    map_sizes = {s: _map_size([j for j in plan.jobs if j.split == s], plan.record_bytes) for s in plan.splits}
+    for s in plan.splits:
+        # Create the environments here so workers only open them.
+        LmdbWriter(db_paths[s], map_size=map_sizes[s]).close()
+    # A pool pays for its start-up only when there is enough to decode.
+    total = sum(len(j.grid) * plan.record_bytes[j.index] for j in plan.jobs)
+    workers = plan.config.workers if total >= SMALL_BUILD_BYTES else 0
+    results = _run_jobs(plan.jobs, workers, db_paths, map_sizes, plan.settings, progress)
+    problems = [p for r in results for p in r["problems"]]
+    if problems:
+        raise DatasetError(problems)
+    # Largest value seen in any mask + 1 when not given, the same for both databases.
+    n_classes = plan.settings["n_classes"] or max([2] + [len(r["class_counts"]) for r in results])
+    for s in plan.splits:
+        metadata = _metadata(plan, s, results, n_classes)
+        with LmdbWriter(db_paths[s], map_size=map_sizes[s]) as writer:
+            writer.put_metadata(metadata)
+    return results
+
+
+def _metadata(plan: _Plan, split: str, results: list[dict[str, Any]], n_classes: int) -> dict[str, Any]:
+    """The metadata record of the ``split`` database (:data:`lib.store.lmdb_store.METADATA_KEYS`)."""
+    config, channels = plan.config, plan.channels
     # Pool per-image (n, mean, M2) into dataset statistics (Chan et al.'s parallel variance).
     n_total, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
     class_counts = np.zeros(n_classes, dtype=np.int64)  # workers' counts may be shorter: pad
     class_tiles: list[list[int]] = [[] for _ in range(n_classes)]
     tiles: dict[str, list[int]] = {"source": [], "y": [], "x": [], "valid_h": [], "valid_w": []}
-    for job, r in items:
+    for job, r in zip(plan.jobs, results):
+        if job.split != split:
+            continue
         n, m, s2 = r["stats"]
         m, s2 = np.asarray(m), np.asarray(s2)
         delta = m - mean
@@ -521,6 +590,9 @@ def _metadata(config: BuildConfig, split: str, items: list[tuple[_Job, dict[str,
     std = np.sqrt(m2 / max(n_total, 1))
     for c in class_tiles:
         c.sort()
+    sources = [{"key": p.key, "image": str(p.image.resolve()), "mask": str(p.mask.resolve()),
+                "height": c.image_shape[0], "width": c.image_shape[1], "split": plan.split[p.key],
+                "fold": plan.fold[p.key]} for p, c in zip(plan.pairs, plan.checks)]
     return {
         "format_version": FORMAT_VERSION,
         "dataset_name": config.dataset_name,
@@ -529,8 +601,8 @@ def _metadata(config: BuildConfig, split: str, items: list[tuple[_Job, dict[str,
         "tile_size": config.tile_size if config.use_tiling else None,
         "stride": config.effective_stride if config.use_tiling else None,
         "channels": channels,
-        "image_dtype": image_dtype,
-        "label_dtype": label_dtype.name,
+        "image_dtype": plan.checks[0].image_dtype,
+        "label_dtype": plan.settings["label_dtype"].name,
         "label_kind": config.mask_type,
         "number_classes": n_classes,
         "class_pixel_counts": class_counts.tolist(),
@@ -539,20 +611,21 @@ def _metadata(config: BuildConfig, split: str, items: list[tuple[_Job, dict[str,
         "channel_std": std.tolist(),
         "sources": sources,
         "tiles": tiles,
-        "folds": n_folds,
-        "build_command": command,
+        "folds": plan.n_folds,
+        "build_command": plan.command,
         "build_config": config.to_dict(),
-        "created": created,
+        "created": plan.created,
         "toolkit_version": __version__,
     }
 
 
-def _write_split_csv(path: Path, pairs: list[Pair], checks: list[PairCheck], split: dict[str, str],
-                     fold: dict[str, int], jobs: list[_Job]) -> None:
+def _write_split_csv(path: Path, plan: _Plan) -> None:
+    """One row per source image: where it went (split, fold) and which records hold it."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "image", "mask", "height", "width", "channels", "split", "fold", "n_tiles",
                          "first_record"])
-        for pair, check, job in zip(pairs, checks, jobs):
+        for pair, check, job in zip(plan.pairs, plan.checks, plan.jobs):
             writer.writerow([pair.key, pair.image, pair.mask, check.image_shape[0], check.image_shape[1],
-                             check.image_shape[2], split[pair.key], fold[pair.key], len(job.grid), job.first_record])
+                             check.image_shape[2], plan.split[pair.key], plan.fold[pair.key], len(job.grid),
+                             job.first_record])

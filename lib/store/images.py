@@ -9,11 +9,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from ..common.errors import BadInput
+from ..common.files import atomic_path
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -23,12 +25,20 @@ MASK_DTYPES = ("uint8", "uint16", "int32", "uint32")
 MAX_CHANNELS = 16
 
 
-class ImageReadError(Exception):
+class ImageReadError(BadInput):
     """A file could not be read as an image (unreadable, truncated, or of an unusable layout)."""
 
 
-class DatasetError(Exception):
-    """Every problem found in a dataset, reported at once.
+class ImageWriteError(BadInput, ValueError):
+    """An array that the chosen output format cannot hold (e.g. float32 as PNG); nothing is written."""
+
+
+class FolderNotFoundError(BadInput, FileNotFoundError):
+    """An input folder that does not exist."""
+
+
+class DatasetError(BadInput):
+    """Every problem found in a dataset, reported at once (exit 2: nothing was written).
 
     ``problems`` is the list of one-line messages; ``str(error)`` is the full report.
     """
@@ -282,53 +292,59 @@ def smallest_uint(max_value: int) -> np.dtype:
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, compression: str | None = None) -> Path:
-    """Write a 2D image ``(H, W)`` / ``(H, W, C)`` or a stack atomically (temporary name, then rename).
+    """Write a 2D image ``(H, W)`` / ``(H, W, C)`` or a stack ``(Z, Y, X[, C])`` atomically.
 
-    TIFF keeps any dtype; PNG takes uint8/uint16 with 1, 3 or 4 channels.
-    Raises ``ValueError`` for a format that cannot hold the array.
+    The file goes through :func:`lib.common.files.atomic_path`: a unique temporary name beside
+    ``path``, fsync, mode ``0o666 & ~umask`` (0644 under umask 022), then a rename, so a reader
+    never sees half an image. TIFF keeps any dtype; PNG takes uint8/uint16 with 1, 3 or 4 channels.
+    Raises :class:`ImageWriteError` (a ``ValueError``) for a format that cannot hold the array;
+    nothing is written then.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
-        raise ValueError(f"output format must be one of {', '.join(IMAGE_EXTENSIONS)}; got {path.name!r}")
+        raise ImageWriteError(f"output format must be one of {', '.join(IMAGE_EXTENSIONS)}; got {path.name!r}")
     array = np.asarray(array)
-    if suffix not in TIFF_EXTENSIONS:
-        squeezed = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
-        if squeezed.dtype.name not in ("uint8", "uint16", "bool") or squeezed.ndim not in (2, 3):
-            raise ValueError(f"{suffix} holds 2D uint8/uint16 images; got {array.dtype} of shape {array.shape} "
-                             f"for {path}. Use .tif")
-        if squeezed.dtype == np.uint16 and squeezed.ndim == 3:
-            raise ValueError(f"{suffix} cannot hold multi-channel uint16 images; got shape {array.shape} for {path}. "
-                             "Use .tif")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix in TIFF_EXTENSIONS:
-            import tifffile
-
-            data, options = array, {"photometric": "minisblack"}
-            if array.ndim == 3 and array.shape[2] == 1:
-                data = array[..., 0]
-            elif array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
-                options = {"photometric": "rgb"}
-            elif array.ndim == 3:
-                # Planes of a channel-first image, named so that readers do not take them for Z.
-                data, options["metadata"] = np.moveaxis(array, -1, 0), {"axes": "CYX"}
-            elif array.ndim == 4:
-                options["metadata"] = {"axes": "ZYXC"} if array.shape[3] > 1 else {"axes": "ZYX"}
-                data = array if array.shape[3] > 1 else array[..., 0]
-            tifffile.imwrite(tmp, data, compression=compression, bigtiff=array.nbytes > 2**31, **options)
+    pillow_data = None if suffix in TIFF_EXTENSIONS else _pillow_array(path, array)  # refuse before writing
+    with atomic_path(path) as tmp:
+        if pillow_data is None:
+            _write_tiff(tmp, array, compression)
         else:
             from PIL import Image
 
-            data = squeezed.astype(np.uint8) if squeezed.dtype == bool else squeezed
-            Image.fromarray(data).save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG"}.get(suffix, suffix[1:].upper()))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            image_format = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(suffix, suffix[1:].upper())
+            Image.fromarray(pillow_data).save(tmp, format=image_format)
     return path
+
+
+def _pillow_array(path: Path, array: np.ndarray) -> np.ndarray:
+    """The array Pillow writes for a PNG/JPEG/BMP ``path``; raises :class:`ImageWriteError` if none fits."""
+    suffix = path.suffix.lower()
+    squeezed = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+    if squeezed.dtype.name not in ("uint8", "uint16", "bool") or squeezed.ndim not in (2, 3):
+        raise ImageWriteError(f"{suffix} holds 2D uint8/uint16 images; got {array.dtype} of shape {array.shape} "
+                              f"for {path}. Use .tif")
+    if squeezed.dtype == np.uint16 and squeezed.ndim == 3:
+        raise ImageWriteError(f"{suffix} cannot hold multi-channel uint16 images; got shape {array.shape} for "
+                              f"{path}. Use .tif")
+    return squeezed.astype(np.uint8) if squeezed.dtype == bool else squeezed
+
+
+def _write_tiff(path: Path, array: np.ndarray, compression: str | None) -> None:
+    import tifffile
+
+    data, options = array, {"photometric": "minisblack"}
+    if array.ndim == 3 and array.shape[2] == 1:
+        data = array[..., 0]
+    elif array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+        options = {"photometric": "rgb"}
+    elif array.ndim == 3:
+        # Planes of a channel-first image, named so that readers do not take them for Z.
+        data, options["metadata"] = np.moveaxis(array, -1, 0), {"axes": "CYX"}
+    elif array.ndim == 4:
+        options["metadata"] = {"axes": "ZYXC"} if array.shape[3] > 1 else {"axes": "ZYX"}
+        data = array if array.shape[3] > 1 else array[..., 0]
+    tifffile.imwrite(path, data, compression=compression, bigtiff=array.nbytes > 2**31, **options)
 
 
 # Folders and pairing
@@ -339,11 +355,11 @@ def list_images(folder: str | os.PathLike, image_format: str | None = None) -> t
 
     ``image_format`` restricts the extension ("tif" also takes ".tiff"). Returns
     ``(files, problems)``; two files with the same stem are a problem (ambiguous key).
-    Raises ``FileNotFoundError`` when the folder does not exist.
+    Raises :class:`FolderNotFoundError` (a ``FileNotFoundError``) when the folder does not exist.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"folder must exist; got {str(folder)!r} (not a directory)")
+        raise FolderNotFoundError(f"folder must exist; got {str(folder)!r} (not a directory)")
     extensions = IMAGE_EXTENSIONS
     if image_format:
         fmt = "." + image_format.lower().lstrip(".")

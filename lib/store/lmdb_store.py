@@ -29,12 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from ..common.errors import BadInput
+
 FORMAT_VERSION = 1
 RECORD_VERSION = 1
 MAGIC = b"SGTL"
 HEADER = struct.Struct("<4sHIIHBBH12x")
 METADATA_KEY = b"__metadata__"
 DATA_FILE = "data.mdb"
+# Mode LMDB creates its files with; open(2) applies the umask, so they get 0o666 & ~umask like
+# every other output (py-lmdb's default 0o755 loses group/other write bits the umask grants).
+FILE_MODE = 0o666
 
 DTYPE_CODES = {1: np.dtype("uint8"), 2: np.dtype("uint16"), 3: np.dtype("int32"), 4: np.dtype("float32"),
                5: np.dtype("uint32"), 6: np.dtype("int16"), 7: np.dtype("float16")}
@@ -66,8 +71,8 @@ METADATA_KEYS = {
 }
 
 
-class StoreError(Exception):
-    """A database that cannot be opened or read: missing, corrupt, or of an unknown version."""
+class StoreError(BadInput):
+    """A database that cannot be opened or read: missing, corrupt, or of an unknown version (exit 2)."""
 
 
 def encode_record(image: np.ndarray, label: np.ndarray | None) -> bytes:
@@ -132,16 +137,18 @@ class LmdbWriter:
     """Writes records and the metadata of one database; used as a context manager.
 
     Writes go in large transactions (``commit_bytes``) with syncing deferred to ``close``,
-    which flushes everything to disk. The map grows on demand.
+    which flushes everything to disk. The map grows on demand. The folder and LMDB's files
+    get their modes from the umask (0755 and 0644 under umask 022).
     """
 
     def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, commit_bytes: int = 256 << 20):
         import lmdb
 
         self.path = Path(path)
+        # Made here, not by py-lmdb, which would give the folder 0o755 & ~umask.
         self.path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(self.path), map_size=max(int(map_size), 1 << 20), subdir=True,
-                              sync=False, metasync=False, lock=True, max_dbs=0)
+                              sync=False, metasync=False, lock=True, max_dbs=0, mode=FILE_MODE)
         self._txn = self._env.begin(write=True)
         self._pending = 0
         self._commit_bytes = commit_bytes
@@ -154,7 +161,8 @@ class LmdbWriter:
             self._txn.put(key, value)
         except lmdb.MapFullError:
             self._txn.abort()
-            raise StoreError("internal: map full inside a transaction") from None
+            # _ensure_room grows the map before every put: reaching this is a bug, not bad input.
+            raise RuntimeError("internal: LMDB map full inside a transaction") from None
         self._pending += len(value)
         if self._pending >= self._commit_bytes:
             self._commit()

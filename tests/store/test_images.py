@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from lib.common import files
+from lib.common.errors import BadInput
 from lib.store.images import (
     DatasetError,
+    FolderNotFoundError,
     ImageReadError,
+    ImageWriteError,
     check_pair_headers,
     cross_check,
     infer_mask_suffix,
@@ -175,3 +180,45 @@ def test_dataset_error_lists_every_problem():
     error = DatasetError(["first thing", "second thing"])
     assert error.problems == ["first thing", "second thing"]
     assert "(2)" in str(error) and "first thing" in str(error) and "second thing" in str(error)
+
+
+@pytest.fixture
+def umask_022(monkeypatch):
+    """Run under umask 022 (and make lib.common.files read it afresh)."""
+    previous = os.umask(0o022)
+    monkeypatch.setattr(files, "_umask", None, raising=False)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.png", "a.jpg", "a.bmp"])
+def test_write_image_mode_follows_the_umask(tmp_path, umask_022, name):
+    # The old mkstemp writer left every image 0600 whatever the umask.
+    write_image(tmp_path / name, np.zeros((8, 9), np.uint8))
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [name], "no temporary file is left behind"
+
+
+def test_write_image_replaces_a_file_atomically(tmp_path):
+    path = tmp_path / "a.tif"
+    write_image(path, np.zeros((8, 9), np.uint16))
+    write_image(path, np.ones((4, 5), np.uint16))
+    np.testing.assert_array_equal(read_image(path)[..., 0], np.ones((4, 5), np.uint16))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tif"]
+
+
+@pytest.mark.parametrize("error, second_base", [(ImageReadError, None), (DatasetError, None),
+                                                (ImageWriteError, ValueError),
+                                                (FolderNotFoundError, FileNotFoundError)])
+def test_errors_are_bad_input_with_exit_code_2(error, second_base):
+    assert issubclass(error, BadInput) and error.exit_code == 2
+    if second_base is not None:
+        assert issubclass(error, second_base)
+
+
+def test_write_image_refuses_unknown_formats_and_writes_nothing(tmp_path):
+    with pytest.raises(ImageWriteError, match="output format must be one of"):
+        write_image(tmp_path / "a.gif", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ImageWriteError, match="Use .tif"):
+        write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint16))
+    assert list(tmp_path.iterdir()) == []

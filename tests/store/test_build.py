@@ -1,4 +1,4 @@
-"""build_lmdb.py and lib.build: round trip, coverage, split, validation report, atomicity."""
+"""build_lmdb.py and lib.store.build: round trip, coverage, split, validation report, atomicity."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import build_lmdb
+from lib.common import files
+from lib.common.errors import BadInput, OutputError
 from lib.common.settings import ConfigError
-from lib.store.build import BuildConfig, _split, build_databases
+from lib.store.build import BuildConfig, OutputExistsError, _split, build_databases
 from lib.store.images import DatasetError, read_image, read_mask, write_image
 from lib.store.lmdb_store import LmdbReader
 from tests.conftest import ROOT, SHARED_DATA, write_pairs
@@ -379,3 +381,97 @@ def test_shared_nist_data_builds_and_reads_back_exactly(tmp_path):
                 info = reader.tile_info(i)
                 np.testing.assert_array_equal(reader[i][0], read_image(info["image"]))
                 np.testing.assert_array_equal(reader[i][1], read_mask(info["mask"]))
+
+
+# Redesign: errors by class, one place for the rules, modes from the umask.
+
+
+def _cli_args(folder: Path, *extra: str) -> list[str]:
+    return ["--image_folder", str(folder / "images"), "--mask_folder", str(folder / "masks"),
+            "--output_folder", str(folder / "out"), "--dataset_name", "x", "--quiet", *extra]
+
+
+def test_build_outputs_are_readable_as_the_umask_says(small_dataset, monkeypatch):
+    previous = os.umask(0o022)
+    monkeypatch.setattr(files, "_umask", None, raising=False)  # lib.common.files reads it afresh
+    try:
+        result = build_databases(_config(small_dataset, tile_size=32, train_fraction=0.5), progress=False,
+                                 log=lambda m: None)
+    finally:
+        os.umask(previous)
+    assert result.split_csv.stat().st_mode & 0o777 == 0o644
+    for database in result.databases.values():
+        assert database.stat().st_mode & 0o777 == 0o755
+        for name in ("data.mdb", "lock.mdb"):
+            assert (database / name).stat().st_mode & 0o777 == 0o644, (database, name)
+
+
+def test_existing_output_is_bad_input_and_the_cli_exits_2_keeping_it(small_dataset, capsys):
+    assert issubclass(OutputExistsError, OutputError) and issubclass(OutputExistsError, FileExistsError)
+    assert build_lmdb.main(_cli_args(small_dataset, "--workers", "0")) == 0
+    csv_path = small_dataset / "out" / "split-x.csv"
+    before = csv_path.read_bytes(), csv_path.stat().st_mtime_ns
+    capsys.readouterr()
+    assert build_lmdb.main(_cli_args(small_dataset, "--workers", "0", "--tile_size", "16")) == 2
+    err = capsys.readouterr().err
+    assert "output must not exist" in err and "--overwrite" in err
+    assert (csv_path.read_bytes(), csv_path.stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("flags, messages", [
+    (["--tile_size", "0"], ["--tile_size must be a positive number of pixels; got 0"]),
+    (["--stride", "300"], ["--stride must be in [1, tile_size=256]"]),
+    (["--train_fraction", "1.5"], ["--train_fraction must be in (0, 1]; got 1.5"]),
+    (["--number_classes", "1"], ["--number_classes must be >= 2"]),
+    (["--folds", "1"], ["--folds must be 0"]),
+    (["--workers", "-1"], ["--workers must be >= 0"]),
+    (["--dataset_name", ".hidden"], ["--dataset_name must be a plain file-name part"]),
+    (["--tile_size", "0", "--folds", "1", "--workers", "-2"],
+     ["--tile_size must be", "--folds must be", "--workers must be"]),
+])
+def test_cli_reports_the_config_rules_by_flag_name(small_dataset, capsys, flags, messages):
+    with pytest.raises(SystemExit) as info:
+        build_lmdb.parse_args(_cli_args(small_dataset, *flags))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(m in err for m in messages), err
+    assert not (small_dataset / "out").exists()
+
+
+def test_cli_missing_folder_exits_2_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_lmdb.main(_cli_args(tmp_path))
+    assert info.value.code == 2
+    assert "--image_folder must be an existing folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_are_the_build_config_defaults(small_dataset):
+    required = dict(image_folder="i", mask_folder="m", output_folder="o", dataset_name="d")
+    args = build_lmdb.make_build_parser().parse_args([f"--{k}={v}" for k, v in required.items()])
+    assert build_lmdb.config_from_args(args) == BuildConfig(**required)
+    help_text = build_lmdb.make_build_parser().format_help()
+    for group in ("input:", "split and tiling:", "output:", "runtime:"):
+        assert group in help_text
+
+
+def test_cli_maps_errors_by_class_and_keeps_the_traceback_of_a_bug(small_dataset, monkeypatch, capsys):
+    import lib.store.build as build
+
+    def bad_input(*args, **kwargs):
+        raise DatasetError(["image img_00.tif is odd"])
+
+    monkeypatch.setattr(build, "build_databases", bad_input)
+    assert build_lmdb.main(_cli_args(small_dataset)) == 2
+    assert "image img_00.tif is odd" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise ValueError("a programming error, not bad settings")
+
+    monkeypatch.setattr(build, "build_databases", bug)
+    with pytest.raises(ValueError, match="a programming error"):
+        build_lmdb.main(_cli_args(small_dataset))
+
+
+def test_dataset_errors_are_bad_input():
+    assert issubclass(DatasetError, BadInput) and DatasetError.exit_code == 2
