@@ -22,18 +22,24 @@ from typing import Any, Callable, Iterator
 from .errors import OutputError
 
 _UMASK_LOCK = threading.Lock()
-_umask: int | None = None
 
 
 def umask() -> int:
-    """The process umask (read once; reading it means setting it, so it is done under a lock)."""
-    global _umask
+    """The process umask, read anew on every call (a job may change it).
+
+    Linux shows it in /proc/self/status without changing it; elsewhere it is read by setting and
+    restoring it under a lock (threads of this module never see the temporary value).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     with _UMASK_LOCK:
-        if _umask is None:
-            current = os.umask(0o022)
-            os.umask(current)
-            _umask = current
-        return _umask
+        current = os.umask(0o022)
+        os.umask(current)
+        return current
 
 
 def file_mode() -> int:

@@ -13,20 +13,16 @@ from lib.common.errors import EXIT_BAD_INPUT, OutputError, ToolkitError
 
 @pytest.fixture
 def umask_022():
-    files._umask = None  # the module caches the umask; read it again under the one set here
     old = os.umask(0o022)
     yield
     os.umask(old)
-    files._umask = None
 
 
 @pytest.fixture
 def umask_077():
-    files._umask = None
     old = os.umask(0o077)
     yield
     os.umask(old)
-    files._umask = None
 
 
 @pytest.mark.parametrize("write", [
@@ -40,6 +36,15 @@ def test_new_file_mode_follows_the_umask(tmp_path, umask_022, write):
     write(path)
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in path.parent.iterdir()] == ["out.txt"]  # no temporary file left
+
+
+def test_the_umask_is_read_without_changing_it():
+    old = os.umask(0o027)
+    try:
+        assert files.umask() == 0o027 and files.file_mode() == 0o640 and files.folder_mode() == 0o750
+        assert os.umask(0o027) == 0o027  # still set as the job set it
+    finally:
+        os.umask(old)
 
 
 def test_restrictive_umask_is_honoured(tmp_path, umask_077):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from data.generate import generate_dataset, main
-from lib.common import files
 from lib.common.settings import ConfigError
 from lib.store.images import read_image, read_mask
 from tests.conftest import ROOT
@@ -18,7 +17,6 @@ from tests.conftest import ROOT
 
 def test_dataset_files_are_whole_and_readable_as_the_umask_says(tmp_path, monkeypatch):
     previous = os.umask(0o022)
-    monkeypatch.setattr(files, "_umask", None, raising=False)  # lib.common.files reads it afresh
     try:
         out = generate_dataset(tmp_path / "d", n_images=2, height=48, width=40, n_experts=1, seed=2)
     finally:

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import build_lmdb
-from lib.common import files
 from lib.common.errors import BadInput, OutputError
 from lib.common.settings import ConfigError
 from lib.store.build import BuildConfig, OutputExistsError, _split, build_databases
@@ -393,7 +392,6 @@ def _cli_args(folder: Path, *extra: str) -> list[str]:
 
 def test_build_outputs_are_readable_as_the_umask_says(small_dataset, monkeypatch):
     previous = os.umask(0o022)
-    monkeypatch.setattr(files, "_umask", None, raising=False)  # lib.common.files reads it afresh
     try:
         result = build_databases(_config(small_dataset, tile_size=32, train_fraction=0.5), progress=False,
                                  log=lambda m: None)
