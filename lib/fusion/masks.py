@@ -61,7 +61,6 @@ def relabel(foreground: np.ndarray) -> np.ndarray:
     return labels.astype(images.smallest_uint(max(count, 1)))
 
 
-
 def matching_f1(reference: np.ndarray, prediction: np.ndarray, iou_threshold: float = IOU_THRESHOLD) -> float:
     """F1 of object matching between two instance masks (H, W): a pair matches when IoU >= threshold.
 
@@ -122,7 +121,6 @@ def check_values(masks: list[np.ndarray], paths: list[Path], mask_type: str, how
                               f"(mask type binary {how}). Pass --mask_type multiclass or instance")
 
 
-
 # Fusing one image
 
 
@@ -159,23 +157,26 @@ def fuse_masks(masks: Sequence[np.ndarray], mask_type: str, method: str = "stapl
         result = staple_multiclass(semantic, None, max_iterations, tolerance or DEFAULT_TOLERANCE["multiclass"],
                                    undecided_label, return_probabilities)
     fused = relabel(result.labels == 1) if mask_type == "instance" else result.labels
-    metrics = []
-    for r, mask in enumerate(masks):
-        row: dict = {}
+    return fused, result, [_expert_scores(result, r, mask, fused, mask_type) for r, mask in enumerate(masks)]
+
+
+def _expert_scores(result: FusionResult, r: int, mask: np.ndarray, fused: np.ndarray, mask_type: str) -> dict:
+    """Expert ``r`` (its ``mask``) against the fusion: Dice (per class), F1 of instances, STAPLE's rates."""
+    binary = mask_type != "multiclass"
+    row: dict = {}
+    if binary:
+        row["dice"] = result.dice[r, 1]
+    else:
+        per_class = result.dice[r, 1:]
+        row["dice"] = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+        row.update({f"dice_class_{c}": result.dice[r, c] for c in range(1, result.dice.shape[1])})
+    if mask_type == "instance":
+        row["f1_iou50"] = matching_f1(mask, fused)
+    if result.sensitivity is not None:
         if binary:
-            row["dice"] = result.dice[r, 1]
+            row["sensitivity"], row["specificity"] = result.sensitivity[r], result.specificity[r]
         else:
-            per_class = result.dice[r, 1:]
-            row["dice"] = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
-            row.update({f"dice_class_{c}": result.dice[r, c] for c in range(1, result.dice.shape[1])})
-        if mask_type == "instance":
-            row["f1_iou50"] = matching_f1(mask, fused)
-        if result.sensitivity is not None:
-            if binary:
-                row["sensitivity"], row["specificity"] = result.sensitivity[r], result.specificity[r]
-            else:
-                for c in range(1, result.sensitivity.shape[1]):
-                    row[f"sensitivity_class_{c}"] = result.sensitivity[r, c]
-                    row[f"specificity_class_{c}"] = result.specificity[r, c]
-        metrics.append({k: float(v) for k, v in row.items()})
-    return fused, result, metrics
+            for c in range(1, result.sensitivity.shape[1]):
+                row[f"sensitivity_class_{c}"] = result.sensitivity[r, c]
+                row[f"specificity_class_{c}"] = result.specificity[r, c]
+    return {k: float(v) for k, v in row.items()}

@@ -51,7 +51,6 @@ def _unique_argmax(scores: np.ndarray, undecided_label: int) -> np.ndarray:
     return np.where(decided, labels, undecided_label)
 
 
-
 def _one_hot(decisions: np.ndarray, n_classes: int):
     """(P, R * C) indicator of (expert r says j) at column r * C + j: dense when small, else sparse CSR."""
     n_patterns, n_experts = decisions.shape
@@ -65,7 +64,6 @@ def _one_hot(decisions: np.ndarray, n_classes: int):
     rows = np.repeat(np.arange(n_patterns), n_experts)
     return sparse.csr_matrix((np.ones(rows.size), (rows, columns.ravel())),
                              shape=(n_patterns, n_experts * n_classes))
-
 
 
 # Binary STAPLE

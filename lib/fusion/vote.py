@@ -24,7 +24,6 @@ def vote_patterns(decisions: np.ndarray, undecided_label: int) -> np.ndarray:
     return np.where(unique, winner, undecided_label)
 
 
-
 def majority_vote(masks: Sequence[np.ndarray], n_classes: int | None = None, undecided_label: int = 0,
                   return_probabilities: bool = False) -> FusionResult:
     """Majority voting (SimpleITK ``LabelVoting``): the label most experts gave, when unique.

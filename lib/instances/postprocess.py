@@ -276,8 +276,6 @@ def parse_refinement(step: str) -> tuple[str, int | None]:
     return name, int(words[1])
 
 
-
-
 # Post-processing
 
 
