@@ -1,4 +1,4 @@
-"""Benchmark of lib/fusion.py against SimpleITK: 5 experts, 2048x2048 masks, seconds per image.
+"""Benchmark of lib/fusion/ (staple.py, vote.py) against SimpleITK: 5 experts, 2048x2048 masks, seconds per image.
 
     .venv/bin/python benchmarks/bench_fusion.py [--size 2048] [--experts 5] [--repeats 5]
 
@@ -35,7 +35,8 @@ from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.fusion import runner as fusion
+from lib.fusion import staple as fusion_staple
+from lib.fusion import vote as fusion_vote
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,14 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     # Binary
     masks = structured_experts(args.size, args.experts, 2, rng)
     images = to_sitk(masks)
-    ours, result = timed(lambda: fusion.staple_binary(masks, return_probabilities=True), args.repeats)
+    ours, result = timed(lambda: fusion_staple.staple_binary(masks, return_probabilities=True), args.repeats)
     staple = sitk.STAPLEImageFilter()
     theirs, probabilities = timed(lambda: sitk.GetArrayFromImage(staple.Execute(images)), args.sitk_repeats)
     figures.update(binary_staple_s=ours, binary_staple_iterations=result.iterations, sitk_binary_staple_s=theirs,
                    sitk_binary_staple_iterations=staple.GetElapsedIterations() + 1,
                    binary_staple_max_probability_difference=float(np.abs(result.probabilities - probabilities).max()))
     print(f"binary STAPLE, {shape}: ours {ours:.3f} s ({result.iterations} iterations), SimpleITK {theirs:.3f} s")
-    ours, result = timed(lambda: fusion.majority_vote(masks), args.repeats)
+    ours, result = timed(lambda: fusion_vote.majority_vote(masks), args.repeats)
     theirs, voted = timed(lambda: sitk.GetArrayFromImage(sitk.LabelVoting(images, 0)), args.sitk_repeats)
     figures.update(binary_vote_s=ours, sitk_binary_vote_s=theirs,
                    binary_vote_identical=bool(np.array_equal(result.labels, voted)))
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # Structured 4-class
     masks = structured_experts(args.size, args.experts, 4, rng)
     images = to_sitk(masks)
-    ours, result = timed(lambda: fusion.staple_multiclass(masks), args.repeats)
+    ours, result = timed(lambda: fusion_staple.staple_multiclass(masks), args.repeats)
     multi = sitk.MultiLabelSTAPLEImageFilter()
     multi.SetLabelForUndecidedPixels(0)
     theirs, labels = timed(lambda: sitk.GetArrayFromImage(multi.Execute(images)), args.sitk_repeats)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                    multiclass_staple_label_agreement=float(np.mean(result.labels == labels)))
     print(f"4-class STAPLE (structured): ours {ours:.3f} s ({result.iterations} iterations), "
           f"SimpleITK {theirs:.3f} s, labels agree on {np.mean(result.labels == labels):.6f}")
-    ours, result = timed(lambda: fusion.majority_vote(masks), args.repeats)
+    ours, result = timed(lambda: fusion_vote.majority_vote(masks), args.repeats)
     theirs, voted = timed(lambda: sitk.GetArrayFromImage(sitk.LabelVoting(images, 0)), args.sitk_repeats)
     figures.update(multiclass_vote_s=ours, sitk_multiclass_vote_s=theirs,
                    multiclass_vote_identical=bool(np.array_equal(result.labels, voted)))
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # Noisy 4-class
     masks = [rng.integers(0, 4, (args.size, args.size)).astype(np.uint8) for _ in range(args.experts)]
     images = to_sitk(masks)
-    ours, result = timed(lambda: fusion.staple_multiclass(masks), max(1, args.repeats // 2))
+    ours, result = timed(lambda: fusion_staple.staple_multiclass(masks), max(1, args.repeats // 2))
     # SimpleITK at two iteration caps: the difference gives the cost of one iteration without set-up.
     cap = args.sitk_noisy_iterations
     short = max(1, cap // 4)
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     capped, _ = timed(lambda: multi.Execute(images), args.sitk_repeats)
     per_iteration = (capped - capped_short) / (cap - short) if cap > short else capped / cap
     estimate = capped + per_iteration * (result.iterations - cap)
-    logging.getLogger(fusion.__name__).setLevel(logging.ERROR)  # the capped run warns that it did not converge
-    ours_capped, _ = timed(lambda: fusion.staple_multiclass(masks, max_iterations=cap), args.repeats)
+    logging.getLogger(fusion_staple.__name__).setLevel(logging.ERROR)  # the capped run warns that it did not converge
+    ours_capped, _ = timed(lambda: fusion_staple.staple_multiclass(masks, max_iterations=cap), args.repeats)
     figures.update(noisy_multiclass_staple_s=ours, noisy_multiclass_staple_iterations=result.iterations,
                    noisy_multiclass_staple_converged=result.converged,
                    noisy_multiclass_staple_capped_s=ours_capped,

@@ -38,6 +38,7 @@ from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lib.instances.postprocess import PostProcessConfig, postprocess
 from lib.scoring import metrics
 
 THRESHOLDS = (0.3, 0.5, 0.75)
@@ -163,22 +164,15 @@ def main(argv: list[str] | None = None) -> int:
               f"PQ {stats.panoptic_quality:.4f}")
 
     # (b) Post-processing
-    figures.update(postprocess_s=None, postprocess_mpixel_per_s=None)
-    try:
-        from lib.instances import postprocess as instances
-        config = instances.PostProcessConfig.default_for(CHANNELS)
-    except Exception as error:  # lib/instances.py is written alongside; report why there is no figure
-        figures["postprocess_skipped"] = f"{type(error).__name__}: {error}"
-        print(f"post-processing: skipped ({figures['postprocess_skipped']})")
-    else:
-        maps = synthetic_maps(truth, rng)
-        seconds, labels = timed(lambda: instances.postprocess(maps, config), args.repeats)
-        found = metrics.match_instances(truth, labels, (0.5,)).stats[0.5]
-        mpixels = args.size * args.size / 1e6
-        figures.update(postprocess_s=seconds, postprocess_mpixel_per_s=mpixels / seconds,
-                       postprocess_objects=found.n_pred, postprocess_f1_at_0_5=found.f1)
-        print(f"post-processing {'+'.join(CHANNELS)} maps {shape}: {seconds:.3f} s, {mpixels / seconds:.2f} "
-              f"Mpixel/s; {found.n_pred} objects, F1 {found.f1:.4f} at IoU 0.5 against the truth")
+    config = PostProcessConfig.default_for(CHANNELS)
+    maps = synthetic_maps(truth, rng)
+    seconds, labels = timed(lambda: postprocess(maps, config), args.repeats)
+    found = metrics.match_instances(truth, labels, (0.5,)).stats[0.5]
+    mpixels = args.size * args.size / 1e6
+    figures.update(postprocess_s=seconds, postprocess_mpixel_per_s=mpixels / seconds,
+                   postprocess_objects=found.n_pred, postprocess_f1_at_0_5=found.f1)
+    print(f"post-processing {'+'.join(CHANNELS)} maps {shape}: {seconds:.3f} s, {mpixels / seconds:.2f} "
+          f"Mpixel/s; {found.n_pred} objects, F1 {found.f1:.4f} at IoU 0.5 against the truth")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0
 

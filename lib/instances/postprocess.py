@@ -1,7 +1,7 @@
-"""From predicted channel maps to instance labels, and what to do with the instances.
+"""From predicted channel maps to instance labels: marker-controlled watershed, whole or by windows.
 
 A network for bottom-up instance segmentation predicts per-pixel channels (see
-``lib/targets.py`` for how their training targets are made); inference hands over maps
+``lib/reader/targets.py`` for how their training targets are made); inference hands over maps
 ``(H, W, K)`` float32, probabilities already through a sigmoid and distances clipped to
 [0, 1], together with the channel names:
 
@@ -20,13 +20,14 @@ name      meaning (and how a seed uses it)
 Connectomics use for binary, contour and distance channels): seeds are the pixels where every seed channel passes its
 threshold, labelled into connected seeds; a topographic surface (``C``, ``-Db`` or the
 negative distance transform of the ``F`` mask) is flooded from them inside a growth mask;
-then optional refinements. :func:`postprocess_windowed` does the same for images too large
-for memory, window by window, and stitches without splitting or duplicating objects.
+then optional refinements (:func:`refine`). :func:`postprocess_windowed` does the same for
+images too large for memory, window by window, and stitches without splitting or
+duplicating objects. ``"auto"`` thresholds are Otsu's (:func:`resolve_thresholds`).
 
-:func:`measure` and :func:`measure_3d` give one row of shape measurements per instance;
-:func:`parse_rules` and :func:`filter_instances` remove (or keep) the instances that match
-rules such as ``"npixels < 100 and circularity <= 0.7; area > 5000"``.
-:func:`classical_baseline` is the usual Otsu + distance-transform watershed, to compare with.
+The rest of the stage: :mod:`.measure` (one row of shape measurements per instance),
+:mod:`.rules` (remove or keep instances by rules on those rows), :mod:`.classical` (the
+usual Otsu + distance-transform watershed, to compare with), :mod:`.labels` (label dtypes
+and numbering).
 
 Connectivity, everywhere here: seeds are labelled with 8-connectivity (a seed is a blob of
 centre pixels, and a diagonal link between two such pixels is the same blob); the watershed
@@ -37,23 +38,20 @@ makes a thick contour line a barrier that a neighbour's flood cannot cut diagona
 from __future__ import annotations
 
 import dataclasses
-import math
-import operator
 import re
-import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from ..common.settings import ConfigError
+from .labels import LABEL_DTYPES, check_labels, choose_label_dtype, is_int, renumber
 
 CHANNELS = ("F", "C", "Db", "P", "T")
 SEED_ABOVE = ("F", "Db", "P")  # seed where map > threshold
 SEED_BELOW = ("C", "T")  # seed where map < threshold
 SURFACE_CHANNELS = ("C", "Db", "F")  # in order of preference for default_for
 GROWTH_CHANNELS = ("F", "Db", "P")
-LABEL_DTYPES = ("auto", "uint16", "uint32")
 REFINEMENTS = {  # name -> whether it takes a positive integer argument
     "fill_holes": False,
     "clear_border": False,
@@ -62,14 +60,8 @@ REFINEMENTS = {  # name -> whether it takes a positive integer argument
     "dilation": True,
     "erosion": True,
 }
-MEASUREMENT_COLUMNS = ("label", "npixels", "area", "centroid_y", "centroid_x", "diameter", "perimeter",
-                       "circularity", "elongation")
-MEASUREMENT_COLUMNS_3D = ("label", "nvoxels", "volume", "centroid_z", "centroid_y", "centroid_x", "diameter",
-                          "surface_area", "sphericity")
 OTSU_BINS = 256  # "auto" thresholds: Otsu on this many bins over [0, 1]
-PERIMETER_TOLERANCE = 1.0  # px; Douglas-Peucker tolerance that removes the digitisation staircase
 
-_UINT16_MAX = np.iinfo(np.uint16).max
 _UINT32_MAX = np.iinfo(np.uint32).max
 
 
@@ -177,7 +169,7 @@ class PostProcessConfig:
             v.append(f"growth_threshold must be a number in [0, 1] or 'auto'; got {self.growth_threshold!r}")
         for name in ("seed_erosion", "seed_dilation", "min_seed_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 v.append(f"{name} must be an integer >= 0 (pixels); got {value!r}")
         if not isinstance(self.refinements, tuple):
             v.append(f"refinements must be a tuple of steps; got {self.refinements!r}")
@@ -284,24 +276,6 @@ def parse_refinement(step: str) -> tuple[str, int | None]:
     return name, int(words[1])
 
 
-def choose_label_dtype(n_labels: int, label_dtype: str = "auto") -> np.dtype:
-    """The dtype of a label image with labels 1..``n_labels``.
-
-    ``"auto"``: uint16 up to 65535 labels, uint32 above. Raises ``ValueError`` when the
-    requested dtype cannot hold ``n_labels`` or when ``label_dtype`` is unknown.
-    """
-    if label_dtype not in LABEL_DTYPES:
-        raise ValueError(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}; got {label_dtype!r}")
-    if n_labels > _UINT32_MAX:
-        raise ValueError(f"the number of labels must be at most {_UINT32_MAX} to fit uint32; got {n_labels}")
-    if label_dtype == "uint16" and n_labels > _UINT16_MAX:
-        raise ValueError(f"label_dtype 'uint16' must hold every label; got {n_labels} labels (at most "
-                         f"{_UINT16_MAX} fit). Use 'uint32' or 'auto'")
-    if label_dtype == "uint32" or (label_dtype == "auto" and n_labels > _UINT16_MAX):
-        return np.dtype(np.uint32)
-    return np.dtype(np.uint16)
-
-
 # Post-processing
 
 
@@ -363,14 +337,14 @@ def postprocess(maps: np.ndarray, config: PostProcessConfig, return_intermediate
     _check_maps(maps, config)
     thresholds = resolve_thresholds(maps, config)
     labels, seeds, surface, growth = _segment(maps, config, thresholds, (True, True, True, True))
-    lut, n = _raster_order(labels)
-    labels = lut.astype(choose_label_dtype(n, config.label_dtype))[labels]
+    labels = renumber(labels, config.label_dtype)
     if return_intermediates:
         return labels, {"seeds": seeds, "surface": surface, "growth": growth, "thresholds": thresholds}
     return labels
 
 
-def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 2048, overlap: int = 256) -> np.ndarray:
+def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 2048, overlap: int = 256,
+                         log: Callable[[str], None] = print) -> np.ndarray:
     """:func:`postprocess` on overlapping windows, stitched into one label image.
 
     Parameters
@@ -378,6 +352,7 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
     maps : (H, W, K) array or anything sliced like one (``numpy.memmap``, zarr, h5py):
         only one window plus a strip for ``"auto"`` thresholds is in memory at a time.
     window : side of the square windows (px). overlap : overlap of neighbouring windows (px).
+    log : where the warning about lost objects goes (one line; default ``print``).
 
     Returns
     -------
@@ -403,19 +378,19 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
     neighbour) plus those radii is below ``overlap // 2``, i.e. objects up to about
     ``overlap / 3``. Objects up to ``overlap`` are still kept once and whole, but a neighbour
     cut by the window edge can move their seam by a few pixels. A larger object touches an
-    inner edge of the window whose core holds its centre and is lost: a warning then says how
-    many pixels that windows labelled are missing from the result.
+    inner edge of the window whose core holds its centre and is lost: a warning (through
+    ``log``) then says how many pixels that windows labelled are missing from the result.
 
     Raises ``ValueError`` for a bad window or overlap or maps of the wrong shape,
     ``ConfigError`` for invalid settings.
     """
     config.validate()
     problems = []
-    if not _is_int(window) or window < 1:
+    if not is_int(window) or window < 1:
         problems.append(f"window must be an integer >= 1 (pixels); got {window!r}")
-    if not _is_int(overlap) or overlap < 0:
+    if not is_int(overlap) or overlap < 0:
         problems.append(f"overlap must be an integer >= 0 (pixels); got {overlap!r}")
-    elif _is_int(window) and overlap >= window:
+    elif is_int(window) and overlap >= window:
         problems.append(f"overlap must be smaller than window={window}; got {overlap}. Windows would not advance")
     if problems:
         raise ValueError("; ".join(problems))
@@ -460,9 +435,9 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
         mask = np.unpackbits(packed, count=size).reshape(cy1 - cy0, cx1 - cx0).astype(bool)
         lost += int(np.count_nonzero(mask & (out[cy0:cy1, cx0:cx1] == 0)))
     if lost:
-        warnings.warn(f"postprocess_windowed: {lost} pixels that windows labelled are unlabelled in the stitched "
-                      f"result: objects larger than overlap={overlap} px (or changed by a neighbour cut at a window "
-                      f"edge) were dropped. Raise overlap above the largest object", RuntimeWarning, stacklevel=2)
+        log(f"warning: postprocess_windowed: {lost} pixels that windows labelled are unlabelled in the stitched "
+            f"result: objects larger than overlap={overlap} px (or changed by a neighbour cut at a window edge) "
+            "were dropped. Raise overlap above the largest object")
     n = len(first_pixels)
     final = np.zeros(n + 1, choose_label_dtype(n, config.label_dtype))
     if n:
@@ -522,7 +497,7 @@ def refine(labels: np.ndarray, refinements: Sequence[str]) -> np.ndarray:
     Raises ``ValueError`` for labels that are not a 2-D non-negative integer array or an
     invalid step.
     """
-    _check_labels(labels, 2)
+    check_labels(labels, 2)
     steps = [parse_refinement(step) for step in refinements]
     out = labels
     for name, size in steps:
@@ -567,23 +542,6 @@ def _refine(labels: np.ndarray, name: str, size: int | None, border: tuple[bool,
     return np.where((low == labels) & (high == labels), labels, 0).astype(labels.dtype)
 
 
-def _raster_order(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Lookup table renumbering the labels present 1..n by their first pixel in raster order."""
-    firsts, present = [], []
-    for label, box in enumerate(ndi.find_objects(labels), 1):
-        if box is None:
-            continue
-        ry, rx = box
-        firsts.append((ry.start, rx.start + int(np.argmax(labels[ry.start, rx] == label))))
-        present.append(label)
-    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
-    if present:
-        rows, cols = np.array(firsts).T
-        order = np.lexsort((cols, rows))
-        lut[np.array(present)[order]] = np.arange(1, len(present) + 1)
-    return lut, len(present)
-
-
 def _windows(n: int, window: int, overlap: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Per window along one axis: ((start, stop), (core_start, core_stop)); cores tile [0, n)."""
     if n <= window:
@@ -625,394 +583,9 @@ def _disk(radius: int) -> np.ndarray:
     return r[:, None] ** 2 + r[None, :] ** 2 <= radius * radius
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _is_threshold(value: Any) -> bool:
     if isinstance(value, str):
         return value == "auto"
     return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
             and 0.0 <= float(value) <= 1.0)
 
-
-# Measurements
-
-
-def measure(labels: np.ndarray, pixel_size: float | None = None) -> list[dict[str, Any]]:
-    """One row of shape measurements per instance of a 2-D label image, in label order.
-
-    Parameters
-    ----------
-    labels : (H, W) integer labels, 0 = background.
-    pixel_size : side of a pixel in physical units (e.g. µm), or None for pixel units.
-
-    Returns
-    -------
-    rows : dicts with the keys :data:`MEASUREMENT_COLUMNS`:
-
-    * ``label``, ``npixels``.
-    * ``area``: ``npixels * pixel_size**2`` (``npixels`` when ``pixel_size`` is None).
-    * ``centroid_y``, ``centroid_x``: mean row and column, always in pixels (to find the
-      object in the image).
-    * ``diameter``: the longer side of the bounding box, ``max(rows, columns) * pixel_size``:
-      ``2r + 1`` px for a digital disk of radius r. (The diagonal would call a round cell
-      1.41 times wider than it is.)
-    * ``perimeter``: length of the object's 0.5 iso-contour (marching squares,
-      ``skimage.measure.find_contours`` on the mask padded by one pixel), hole contours
-      included, each simplified by Douglas-Peucker at :data:`PERIMETER_TOLERANCE` px. The
-      simplification removes the pixel staircase, which otherwise lengthens every edge that
-      is not axis-aligned or diagonal (by about 8 % on a circle). The iso-contour of an
-      s x s square is an octagon (sides s - 1, corners cut by 0.71 px diagonals); the
-      simplification keeps one point of each corner cut, leaving four sides of
-      sqrt((s - 1/2)**2 + 1/4): perimeter about 4s - 2 px. A contour that the simplification
-      would collapse below three corners (a pixel, a one-pixel-wide line) is kept as it is.
-    * ``circularity``: ``min(1, 4 pi area / perimeter**2)``: 0.93 to 0.99 for digital disks
-      of radius 3 to 40 px (0.97 and above from radius 15), about pi/4 for squares (0.81 at
-      side 30, 0.87 at side 10: the corner cuts weigh more on small squares). Clipped at 1,
-      the value of a perfect disk, because objects of a few pixels exceed it by digitisation
-      (a single pixel: a diamond contour of 2 sqrt(2), 4 pi / 8 = 1.57).
-    * ``elongation``: ``1 / circularity`` (>= 1).
-
-    Raises ``ValueError`` for labels that are not a 2-D non-negative integer array, or a
-    ``pixel_size`` that is not a positive number.
-    """
-    from skimage.measure import approximate_polygon, find_contours
-
-    _check_labels(labels, 2)
-    scale = _check_spacing(pixel_size, 1, "pixel_size")[0]
-    rows = []
-    for label, box in enumerate(ndi.find_objects(labels), 1):
-        if box is None:
-            continue
-        own = labels[box] == label
-        ys, xs = np.nonzero(own)
-        npixels = int(ys.size)
-        area = npixels * scale * scale
-        perimeter = 0.0
-        for contour in find_contours(np.pad(own, 1).astype(np.float32), 0.5):
-            simple = approximate_polygon(contour, PERIMETER_TOLERANCE)
-            if len(simple) < 4:  # closed, so fewer than 3 corners: a pixel or a thin line collapsed
-                simple = contour
-            perimeter += float(np.hypot(*np.diff(simple, axis=0).T).sum())
-        perimeter *= scale
-        circularity = min(1.0, 4.0 * math.pi * area / perimeter ** 2)
-        rows.append({
-            "label": label,
-            "npixels": npixels,
-            "area": float(area),
-            "centroid_y": float(ys.mean() + box[0].start),
-            "centroid_x": float(xs.mean() + box[1].start),
-            "diameter": float(max(own.shape) * scale),
-            "perimeter": perimeter,
-            "circularity": circularity,
-            "elongation": 1.0 / circularity,
-        })
-    return rows
-
-
-def measure_3d(labels: np.ndarray, voxel_size: Sequence[float] | None = None) -> list[dict[str, Any]]:
-    """One row of shape measurements per instance of a 3-D label image, in label order.
-
-    Parameters
-    ----------
-    labels : (Z, Y, X) integer labels, 0 = background.
-    voxel_size : (z, y, x) voxel sides in physical units, or None for voxel units.
-
-    Returns
-    -------
-    rows : dicts with the keys :data:`MEASUREMENT_COLUMNS_3D`:
-
-    * ``label``, ``nvoxels``; ``volume`` = ``nvoxels * z * y * x``.
-    * ``centroid_z``, ``centroid_y``, ``centroid_x``: mean index along each axis, in voxels.
-    * ``diameter``: the longest side of the bounding box in physical units,
-      ``max(nz * z, ny * y, nx * x)``.
-    * ``surface_area``: area of the 0.5 iso-surface of the object's mask (its bounding box
-      padded by one voxel), ``skimage.measure.marching_cubes`` with ``spacing=voxel_size``
-      then ``mesh_surface_area``. The mesh follows the voxel staircase, so it is about 8 %
-      larger than the smooth surface of the same volume.
-    * ``sphericity``: ``min(1, pi**(1/3) * (6 * volume)**(2/3) / surface_area)``: 0.90 to 0.93
-      for digital balls of radius 3 to 20 voxels (the staircase area above); about
-      (pi/6)**(1/3) = 0.81 for large cubes. Clipped at 1 like circularity (one voxel: 2.8).
-
-    Raises ``ValueError`` for labels that are not a 3-D non-negative integer array, or a
-    ``voxel_size`` that is not three positive numbers.
-    """
-    from skimage.measure import marching_cubes, mesh_surface_area
-
-    _check_labels(labels, 3)
-    spacing = _check_spacing(voxel_size, 3, "voxel_size")
-    rows = []
-    for label, box in enumerate(ndi.find_objects(labels), 1):
-        if box is None:
-            continue
-        own = labels[box] == label
-        zs, ys, xs = np.nonzero(own)
-        volume = zs.size * spacing[0] * spacing[1] * spacing[2]
-        vertices, faces, _, _ = marching_cubes(np.pad(own, 1).astype(np.float32), 0.5, spacing=spacing)
-        surface_area = float(mesh_surface_area(vertices, faces))
-        rows.append({
-            "label": label,
-            "nvoxels": int(zs.size),
-            "volume": float(volume),
-            "centroid_z": float(zs.mean() + box[0].start),
-            "centroid_y": float(ys.mean() + box[1].start),
-            "centroid_x": float(xs.mean() + box[2].start),
-            "diameter": float(max(n * s for n, s in zip(own.shape, spacing))),
-            "surface_area": surface_area,
-            "sphericity": min(1.0, math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / surface_area),
-        })
-    return rows
-
-
-def _check_labels(labels: Any, ndim: int) -> None:
-    axes = "(H, W)" if ndim == 2 else "(Z, Y, X)"
-    if not isinstance(labels, np.ndarray) or labels.ndim != ndim or labels.dtype.kind not in "iu":
-        shape = getattr(labels, "shape", None)
-        dtype = getattr(labels, "dtype", type(labels).__name__)
-        raise ValueError(f"labels must be a {axes} integer array; got shape {shape}, dtype {dtype}. "
-                         f"A boolean mask must be labelled first (scipy.ndimage.label)")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be >= 0 (0 = background); got minimum {labels.min()}")
-
-
-def _check_spacing(spacing: Any, n: int, name: str) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * n
-    values = (spacing,) if n == 1 else spacing
-    try:
-        values = tuple(float(v) for v in values if not isinstance(v, (bool, np.bool_, str)))
-        ok = len(values) == n and all(math.isfinite(v) and v > 0 for v in values) and \
-            (n != 1 or not isinstance(spacing, (bool, np.bool_)))
-    except TypeError:
-        ok = False
-    if not ok:
-        what = "a positive number" if n == 1 else f"{n} positive numbers (z, y, x)"
-        raise ValueError(f"{name} must be {what} or None; got {spacing!r}")
-    return values
-
-
-# Rules
-
-
-_OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
-              "!=": operator.ne}
-_CONDITION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*"
-                        r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*")
-
-
-@dataclasses.dataclass(frozen=True)
-class Condition:
-    """``property op value``, e.g. ``npixels < 100``."""
-
-    property: str
-    op: str
-    value: float
-
-    def holds(self, row: dict[str, Any]) -> bool:
-        """Whether the row satisfies the condition (NaN satisfies only ``!=``)."""
-        return bool(_OPERATORS[self.op](float(row[self.property]), self.value))
-
-    def __str__(self) -> str:
-        return f"{self.property} {self.op} {self.value:g}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Rules:
-    """Groups of conditions: a row matches when every condition of at least one group holds."""
-
-    groups: tuple[tuple[Condition, ...], ...]
-
-    def matches(self, row: dict[str, Any]) -> bool:
-        return any(all(c.holds(row) for c in group) for group in self.groups)
-
-    @property
-    def properties(self) -> tuple[str, ...]:
-        """The property names used, each once, in order of appearance."""
-        return tuple(dict.fromkeys(c.property for group in self.groups for c in group))
-
-    def __str__(self) -> str:
-        return "; ".join(" and ".join(str(c) for c in group) for group in self.groups)
-
-
-def parse_rules(text: str | Sequence[str], properties: Sequence[str] | None = None) -> Rules:
-    """Parse ``"npixels < 100 and circularity <= 0.7; area > 5000"`` into :class:`Rules`.
-
-    Groups are separated by ``;`` (or given as a list of strings) and OR-ed; the conditions
-    of a group are joined by ``and`` and AND-ed. A condition is ``<property> <op> <number>``
-    with op one of ``< <= > >= == !=``. No ``eval``: anything else is an error.
-
-    Parameters
-    ----------
-    properties : the names allowed; by default the measurement columns of :func:`measure`
-        and :func:`measure_3d`.
-
-    Raises ``ValueError`` listing every malformed condition, empty group and unknown property
-    (with the known ones).
-    """
-    known = tuple(dict.fromkeys(properties if properties is not None
-                                else MEASUREMENT_COLUMNS + MEASUREMENT_COLUMNS_3D))
-    if isinstance(text, str):
-        parts = text.split(";")
-    elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
-        parts = list(text)
-    else:
-        raise ValueError(f"rules must be a string or a list of strings; got {text!r}")
-    if not any(p.strip() for p in parts):
-        raise ValueError(f"rules must contain at least one condition such as 'npixels < 100'; got {text!r}")
-    problems, groups = [], []
-    for g, part in enumerate(parts, 1):
-        if not part.strip():
-            problems.append(f"group {g} must contain a condition; got an empty group in {text!r} "
-                            f"(a doubled or trailing ';'?)")
-            continue
-        conditions = []
-        for item in re.split(r"\band\b", part, flags=re.IGNORECASE):
-            match = _CONDITION.fullmatch(item)
-            if match is None:
-                problems.append(f"condition must be '<property> <op> <number>' with op one of "
-                                f"{' '.join(_OPERATORS)}, joined by 'and' (groups by ';'); got {item.strip()!r}")
-                continue
-            name, op, value = match.groups()
-            if name not in known:
-                problems.append(f"property must be one of {', '.join(known)}; got {name!r}")
-                continue
-            conditions.append(Condition(name, op, float(value)))
-        groups.append(tuple(conditions))
-    if problems:
-        raise ValueError("invalid rules:\n" + "\n".join(f"  - {p}" for p in problems))
-    return Rules(tuple(groups))
-
-
-def filter_instances(labels: np.ndarray, rows: Sequence[dict[str, Any]], rules: Rules | str | Sequence[str],
-                     action: str = "remove") -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Remove (or keep only) the instances whose measurement row matches the rules.
-
-    Parameters
-    ----------
-    labels : integer labels of any shape, 0 = background.
-    rows : one dict per instance present in ``labels`` (:func:`measure` output), with a
-        ``label`` key and every property the rules use.
-    rules : :class:`Rules`, or text / list of strings for :func:`parse_rules`.
-    action : ``"remove"`` the matching instances, or ``"keep"`` only them.
-
-    Returns
-    -------
-    labels_kept : same shape and dtype; removed instances set to 0, the others keep their
-        ids (not renumbered) so that they still match the rows.
-    rows_with_status : copies of ``rows`` in the same order, each with ``"status"`` set to
-        ``"kept"`` or ``"removed"``: a before/after table for a CSV.
-
-    Raises ``ValueError`` for a bad action, rows without ``label`` or a used property,
-    repeated labels, or rows that do not match the labels present (both lists given).
-    """
-    if action not in ("remove", "keep"):
-        raise ValueError(f"action must be 'remove' or 'keep'; got {action!r}")
-    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be an integer array; got {getattr(labels, 'dtype', type(labels).__name__)}")
-    if not isinstance(rules, Rules):
-        rules = parse_rules(rules)
-    problems = []
-    needed = ("label",) + rules.properties
-    for i, row in enumerate(rows):
-        missing = [name for name in needed if name not in row]
-        if missing:
-            problems.append(f"row {i} must have {', '.join(needed)}; missing {', '.join(missing)} "
-                            f"(has {', '.join(map(str, row))})")
-    if problems:
-        raise ValueError("\n".join(problems))
-    row_labels = [int(row["label"]) for row in rows]
-    repeated = sorted({lab for lab in row_labels if row_labels.count(lab) > 1})
-    present = np.unique(labels)
-    present = set(present[present > 0].tolist())
-    no_row = sorted(present - set(row_labels))
-    no_object = sorted(set(row_labels) - present)
-    if repeated:
-        problems.append(f"rows must have one row per label; got repeated labels {_few(repeated)}")
-    if no_row:
-        problems.append(f"rows must have a row for every label in labels; missing rows for {_few(no_row)}")
-    if no_object:
-        problems.append(f"rows must describe labels present in labels; got rows for absent labels {_few(no_object)}")
-    if problems:
-        raise ValueError("rows do not match labels:\n" + "\n".join(f"  - {p}" for p in problems))
-    out_rows, removed = [], []
-    for row in rows:
-        drop = rules.matches(row) == (action == "remove")
-        out_rows.append({**row, "status": "removed" if drop else "kept"})
-        if drop:
-            removed.append(int(row["label"]))
-    kept = labels.copy()
-    if removed:
-        kept[np.isin(labels, removed)] = 0
-    return kept, out_rows
-
-
-def _few(values: Sequence[int], limit: int = 10) -> str:
-    shown = ", ".join(map(str, values[:limit]))
-    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
-
-
-# Classical baseline
-
-
-def classical_baseline(image: np.ndarray, min_distance: int = 5, sigma: float = 1.0, invert: bool = False,
-                       label_dtype: str = "auto") -> np.ndarray:
-    """Otsu threshold + distance-transform watershed, the usual non-learned segmentation.
-
-    Parameters
-    ----------
-    image : (H, W) or (H, W, C) intensities; channels are averaged.
-    min_distance : smallest distance between two object centres (px), for
-        ``skimage.feature.peak_local_max``.
-    sigma : Gaussian smoothing before the threshold (px; 0 = none).
-    invert : objects darker than the background (default: brighter).
-    label_dtype : as in :class:`PostProcessConfig`.
-
-    Returns
-    -------
-    labels : (H, W) uint16 or uint32, numbered as by :func:`postprocess`.
-
-    Steps: smooth; mask = above Otsu (below, with ``invert``); Euclidean distance transform
-    of the mask; its local maxima at least ``min_distance`` apart within each connected
-    component, where maxima on one plateau that touch (8-connected) count as one marker;
-    watershed of minus the distance inside the mask.
-
-    Raises ``ValueError`` for a bad image shape, a constant image, or bad parameters.
-    """
-    from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
-    from skimage.segmentation import watershed
-
-    problems = []
-    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.dtype.kind not in "uif" \
-            or min(image.shape[:2], default=0) < 1:
-        problems.append(f"image must be an (H, W) or (H, W, C) numeric array; got shape "
-                        f"{getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', type(image).__name__)}")
-    if not _is_int(min_distance) or min_distance < 1:
-        problems.append(f"min_distance must be an integer >= 1 (pixels); got {min_distance!r}")
-    if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, (int, float, np.integer, np.floating)) \
-            or not 0 <= sigma < math.inf:
-        problems.append(f"sigma must be a number >= 0 (pixels); got {sigma!r}")
-    if label_dtype not in LABEL_DTYPES:
-        problems.append(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}; got {label_dtype!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    grey = image.astype(np.float64)
-    if grey.ndim == 3:
-        grey = grey.mean(axis=2)
-    if sigma > 0:
-        grey = ndi.gaussian_filter(grey, sigma)
-    if grey.min() == grey.max():
-        raise ValueError(f"image must not be constant to be thresholded; got every value {grey.min():g} "
-                         f"(after smoothing)")
-    threshold = threshold_otsu(grey)
-    mask = grey < threshold if invert else grey > threshold
-    distance = ndi.distance_transform_edt(mask)
-    components, _ = ndi.label(mask)
-    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
-    peak_mask = np.zeros(mask.shape, bool)
-    peak_mask[tuple(peaks.T)] = True
-    markers, _ = ndi.label(peak_mask, structure=np.ones((3, 3), bool))
-    labels = watershed(-distance, markers, mask=mask).astype(np.int32, copy=False)
-    lut, n = _raster_order(labels)
-    return lut.astype(choose_label_dtype(n, label_dtype))[labels]

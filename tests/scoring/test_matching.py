@@ -1,4 +1,4 @@
-"""Tests of instance matching (lib/metrics.py) and its reports (lib/instance_report.py).
+"""Tests of instance matching (lib/scoring/metrics.py) and its reports (lib/scoring/reports.py).
 
 Hand-computed cases with exact expected values, brute force on seeded random label images
 as an oracle, and every error raised.
@@ -13,7 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from lib.scoring import instance_report, metrics
+from lib.common import pictures
+from lib.scoring import metrics, reports
 
 NAN = float("nan")
 STAT_FIELDS = ("tp", "fp", "fn", "precision", "recall", "f1", "accuracy", "panoptic_quality", "mean_matched_iou")
@@ -231,36 +232,36 @@ def test_associations_rows_and_csv(tmp_path):
     true = row(1, 1, 1, 1, 1, 1, 0, 4, 4)
     pred = row(1, 1, 1, 1, 2, 2, 0, 0, 0)
     matching = metrics.match_instances(true, pred, (0.3, 0.75))
-    rows = instance_report.associations_rows(matching, "img_01")
+    rows = reports.associations_rows(matching, "img_01")
     assert [tuple(r.values()) for r in rows][1:] == [
         ("img_01", 0.3, 4, "", rows[1]["iou"], "missed"), ("img_01", 0.3, "", 2, rows[2]["iou"], "false_positive")]
     assert rows[0] == {"image": "img_01", "threshold": 0.3, "true_id": 1, "pred_id": 1, "iou": 4 / 6,
                        "status": "matched"}
     assert math.isnan(rows[1]["iou"]) and math.isnan(rows[2]["iou"])
-    strict = instance_report.associations_rows(matching, "img_01", threshold=0.75)
+    strict = reports.associations_rows(matching, "img_01", threshold=0.75)
     assert [(r["true_id"], r["pred_id"], r["status"]) for r in strict] == [
         (1, "", "missed"), (4, "", "missed"), ("", 1, "false_positive"), ("", 2, "false_positive")]
-    path = instance_report.write_csv(tmp_path / "out" / "associations.csv", rows)
+    path = reports.write_associations(tmp_path / "out" / "associations.csv", rows)
     assert path.read_text().splitlines() == ["image,threshold,true_id,pred_id,iou,status",
                                              "img_01,0.3,1,1,0.666667,matched", "img_01,0.3,4,,,missed",
                                              "img_01,0.3,,2,,false_positive"]
     assert [p.name for p in path.parent.iterdir()] == ["associations.csv"]  # no temporary left
-    empty = instance_report.write_csv(tmp_path / "empty.csv", [])
-    assert list(csv.reader(empty.open())) == [list(instance_report.ASSOCIATION_FIELDS)]
+    empty = reports.write_associations(tmp_path / "empty.csv", [])
+    assert list(csv.reader(empty.open())) == [list(reports.ASSOCIATION_FIELDS)]
 
 
 REPORT_ERRORS = [
-    (lambda m: instance_report.associations_rows(m, "a", threshold=0.4),
+    (lambda m: reports.associations_rows(m, "a", threshold=0.4),
      r"threshold must be one of the matching's thresholds 0.3, 0.75; got 0.4"),
-    (lambda m: instance_report.write_csv("unused.csv", [{"image": "a", "colour": "red"}]),
+    (lambda m: reports.write_associations("unused.csv", [{"image": "a", "colour": "red"}]),
      "rows must only hold the columns image, threshold, true_id, pred_id, iou, status; got colour in row 0"),
-    (lambda m: instance_report.matching_overlay(np.zeros((1, 9)), row(1), row(1), m, 0.3),
+    (lambda m: reports.matching_overlay(np.zeros((1, 9)), row(1), row(1), m, 0.3),
      r"must have one height and width; got \(1, 9\), \(1, 1\) and \(1, 1\)"),
-    (lambda m: instance_report.matching_overlay(np.zeros((1, 1)), row(1), row(1), m, 0.5),
+    (lambda m: reports.matching_overlay(np.zeros((1, 1)), row(1), row(1), m, 0.5),
      "threshold must be one of"),
-    (lambda m: instance_report.save_png("unused.png", np.zeros((2, 2, 3), np.float32)),
+    (lambda m: pictures.save_png("unused.png", np.zeros((2, 2, 3), np.float32)),
      r"rgb must be an \(H, W, 3\) uint8 picture; got float32 of shape \(2, 2, 3\)"),
-    (lambda m: instance_report.grey_display(np.zeros((1, 1, 1, 1))), r"image must be \(H, W\) or \(H, W, C\)"),
+    (lambda m: pictures.grey_display(np.zeros((1, 1, 1, 1))), r"image must be \(H, W\) or \(H, W, C\)"),
 ]
 
 
@@ -276,10 +277,10 @@ def test_report_errors(call, message, tmp_path, monkeypatch):
 def test_grey_display_stretches_percentiles():
     # 201 values 0..200: the 0.5th percentile is 1, the 99.5th 199; 100 -> 99/198 = 0.5 -> 127.5 -> 128.
     image = np.arange(201, dtype=np.uint16).reshape(1, 201)
-    grey = instance_report.grey_display(image)
+    grey = pictures.grey_display(image)
     assert (grey[0, 0], grey[0, 1], grey[0, 100], grey[0, 199], grey[0, 200]) == (0, 0, 128, 255, 255)
-    np.testing.assert_array_equal(instance_report.grey_display(np.repeat(image[..., None], 3, axis=2)), grey)
-    np.testing.assert_array_equal(instance_report.grey_display(np.full((2, 2), 7.5)), np.zeros((2, 2)))
+    np.testing.assert_array_equal(pictures.grey_display(np.repeat(image[..., None], 3, axis=2)), grey)
+    np.testing.assert_array_equal(pictures.grey_display(np.full((2, 2), 7.5)), np.zeros((2, 2)))
 
 
 def test_matching_overlay_colours(tmp_path):
@@ -291,16 +292,36 @@ def test_matching_overlay_colours(tmp_path):
     pred[5:7, 0:2] = 4  # false positive
     image = np.zeros((8, 8, 2), np.float64)  # constant: grey 0
     matching = metrics.match_instances(true, pred, (0.5,))
-    rgb = instance_report.matching_overlay(image, true, pred, matching, 0.5)
+    rgb = reports.matching_overlay(image, true, pred, matching, 0.5)
     assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
-    assert tuple(rgb[1, 1]) == tuple(rgb[3, 2]) == (0, 255, 0)  # outline of the matched prediction
-    assert tuple(rgb[2, 2]) == (0, 0, 0)  # inside it: the image
-    assert tuple(rgb[5, 5]) == tuple(rgb[6, 6]) == (115, 0, 0)  # missed: 0.45 * 255 = 114.75 red
-    assert tuple(rgb[5, 0]) == tuple(rgb[6, 1]) == (0, 90, 255)  # false positive
+    # One colour vocabulary (lib.common.pictures): green matched, magenta false positive, blue missed.
+    assert tuple(rgb[1, 1]) == tuple(rgb[3, 2]) == pictures.TRUE_POSITIVE == (0, 200, 0)  # matched outline
+    assert tuple(rgb[2, 2]) == (0, 90, 0)  # inside it: tinted, 0.45 * 200
+    assert tuple(rgb[5, 5]) == tuple(rgb[6, 6]) == (0, 54, 115)  # missed: 0.45 * (0, 120, 255)
+    assert tuple(rgb[5, 0]) == tuple(rgb[6, 1]) == pictures.FALSE_POSITIVE  # false-positive outline
     assert tuple(rgb[0, 7]) == (0, 0, 0)
-    assert np.count_nonzero(rgb.any(axis=2)) == 8 + 4 + 4
-    path = instance_report.save_png(tmp_path / "overlay.png", rgb)
+    assert np.count_nonzero(rgb.any(axis=2)) == 9 + 4 + 4
+    path = pictures.save_png(tmp_path / "overlay.png", rgb)
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(path)), rgb)
     assert [p.name for p in tmp_path.iterdir()] == ["overlay.png"]
+
+
+def test_tie_break_is_the_largest_matched_iou_not_stardists():
+    # 1-D row: true A = 1 (10 px), B = 2 (5 px); predicted X = 1 covers 8 px of A and all of B,
+    # Y = 2 the other 2 px of A. IoU(A, X) = 8/15, IoU(B, X) = 5/13, IoU(A, Y) = 2/10, IoU(B, Y) = 0.
+    true = row(*([1] * 10 + [2] * 5))
+    pred = row(*([2] * 2 + [1] * 13))
+    matching = metrics.match_instances(true, pred, (0.3,))
+    assert matching.pairs == [(1, 1, 8 / 15)]  # one match at most (only X has candidates): the larger IoU
+    # StarDist's cost over all pairs, -[IoU >= t] - IoU / (2 k), also counts the sub-threshold A-Y pair:
+    # it assigns B-X and A-Y (5/13 + 2/10 > 8/15 + 0) and reports B-X, same count, smaller IoU.
+    from scipy.optimize import linear_sum_assignment
+
+    iou = metrics.overlaps(true, pred).dense()
+    k = min(iou.shape)
+    rows, columns = linear_sum_assignment(-(iou >= 0.3).astype(float) - iou / (2 * k))
+    kept = iou[rows, columns] >= 0.3
+    assert kept.sum() == matching.stats[0.3].tp == 1
+    assert iou[rows, columns][kept].tolist() == [5 / 13]

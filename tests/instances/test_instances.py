@@ -1,4 +1,4 @@
-"""Tests of lib/instances.py: perfect maps back to their instances, hand-made refinements,
+"""Tests of lib/instances/ (postprocess, measure, rules, classical): perfect maps back to their instances, hand-made refinements,
 windowed against whole-image post-processing, measurements, rules and the classical baseline."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
+import re
 
 import numpy as np
 import pytest
@@ -14,8 +14,11 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 from lib.common.settings import ConfigError
-from lib.instances import postprocess as instances
-from lib.instances.postprocess import PostProcessConfig
+from lib.instances.classical import classical_baseline
+from lib.instances.labels import choose_label_dtype
+from lib.instances.measure import MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D, measure, measure_3d
+from lib.instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed, refine
+from lib.instances.rules import filter_instances, parse_rules
 
 # Synthetic instances and their perfect channel maps (made here: lib/targets.py is not used)
 
@@ -108,7 +111,7 @@ def test_fixture_has_many_touching_objects(cells):
                                       ("F", "C", "Db", "P")])
 def test_default_for_recovers_perfect_instances(cells, channels):
     config = PostProcessConfig.default_for(channels)
-    labels = instances.postprocess(perfect_maps(cells, channels), config)
+    labels = postprocess(perfect_maps(cells, channels), config)
     assert labels.dtype == np.uint16
     assert_same_instances(cells, labels)
     assert labels.max() == 144 and len(np.unique(labels)) == 145  # numbered 1..N
@@ -120,14 +123,14 @@ def test_labels_are_numbered_in_raster_order():
     truth[1:6, 7:12] = 2  # upper right: first pixel (1, 7)
     truth[8:13, 8:13] = 3  # lower right: first pixel (8, 8)
     config = PostProcessConfig.default_for(("F", "C", "Db"))
-    labels = instances.postprocess(perfect_maps(truth, ("F", "C", "Db")), config)
+    labels = postprocess(perfect_maps(truth, ("F", "C", "Db")), config)
     np.testing.assert_array_equal(labels, np.select([truth == 2, truth == 1, truth == 3], [1, 2, 3], 0))
 
 
 def test_intermediates(cells):
     maps = perfect_maps(cells, ("F", "C", "Db"))
     config = PostProcessConfig.default_for(("F", "C", "Db"))
-    labels, extra = instances.postprocess(maps, config, return_intermediates=True)
+    labels, extra = postprocess(maps, config, return_intermediates=True)
     assert set(extra) == {"seeds", "surface", "growth", "thresholds"}
     assert extra["seeds"].dtype == np.int32 and extra["seeds"].max() == 144
     seeds = extra["seeds"] > 0
@@ -138,14 +141,14 @@ def test_intermediates(cells):
     assert extra["thresholds"] == {"F": 0.5, "C": 0.5, "Db": 0.5, "growth": 0.5}
     assert (labels[seeds] > 0).all()
 
-    _, extra = instances.postprocess(maps[..., [0, 2]], PostProcessConfig.default_for(("F", "Db")), True)
+    _, extra = postprocess(maps[..., [0, 2]], PostProcessConfig.default_for(("F", "Db")), True)
     np.testing.assert_array_equal(extra["surface"], -maps[..., 2])
 
 
 def test_surface_f_is_negative_distance_transform():
     truth = np.zeros((9, 9), np.int32)
     truth[2:7, 2:7] = 1
-    _, extra = instances.postprocess(perfect_maps(truth, ("F",)), PostProcessConfig.default_for(("F",)), True)
+    _, extra = postprocess(perfect_maps(truth, ("F",)), PostProcessConfig.default_for(("F",)), True)
     # 5 x 5 square: distance 1 on its edge ring, 2 inside it, 3 at the centre
     expected = np.zeros((9, 9), np.float32)
     expected[2:7, 2:7] = -1
@@ -161,7 +164,7 @@ def test_auto_thresholds_are_otsu_on_the_map():
     f = np.where(truth > 0, 0.9, 0.1).astype(np.float32)[..., None]
     config = PostProcessConfig(channels=("F",), thresholds={"F": "auto"}, seed_channels=("F",), surface_channel="F",
                                growth_threshold="auto")
-    labels, extra = instances.postprocess(f, config, return_intermediates=True)
+    labels, extra = postprocess(f, config, return_intermediates=True)
     # bins (k/256, (k+1)/256]: 0.1 falls in bin 25, 0.9 in bin 230; every split between them is
     # as good, the first is taken, and the threshold is that bin's upper edge
     assert extra["thresholds"] == {"F": 26 / 256, "growth": 26 / 256}
@@ -171,7 +174,7 @@ def test_auto_thresholds_are_otsu_on_the_map():
 def test_auto_threshold_of_constant_map_raises():
     config = PostProcessConfig(channels=("F",), thresholds={"F": "auto"}, seed_channels=("F",), surface_channel="F")
     with pytest.raises(ValueError, match=r"'auto' threshold of 'F' must see at least two distinct values"):
-        instances.postprocess(np.full((5, 5, 1), 0.7, np.float32), config)
+        postprocess(np.full((5, 5, 1), 0.7, np.float32), config)
 
 
 @pytest.mark.parametrize("shape, message", [
@@ -181,13 +184,13 @@ def test_auto_threshold_of_constant_map_raises():
 ])
 def test_postprocess_rejects_bad_maps(shape, message):
     with pytest.raises(ValueError, match=message):
-        instances.postprocess(np.zeros(shape, np.float32), PostProcessConfig.default_for(("F", "C", "Db")))
+        postprocess(np.zeros(shape, np.float32), PostProcessConfig.default_for(("F", "C", "Db")))
 
 
 def test_no_seed_gives_empty_labels():
     maps = np.zeros((8, 8, 2), np.float32)
     maps[2:6, 2:6, 0] = 1.0  # foreground, but Db is 0 everywhere: no seed
-    labels = instances.postprocess(maps, PostProcessConfig.default_for(("F", "Db")))
+    labels = postprocess(maps, PostProcessConfig.default_for(("F", "Db")))
     assert labels.dtype == np.uint16 and not labels.any()
 
 
@@ -205,8 +208,8 @@ def dumbbell() -> np.ndarray:
 
 def test_seed_erosion_cuts_a_bridge():
     config = PostProcessConfig.default_for(("F",))
-    assert instances.postprocess(dumbbell(), config).max() == 1
-    labels = instances.postprocess(dumbbell(), dataclasses.replace(config, seed_erosion=1))
+    assert postprocess(dumbbell(), config).max() == 1
+    labels = postprocess(dumbbell(), dataclasses.replace(config, seed_erosion=1))
     assert labels.max() == 2
     assert (labels[2:9, 2:9] == 1).all() and (labels[2:9, 12:19] == 2).all()
     assert set(labels[5, 9:12].tolist()) <= {1, 2}
@@ -225,7 +228,7 @@ def test_seed_dilation_and_min_seed_size(points, min_seed_size, seed_dilation, e
         maps[y, x, 1] = 1.0  # P
     config = dataclasses.replace(PostProcessConfig.default_for(("F", "P")), min_seed_size=min_seed_size,
                                  seed_dilation=seed_dilation)
-    labels = instances.postprocess(maps, config)
+    labels = postprocess(maps, config)
     assert labels.max() == expected
     assert (labels > 0).all() == (expected > 0)  # a seed floods the whole growth mask
 
@@ -233,10 +236,10 @@ def test_seed_dilation_and_min_seed_size(points, min_seed_size, seed_dilation, e
 def test_min_seed_size_drops_small_seeds_of_real_objects(cells):
     maps = perfect_maps(cells, ("F", "C", "Db"))
     config = PostProcessConfig.default_for(("F", "C", "Db"))
-    _, extra = instances.postprocess(maps, config, True)
+    _, extra = postprocess(maps, config, True)
     sizes = np.bincount(extra["seeds"].ravel())[1:]
     cut = int(np.sort(sizes)[10])  # the 10 smallest seeds are below this size
-    labels = instances.postprocess(maps, dataclasses.replace(config, min_seed_size=cut))
+    labels = postprocess(maps, dataclasses.replace(config, min_seed_size=cut))
     assert labels.max() == 144 - int((sizes < cut).sum())
 
 
@@ -265,14 +268,14 @@ def grid(rows: str) -> np.ndarray:
 ])
 def test_refinements(steps, before, after):
     labels = grid(before).astype(np.uint16)
-    out = instances.refine(labels, steps)
+    out = refine(labels, steps)
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, grid(after))
 
 
 def test_refinements_in_postprocess(cells):
     config = dataclasses.replace(PostProcessConfig.default_for(("F", "C", "Db")), refinements=("clear_border",))
-    labels = instances.postprocess(perfect_maps(cells, ("F", "C", "Db")), config)
+    labels = postprocess(perfect_maps(cells, ("F", "C", "Db")), config)
     expected = cells.copy()
     for edge in (cells[0], cells[-1], cells[:, 0], cells[:, -1]):
         expected[np.isin(cells, edge[edge > 0])] = 0
@@ -292,7 +295,7 @@ def test_refinements_in_postprocess(cells):
 ])
 def test_refine_rejects(labels, steps, message):
     with pytest.raises(ValueError, match=message):
-        instances.refine(labels, steps)
+        refine(labels, steps)
 
 
 # Settings
@@ -422,15 +425,15 @@ def test_default_for_rejects(channels, messages):
 def test_choose_label_dtype(n_labels, label_dtype, expected):
     if isinstance(expected, str):
         with pytest.raises(ValueError) as error:
-            instances.choose_label_dtype(n_labels, label_dtype)
+            choose_label_dtype(n_labels, label_dtype)
         assert expected in str(error.value)
     else:
-        assert instances.choose_label_dtype(n_labels, label_dtype) == np.dtype(expected)
+        assert choose_label_dtype(n_labels, label_dtype) == np.dtype(expected)
 
 
 def test_label_dtype_setting(cells):
     config = dataclasses.replace(PostProcessConfig.default_for(("F", "C", "Db")), label_dtype="uint32")
-    labels = instances.postprocess(perfect_maps(cells, ("F", "C", "Db")), config)
+    labels = postprocess(perfect_maps(cells, ("F", "C", "Db")), config)
     assert labels.dtype == np.uint32
     assert_same_instances(cells, labels)
 
@@ -453,10 +456,10 @@ def test_windowed_equals_whole(many_cells, channels, refinements, noise):
     maps = perfect_maps(many_cells, channels)
     maps = np.clip(maps + rng.normal(0.0, noise, maps.shape), 0, 1).astype(np.float32) if noise else maps
     config = dataclasses.replace(PostProcessConfig.default_for(channels), refinements=refinements)
-    whole = instances.postprocess(maps, config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no object may be lost
-        windowed = instances.postprocess_windowed(maps, config, window=128, overlap=64)
+    whole = postprocess(maps, config)
+    said = []
+    windowed = postprocess_windowed(maps, config, window=128, overlap=64, log=said.append)
+    assert said == []  # no object may be lost
     np.testing.assert_array_equal(windowed, whole)  # same numbering too: raster order
     assert whole.max() > 500
     if not noise and not refinements:
@@ -469,9 +472,8 @@ def test_windowed_reads_a_memmap(many_cells, tmp_path):
     stored[:] = maps
     stored.flush()
     config = PostProcessConfig.default_for(("F", "C", "Db"))
-    windowed = instances.postprocess_windowed(np.load(tmp_path / "maps.npy", mmap_mode="r"), config, window=160,
-                                              overlap=70)
-    np.testing.assert_array_equal(windowed, instances.postprocess(maps, config))
+    windowed = postprocess_windowed(np.load(tmp_path / "maps.npy", mmap_mode="r"), config, window=160, overlap=70)
+    np.testing.assert_array_equal(windowed, postprocess(maps, config))
 
 
 def test_windowed_auto_thresholds_use_the_whole_image():
@@ -483,16 +485,16 @@ def test_windowed_auto_thresholds_use_the_whole_image():
     f = np.where(truth > 0, np.where(np.arange(80) < 40, 0.3, 0.9), 0.1).astype(np.float32)[..., None]
     config = PostProcessConfig(channels=("F",), thresholds={"F": "auto"}, seed_channels=("F",), surface_channel="F",
                                growth_threshold="auto")
-    whole = instances.postprocess(f, config)
-    np.testing.assert_array_equal(instances.postprocess_windowed(f, config, window=40, overlap=20), whole)
+    whole = postprocess(f, config)
+    np.testing.assert_array_equal(postprocess_windowed(f, config, window=40, overlap=20), whole)
     assert_same_instances(np.where(truth > 2, truth, 0), whole)
 
 
 def test_windowed_single_window_is_postprocess(cells):
     maps = perfect_maps(cells, ("F", "C", "Db"))
     config = PostProcessConfig.default_for(("F", "C", "Db"))
-    np.testing.assert_array_equal(instances.postprocess_windowed(maps, config, window=cells.shape[0], overlap=0),
-                                  instances.postprocess(maps, config))
+    np.testing.assert_array_equal(postprocess_windowed(maps, config, window=cells.shape[0], overlap=0),
+                                  postprocess(maps, config))
 
 
 def test_windowed_warns_when_an_object_exceeds_the_overlap():
@@ -500,10 +502,12 @@ def test_windowed_warns_when_an_object_exceeds_the_overlap():
     truth = ((yy - 100) ** 2 + (xx - 100) ** 2 <= 60 ** 2).astype(np.int32)  # 121 px wide
     maps = perfect_maps(truth, ("F", "Db"))
     config = PostProcessConfig.default_for(("F", "Db"))
-    with pytest.warns(RuntimeWarning, match=r"pixels that windows labelled are unlabelled .* overlap=20 px"):
-        labels = instances.postprocess_windowed(maps, config, window=100, overlap=20)
+    said = []
+    labels = postprocess_windowed(maps, config, window=100, overlap=20, log=said.append)
+    assert len(said) == 1
+    assert re.search(r"^warning: .*pixels that windows labelled are unlabelled .* overlap=20 px", said[0])
     assert labels.max() == 0  # it touches an inner edge of every window
-    assert instances.postprocess_windowed(maps, config, window=180, overlap=150).max() == 1
+    assert postprocess_windowed(maps, config, window=180, overlap=150).max() == 1
 
 
 @pytest.mark.parametrize("window, overlap, message", [
@@ -514,7 +518,7 @@ def test_windowed_warns_when_an_object_exceeds_the_overlap():
 ])
 def test_windowed_rejects(window, overlap, message):
     with pytest.raises(ValueError) as error:
-        instances.postprocess_windowed(np.zeros((8, 8, 2), np.float32), PostProcessConfig.default_for(("F", "Db")),
+        postprocess_windowed(np.zeros((8, 8, 2), np.float32), PostProcessConfig.default_for(("F", "Db")),
                                        window=window, overlap=overlap)
     assert message in str(error.value)
 
@@ -526,8 +530,8 @@ def test_measure_disk():
     r = 20
     yy, xx = np.mgrid[:50, :60]
     labels = (((yy - 24) ** 2 + (xx - 31) ** 2) <= r * r).astype(np.uint16) * 7
-    row, = instances.measure(labels)
-    assert set(row) == set(instances.MEASUREMENT_COLUMNS)
+    row, = measure(labels)
+    assert set(row) == set(MEASUREMENT_COLUMNS)
     assert row["label"] == 7
     assert abs(row["npixels"] - math.pi * r * r) < 0.01 * math.pi * r * r
     assert row["area"] == row["npixels"]
@@ -542,14 +546,14 @@ def test_measure_square_with_pixel_size():
     s = 30
     labels = np.zeros((40, 40), np.int32)
     labels[5:5 + s, 7:7 + s] = 1
-    row, = instances.measure(labels)
+    row, = measure(labels)
     perimeter = 4 * math.sqrt((s - 0.5) ** 2 + 0.25)  # see measure(): about 4s - 2
     assert row["npixels"] == s * s
     assert row["perimeter"] == pytest.approx(perimeter)
     assert row["circularity"] == pytest.approx(4 * math.pi * s * s / perimeter ** 2)
     assert abs(row["circularity"] - math.pi / 4) < 0.03
     assert (row["centroid_y"], row["centroid_x"], row["diameter"]) == (19.5, 21.5, 30.0)
-    scaled, = instances.measure(labels, pixel_size=0.5)
+    scaled, = measure(labels, pixel_size=0.5)
     assert scaled["area"] == s * s * 0.25
     assert scaled["perimeter"] == pytest.approx(perimeter * 0.5)
     assert scaled["diameter"] == 15.0
@@ -559,32 +563,32 @@ def test_measure_square_with_pixel_size():
 
 def test_measure_rows_per_label_and_clipped_circularity():
     labels = grid("3000 0000 0055 0055")
-    rows = instances.measure(labels)
+    rows = measure(labels)
     assert [r["label"] for r in rows] == [3, 5]
     assert [r["npixels"] for r in rows] == [1, 4]
     assert rows[0]["circularity"] == 1.0 and rows[0]["elongation"] == 1.0  # a pixel: 4 pi / 2**2, clipped
     assert rows[1]["centroid_y"] == 2.5
-    assert instances.measure(np.zeros((4, 4), np.uint8)) == []
+    assert measure(np.zeros((4, 4), np.uint8)) == []
 
 
 def test_measure_3d_ball_and_cube():
     r = 10
     zz, yy, xx = np.mgrid[:25, :25, :25] - 12
     ball = ((zz ** 2 + yy ** 2 + xx ** 2) <= r * r).astype(np.uint16)
-    row, = instances.measure_3d(ball)
-    assert set(row) == set(instances.MEASUREMENT_COLUMNS_3D)
+    row, = measure_3d(ball)
+    assert set(row) == set(MEASUREMENT_COLUMNS_3D)
     assert abs(row["nvoxels"] - 4 / 3 * math.pi * r ** 3) < 0.01 * 4 / 3 * math.pi * r ** 3
     assert (row["centroid_z"], row["centroid_y"], row["centroid_x"]) == (12.0, 12.0, 12.0)
     assert row["diameter"] == 2 * r + 1
     assert 0.88 <= row["sphericity"] <= 1.0  # measured 0.913: the mesh follows the voxel staircase
-    stretched, = instances.measure_3d(ball, voxel_size=(2.0, 1.0, 1.0))
+    stretched, = measure_3d(ball, voxel_size=(2.0, 1.0, 1.0))
     assert stretched["volume"] == 2 * row["nvoxels"]
     assert stretched["diameter"] == 2 * (2 * r + 1)
 
     s = 10
     cube = np.zeros((s + 2, s + 2, s + 2), np.int32)
     cube[1:-1, 1:-1, 1:-1] = 4
-    row, = instances.measure_3d(cube)
+    row, = measure_3d(cube)
     # the 0.5 iso-surface: 6 faces (s-1)^2, 12 edge strips (s-1) x sqrt(2)/2, 8 corner triangles sqrt(3)/8
     area = 6 * (s - 1) ** 2 + 6 * math.sqrt(2) * (s - 1) + math.sqrt(3)
     assert row["label"] == 4 and row["volume"] == s ** 3
@@ -593,21 +597,21 @@ def test_measure_3d_ball_and_cube():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: instances.measure(np.zeros((4, 4), bool)), r"labels must be a \(H, W\) integer array; got shape \(4, 4\), "
+    (lambda: measure(np.zeros((4, 4), bool)), r"labels must be a \(H, W\) integer array; got shape \(4, 4\), "
                                                         r"dtype bool. A boolean mask must be labelled first"),
-    (lambda: instances.measure(np.zeros((4, 4, 4), np.int32)), r"labels must be a \(H, W\) integer array"),
-    (lambda: instances.measure([[1]]), r"labels must be a \(H, W\) integer array; got shape None, dtype list"),
-    (lambda: instances.measure(-np.ones((2, 2), np.int16)), r"labels must be >= 0"),
-    (lambda: instances.measure(np.ones((2, 2), np.int16), pixel_size=0), r"pixel_size must be a positive number "
+    (lambda: measure(np.zeros((4, 4, 4), np.int32)), r"labels must be a \(H, W\) integer array"),
+    (lambda: measure([[1]]), r"labels must be a \(H, W\) integer array; got shape None, dtype list"),
+    (lambda: measure(-np.ones((2, 2), np.int16)), r"labels must be >= 0"),
+    (lambda: measure(np.ones((2, 2), np.int16), pixel_size=0), r"pixel_size must be a positive number "
                                                                           r"or None; got 0"),
-    (lambda: instances.measure(np.ones((2, 2), np.int16), pixel_size=True), r"pixel_size must be .*; got True"),
-    (lambda: instances.measure(np.ones((2, 2), np.int16), pixel_size="1"), r"pixel_size must be .*; got '1'"),
-    (lambda: instances.measure(np.ones((2, 2), np.int16), pixel_size=math.nan), r"pixel_size must be .*; got nan"),
-    (lambda: instances.measure_3d(np.ones((2, 2), np.int16)), r"labels must be a \(Z, Y, X\) integer array"),
-    (lambda: instances.measure_3d(np.ones((2, 2, 2), np.int16), voxel_size=(1, 1)),
+    (lambda: measure(np.ones((2, 2), np.int16), pixel_size=True), r"pixel_size must be .*; got True"),
+    (lambda: measure(np.ones((2, 2), np.int16), pixel_size="1"), r"pixel_size must be .*; got '1'"),
+    (lambda: measure(np.ones((2, 2), np.int16), pixel_size=math.nan), r"pixel_size must be .*; got nan"),
+    (lambda: measure_3d(np.ones((2, 2), np.int16)), r"labels must be a \(Z, Y, X\) integer array"),
+    (lambda: measure_3d(np.ones((2, 2, 2), np.int16), voxel_size=(1, 1)),
      r"voxel_size must be 3 positive numbers \(z, y, x\) or None; got \(1, 1\)"),
-    (lambda: instances.measure_3d(np.ones((2, 2, 2), np.int16), voxel_size=1.0), r"voxel_size must be 3 positive"),
-    (lambda: instances.measure_3d(np.ones((2, 2, 2), np.int16), voxel_size=(1, -1, 1)), r"voxel_size must be 3"),
+    (lambda: measure_3d(np.ones((2, 2, 2), np.int16), voxel_size=1.0), r"voxel_size must be 3 positive"),
+    (lambda: measure_3d(np.ones((2, 2, 2), np.int16), voxel_size=(1, -1, 1)), r"voxel_size must be 3"),
 ])
 def test_measure_rejects(call, message):
     with pytest.raises(ValueError, match=message):
@@ -641,22 +645,22 @@ def test_measure_rejects(call, message):
 ])
 def test_parse_rules(text, expected, error):
     if error is None:
-        assert str(instances.parse_rules(text)) == expected
+        assert str(parse_rules(text)) == expected
         return
     with pytest.raises(ValueError) as raised:
-        instances.parse_rules(text)
+        parse_rules(text)
     assert error in str(raised.value)
 
 
 def test_parse_rules_lists_every_problem_and_takes_property_names():
     with pytest.raises(ValueError) as error:
-        instances.parse_rules("foo < 1 and npixels =< 2; ; bar > 3")
+        parse_rules("foo < 1 and npixels =< 2; ; bar > 3")
     message = str(error.value)
     assert message.count("\n  - ") == 4 and "'foo'" in message and "'bar'" in message and "group 2" in message
-    rules = instances.parse_rules("intensity > 3", properties=("label", "intensity"))
+    rules = parse_rules("intensity > 3", properties=("label", "intensity"))
     assert rules.properties == ("intensity",)
     with pytest.raises(ValueError, match="property must be one of label, intensity; got 'npixels'"):
-        instances.parse_rules("npixels > 3", properties=("label", "intensity"))
+        parse_rules("npixels > 3", properties=("label", "intensity"))
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -668,7 +672,7 @@ def test_parse_rules_lists_every_problem_and_takes_property_names():
     ({"npixels": 50, "circularity": math.nan, "area": 50}, False),  # NaN satisfies no comparison
 ])
 def test_rules_match(row, expected):
-    rules = instances.parse_rules("npixels < 100 and circularity <= 0.7; area > 5000")
+    rules = parse_rules("npixels < 100 and circularity <= 0.7; area > 5000")
     assert rules.matches(row) is expected
     assert rules.properties == ("npixels", "circularity", "area")
 
@@ -693,8 +697,8 @@ def three_objects() -> np.ndarray:
 ])
 def test_filter_instances(rules, action, removed):
     labels = three_objects()
-    rows = instances.measure(labels)
-    kept, status = instances.filter_instances(labels, rows, rules, action=action)
+    rows = measure(labels)
+    kept, status = filter_instances(labels, rows, rules, action=action)
     assert kept.dtype == labels.dtype
     np.testing.assert_array_equal(kept, np.where(np.isin(labels, list(removed)), 0, labels))  # ids unchanged
     assert [r["status"] for r in status] == ["removed" if r["label"] in removed else "kept" for r in rows]
@@ -704,7 +708,7 @@ def test_filter_instances(rules, action, removed):
 
 def test_filter_instances_takes_parsed_rules():
     labels = three_objects()
-    kept, _ = instances.filter_instances(labels, instances.measure(labels), instances.parse_rules("label == 2"))
+    kept, _ = filter_instances(labels, measure(labels), parse_rules("label == 2"))
     assert set(np.unique(kept)) == {0, 1, 3}
 
 
@@ -720,13 +724,13 @@ def test_filter_instances_takes_parsed_rules():
 def test_filter_instances_rejects(rows, rules, action, message):
     labels = three_objects()
     with pytest.raises(ValueError) as error:
-        instances.filter_instances(labels, rows(instances.measure(labels)), rules, action=action)
+        filter_instances(labels, rows(measure(labels)), rules, action=action)
     assert message in str(error.value)
 
 
 def test_filter_instances_rejects_float_labels():
     with pytest.raises(ValueError, match="labels must be an integer array; got float32"):
-        instances.filter_instances(np.zeros((2, 2), np.float32), [], "npixels < 5")
+        filter_instances(np.zeros((2, 2), np.float32), [], "npixels < 5")
 
 
 # Classical baseline
@@ -755,7 +759,7 @@ def best_iou(truth: np.ndarray, labels: np.ndarray, label: int) -> float:
 ])
 def test_classical_baseline_splits_touching_disks(transform, invert):
     truth, image = two_touching_disks()
-    labels = instances.classical_baseline(transform(image), min_distance=8, sigma=1.5, invert=invert)
+    labels = classical_baseline(transform(image), min_distance=8, sigma=1.5, invert=invert)
     assert labels.dtype == np.uint16 and labels.max() == 2
     assert best_iou(truth, labels, 1) > 0.9 and best_iou(truth, labels, 2) > 0.9
 
@@ -772,5 +776,5 @@ def test_classical_baseline_splits_touching_disks(transform, invert):
 ])
 def test_classical_baseline_rejects(image, kwargs, message):
     with pytest.raises(ValueError) as error:
-        instances.classical_baseline(image, **kwargs)
+        classical_baseline(image, **kwargs)
     assert message in str(error.value)
