@@ -53,7 +53,8 @@ def _refinements(text: str) -> tuple[str, ...]:
 
 
 def _rules(text: str) -> str:
-    from lib.instances.postprocess import MEASUREMENT_COLUMNS, parse_rules
+    from lib.instances.measure import MEASUREMENT_COLUMNS
+    from lib.instances.rules import parse_rules
 
     try:
         parse_rules(text, MEASUREMENT_COLUMNS)

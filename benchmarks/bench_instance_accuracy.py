@@ -100,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from data.generate import generate_dataset
-    from lib.instances.postprocess import classical_baseline
+    from lib.instances.classical import classical_baseline
     from lib.store.images import read_image, read_mask
 
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": args.minutes,

@@ -28,7 +28,8 @@ from lib.store.images import read_image, write_image
 keras = pytest.importorskip("keras")
 
 from lib.inference.predict import predict_image, predict_whole, predictor_from_models, segment_instances
-from lib.instances.postprocess import MEASUREMENT_COLUMNS, PostProcessConfig, postprocess
+from lib.instances.measure import MEASUREMENT_COLUMNS
+from lib.instances.postprocess import PostProcessConfig, postprocess
 from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
 from lib.reader.targets import TargetSpec, make_targets
@@ -440,7 +441,7 @@ def test_semantic_only_functions_refuse_instance_models(tmp_path):
 
 
 def test_evaluate_instances_and_rows():
-    from lib.scoring.evaluate import INSTANCE_METRIC_FIELDS, evaluate_instances, instance_metrics_rows
+    from lib.scoring.reports import INSTANCE_METRIC_FIELDS, evaluate_instances, instance_metrics_rows
 
     truth = np.array([[1, 1, 0, 2], [1, 1, 0, 2]], np.uint16)
     labels = np.array([[3, 3, 0, 0], [3, 0, 0, 0]], np.uint16)

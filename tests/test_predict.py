@@ -29,7 +29,8 @@ from lib.inference.predict import (
 )
 from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
-from lib.scoring.evaluate import evaluate_labels, metrics_row, overlay
+from lib.scoring.reports import evaluate_labels, metrics_row
+from lib.common.pictures import semantic_overlay as overlay
 
 
 def model_json(architecture: str, options: dict, classes: int = 3, channels: int = 1, mode: str = "dataset",

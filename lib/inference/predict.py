@@ -1166,7 +1166,9 @@ class InferenceConfig:
         return self
 
     def _instance_violations(self) -> list[str]:
-        from ..instances.postprocess import MEASUREMENT_COLUMNS, parse_refinement, parse_rules
+        from ..instances.measure import MEASUREMENT_COLUMNS
+        from ..instances.postprocess import parse_refinement
+        from ..instances.rules import parse_rules
 
         v = []
         if self.pixel_size is not None and not (isinstance(self.pixel_size, (int, float))
@@ -1311,7 +1313,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     """
     import time
 
-    from ..scoring.evaluate import metrics_row, write_csv
+    from ..scoring.reports import metrics_row, write_csv
     from ..store.images import ImageReadError, list_images, pair_images_masks
 
     started = time.perf_counter()
@@ -1418,7 +1420,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     instance_overall = instance_csv = None
     matched = {k: r["instance_stats"] for k, r in records.items() if r.get("instance_stats")}
     if matched:
-        from ..scoring.evaluate import instance_metrics_rows
+        from ..scoring.reports import instance_metrics_rows
         from ..scoring.metrics import MatchStats, pool_stats
 
         tables = {k: {float(t): MatchStats(**d) for t, d in v.items()} for k, v in matched.items()}
@@ -1532,8 +1534,9 @@ def _predict_instances_one(predictor: Predictor, image_path: Path, info, mask_pa
     import tempfile
     import time
 
-    from ..instances.postprocess import MEASUREMENT_COLUMNS, filter_instances, measure
-    from ..scoring.instance_report import write_csv as write_table
+    from ..instances.measure import MEASUREMENT_COLUMNS, measure
+    from ..instances.rules import filter_instances
+    from ..scoring.reports import write_csv as write_table
     from ..store.images import write_image
 
     started = time.perf_counter()
@@ -1605,8 +1608,9 @@ def _predict_instances_one(predictor: Predictor, image_path: Path, info, mask_pa
 def _evaluate_instances_one(image, labels: np.ndarray, mask_path: Path, paths: dict[str, Path],
                             config: InferenceConfig, streamed: bool, log: Callable[[str], None]) -> dict:
     """Match the instances of one image with its instance mask; write its associations (and overlay)."""
-    from ..scoring.evaluate import evaluate_instances, metrics_row
-    from ..scoring.instance_report import associations_rows, matching_overlay, save_png, write_csv
+    from ..scoring.reports import evaluate_instances, metrics_row
+    from ..scoring.reports import associations_rows, matching_overlay, write_associations
+    from ..common.pictures import save_png
     from ..store.images import read_mask
 
     mask = read_mask(mask_path, binary_255=False)
@@ -1615,7 +1619,7 @@ def _evaluate_instances_one(image, labels: np.ndarray, mask_path: Path, paths: d
     except ValueError as exc:
         raise ValueError(f"{exc} in {mask_path}") from None
     rows = [row for t in matching.thresholds for row in associations_rows(matching, paths["labels"].stem, t)]
-    write_csv(paths["associations"], rows)
+    write_associations(paths["associations"], rows)
     if not streamed:
         levels = matching.thresholds
         shown = 0.5 if 0.5 in levels else levels[len(levels) // 2]
@@ -1670,7 +1674,7 @@ def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path |
             if mask.shape != tuple(info.shape[:2]):
                 raise ValueError(f"mask size must equal the image size; got {mask.shape} for {info.shape[:2]} in "
                                  f"{mask_path}")
-        from ..scoring.evaluate import OVERLAY_MAX_SIDE
+        from ..common.pictures import OVERLAY_MAX_SIDE
 
         step = max(1, -(-max(info.shape[:2]) // OVERLAY_MAX_SIDE))
         scores, plan, cm, overview = predict_to_tiff(
@@ -1680,7 +1684,8 @@ def _predict_one(predictor: Predictor, image_path: Path, info, mask_path: Path |
         record["plan"] = {"tile": [plan.tile_height, plan.tile_width], "zone": [plan.zone_height, plan.zone_width],
                           "tiles": plan.n_tiles, "streamed": True}
         if cm is not None:
-            from ..scoring.evaluate import metrics_row, overlay
+            from ..scoring.reports import metrics_row
+            from ..common.pictures import semantic_overlay as overlay
             from ..store.images import write_image as write
 
             write(paths["overlay"], overlay(np.asarray(image[::step, ::step]), overview, mask[::step, ::step]))
@@ -1735,7 +1740,8 @@ def _open_image(path: Path, info):
 
 
 def _evaluate_one(image, labels: np.ndarray, mask_path: Path, classes: int, overlay_path: Path) -> dict:
-    from ..scoring.evaluate import evaluate_labels, metrics_row, overlay
+    from ..scoring.reports import evaluate_labels, metrics_row
+    from ..common.pictures import semantic_overlay as overlay
     from ..store.images import read_mask, write_image
 
     mask = read_mask(mask_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.common import files, pictures
+from lib.common import pictures
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,6 @@ def test_save_png_is_atomic_with_the_umask_mode(tmp_path, monkeypatch, mask, mod
     from PIL import Image
 
     previous = os.umask(mask)
-    monkeypatch.setattr(files, "_umask", None)  # the umask is read once per process
     try:
         rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
         path = pictures.save_png(tmp_path / "sub" / "picture.png", rgb)

@@ -595,12 +595,10 @@ def test_more_instances_than_png_holds_are_written_as_tif(tmp_path, caplog):
 
 @pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_outputs_get_the_umask_mode(binary_experts, tmp_path, monkeypatch, umask, file_mode, folder_mode):
-    from lib.common import files
 
     source, _ = binary_experts
     out = tmp_path / "out"
     previous = os.umask(umask)
-    monkeypatch.setattr(files, "_umask", None)  # the umask is read once per process
     try:
         fuse_folder(source, out, FusionConfig(save_probabilities=True))
     finally:

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from lib.common import files
 from lib.scoring import metrics, reports
 
 
@@ -34,7 +33,6 @@ def test_evaluate_instances_and_rows():
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_write_csv_cells_and_mode(tmp_path, monkeypatch, umask, mode):
     previous = os.umask(umask)
-    monkeypatch.setattr(files, "_umask", None)  # the umask is read once per process
     try:
         path = reports.write_csv(tmp_path / "sub" / "t.csv", [{"a": 1, "b": float("nan"), "c": 1 / 3},
                                                               {"a": "x", "b": float("inf"), "c": 2.0}])
