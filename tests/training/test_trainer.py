@@ -379,3 +379,35 @@ def test_two_multiworker_processes_end_with_identical_weights(tmp_path):
         assert len(a.files) > 0
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_model_json_records_the_run_state(tiny_db, tmp_path):
+    import keras
+
+    from lib.common.files import file_mode
+    from lib.model_folder import read_model_json
+    from lib.training import TrainingInterrupted, train
+
+    keras.backend.clear_session()
+    out = tmp_path / "run"
+    seen = {}
+
+    def log(message: str) -> None:
+        if message.startswith("step 10:"):  # the first evaluation wrote a best model and its model.json
+            seen["running"] = read_model_json(out / "model.json").run_state
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = _tiny_config(tiny_db, out, max_steps=20)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(config, log=log)
+    assert info.value.signum == signal.SIGTERM and info.value.exit_code == 3
+    assert seen["running"] == "running"
+    interrupted = read_model_json(out / "model.json")
+    assert (interrupted.run_state, interrupted.stopped_because) == ("interrupted", "signal SIGTERM")
+    result = train(config, log=lambda m: None)
+    assert result.resumed_from == 10 and result.stopped_because == "max_steps"
+    finished = read_model_json(out / "model.json")
+    assert (finished.run_state, finished.stopped_because) == ("finished", "max_steps")
+    for name in ("model.json", "model.keras", "log.csv", "charts.png", "train_config.json"):
+        assert os.stat(out / name).st_mode & 0o777 == file_mode(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
