@@ -123,9 +123,30 @@ def _aligned(nbytes: int) -> int:
 # Worker processes
 
 
-def _worker_main(spec: ReaderSpec, worker_id: int, start: int, slots: list[int], shm_name: str,
-                 layout: SlotLayout, ready, free, stop) -> None:
+@dataclasses.dataclass(frozen=True)
+class WorkerJob:
+    """What one worker process is given: its spec and ring, its first batch, and its ends of the pipes.
+
+    ``ready`` sends ``("batch", slot, index, count)`` or ``("error", message, traceback)`` to
+    the consumer; ``free`` receives slots handed back (``None``: stop); ``stop`` is the shared
+    stop event. Picklable for spawned workers (multiprocessing pickles the pipe ends and the
+    event while it starts the process).
+    """
+
+    spec: ReaderSpec
+    layout: SlotLayout
+    worker_id: int
+    start: int
+    slots: tuple[int, ...]
+    shm_name: str
+    ready: Any
+    free: Any
+    stop: Any
+
+
+def _worker_main(job: WorkerJob) -> None:
     """Body of a worker process: fill free slots with batches until told to stop."""
+    spec, layout, ready, free, stop = job.spec, job.layout, job.ready, job.free, job.stop
     # Ctrl-C reaches the whole process group; the consumer decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import cv2
@@ -135,10 +156,10 @@ def _worker_main(spec: ReaderSpec, worker_id: int, start: int, slots: list[int],
     shm = producer = None
     parent = multiprocessing.parent_process()
     try:
-        shm = shared_memory.SharedMemory(name=shm_name)
-        producer = BatchProducer(spec, worker_id)
-        available = collections.deque(slots)
-        for index in producer.indices(start):
+        shm = shared_memory.SharedMemory(name=job.shm_name)
+        producer = BatchProducer(spec, job.worker_id)
+        available = collections.deque(job.slots)
+        for index in producer.indices(job.start):
             while not available:
                 if stop.is_set() or (parent is not None and not parent.is_alive()):
                     return
@@ -507,11 +528,10 @@ class ImageReader:
             for worker in range(self.spec.reader_count):
                 ready_recv, ready_send = context.Pipe(duplex=False)
                 free_recv, free_send = context.Pipe(duplex=False)
-                slots = list(range(worker * self.slots_per_worker, (worker + 1) * self.slots_per_worker))
-                process = context.Process(
-                    target=_worker_main, name=f"ImageReader-{worker}", daemon=True,
-                    args=(self.spec, worker, self._next, slots, state.shm.name, self.layout, ready_send, free_recv,
-                          state.stop))
+                slots = tuple(range(worker * self.slots_per_worker, (worker + 1) * self.slots_per_worker))
+                job = WorkerJob(spec=self.spec, layout=self.layout, worker_id=worker, start=self._next, slots=slots,
+                                shm_name=state.shm.name, ready=ready_send, free=free_recv, stop=state.stop)
+                process = context.Process(target=_worker_main, name=f"ImageReader-{worker}", daemon=True, args=(job,))
                 process.start()
                 # The worker holds its own ends now; closing ours lets EOF mean "worker gone".
                 ready_send.close()
