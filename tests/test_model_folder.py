@@ -10,8 +10,15 @@ import pytest
 
 from lib import model_folder
 from lib.common.files import file_mode
-from lib.model_folder import (MODEL_JSON, MODEL_JSON_VERSION, ModelError, ModelInfo, read_model_json,
-                              upgrade_model_json, write_model_json)
+from lib.model_folder import (
+    MODEL_JSON,
+    MODEL_JSON_VERSION,
+    ModelError,
+    ModelInfo,
+    read_model_json,
+    upgrade_model_json,
+    write_model_json,
+)
 
 
 def description(**changes) -> dict:
