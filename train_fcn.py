@@ -5,20 +5,21 @@
         --output_dir runs/fcn --number_classes 2 --variant fcn8
 
 Trained from scratch unless --model_options '{"backbone_weights": "vgg16.weights.h5"}' names a
-local weights file (nothing is downloaded). Rerunning the same command resumes.
+local weights file (nothing is downloaded). Rerunning the same command resumes. The flags,
+defaults and exit codes are train_unet.py's (its run_training), with --variant for the model.
 """
 
 from __future__ import annotations
 
 import sys
 
+from train_unet import run_training
+
 ARCHITECTURES = {"fcn8": "fcn8", "fcn16": "fcn16", "fcn32": "fcn32"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.training.train_cli import run
-
-    return run(argv, "train_fcn.py", __doc__.split("\n\n")[0], ARCHITECTURES, "fcn8", "--variant")
+    return run_training(argv, "train_fcn.py", __doc__.split("\n\n")[0], ARCHITECTURES, "fcn8", "--variant")
 
 
 if __name__ == "__main__":

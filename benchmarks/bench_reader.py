@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_reader.py [--workers 1,2,4] [--batches 150] [--repeats 3]
 
 Data: the NIST phase-contrast images (``../shared/data/nist_phase_contrast``, 256x256 uint16,
-one channel) built into a temporary LMDB database with ``lib.build`` (256x256 tiles, 80% train).
+one channel) built into a temporary LMDB database with ``lib.store.build`` (256x256 tiles, 80% train).
 Both pipelines run the same work per example: read the tile from LMDB, ``lib.reader.augment.augment``
 with the default (NIST) parameters, z-score with the database statistics, labels as uint8;
 batch 8. Ours: ``ImageReader(reader_count=N)`` (forkserver workers, shared-memory ring).

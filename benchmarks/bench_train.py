@@ -4,7 +4,7 @@ float32 against mixed bfloat16, with and without XLA.
 
 Data: the 60 shared NIST 256x256 phase-contrast tiles (../shared/data/nist_phase_contrast),
 built into a temporary database; default augmentation; 2 classes. Every configuration runs
-the trainer's own step (``lib.training.trainer.make_train_step``) on one device: ``--warmup`` steps
+the trainer's own step (``lib.training.step.make_train_step``) on one device: ``--warmup`` steps
 (tracing) are discarded, then ``--steps`` steps are timed one by one; figures are medians.
 
 NIST's own code on this 2-core machine, 256x256x1, 2 classes, batch 4 (the issue's anchors):
@@ -55,7 +55,7 @@ def run_mode(mode: str, architecture: str, batch: int, database: Path, steps: in
     from lib.models import build_model
     from lib.reader.imagereader import ImageReader, as_tf_dataset
     from lib.training.losses import make_loss
-    from lib.training.trainer import make_train_step
+    from lib.training.step import make_train_step
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if "_bf16" in mode else "float32")

@@ -1,25 +1,65 @@
-"""The model-folder contract: file names, ``model.json``, and loading a model safely.
+"""The model-folder contract: file names, the ``model.json`` schema, reading and writing them.
 
-A model folder (written by ``train_unet.py`` / ``train_fcn.py``) holds ``model.keras``,
-``saved_model/`` and ``model.json``. This module is the one place that knows those names and
-the ``model.json`` schema; training writes through it and inference reads through it.
+A model folder (written by ``train_unet.py`` / ``train_fcn.py``, given to ``inference.py``)::
+
+    model.keras          best model (lowest test loss)
+    model.json           architecture, classes or instance channels, input channels and dtype,
+                         normalisation, receptive field and divisor, training settings and data
+                         provenance, best metrics, post-processing, run state (versioned schema)
+    saved_model/         TF SavedModel export of the best model
+    train_config.json    the resolved settings (a rerun with the same ones resumes)
+    checkpoint/          last state (weights, optimizer, step, sampler epoch) for resuming
+    log.csv, charts.png, tensorboard/   the training record (written by lib/training/outputs.py)
+
+This module is the one place that knows those names, reads and writes ``model.json`` (its
+``format_version`` is checked on every read: a newer one is refused, an older one upgraded by
+:func:`upgrade_model_json`), saves the model, exports it and writes the checkpoint. Training
+writes through it and inference reads through it.
+
+Run state: ``model.json`` says whether the run that wrote it is ``running``, was
+``interrupted`` (signal, wall time: rerun to resume), ``failed``, or ``finished`` (and
+``stopped_because``: max_steps, max_minutes, early_stopping), so a killed run's folder is told
+apart from a finished one by the file, not guessed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from . import __version__
 from .common.errors import BadInput
+from .common.files import write_json, write_with
 
+# File names of a model folder
 MODEL_FILE = "model.keras"
-
-
 MODEL_JSON = "model.json"
+SAVED_MODEL = "saved_model"
+TRAIN_CONFIG = "train_config.json"
+CHECKPOINT = "checkpoint"
+LOG_CSV = "log.csv"
+CHARTS = "charts.png"
+TENSORBOARD = "tensorboard"
+# In a k-fold output folder: ENSEMBLE/<member>/ model folders and the table comparing them.
+ENSEMBLE = "ensemble"
+FOLDS_CSV = "folds.csv"
+# Inside checkpoint/
+CHECKPOINT_WEIGHTS = "model.weights.h5"
+CHECKPOINT_OPTIMIZER = "optimizer.npz"
+CHECKPOINT_STATE = "state.json"
+
+# Version 1: no run state. Version 2: run_state and stopped_because.
+MODEL_JSON_VERSION = 2
+RUN_STATES = ("running", "interrupted", "failed", "finished")
 
 
 class ModelError(BadInput, ValueError):
@@ -47,6 +87,8 @@ class ModelInfo:
     label_kind: str = "semantic"
     channel_names: tuple[str, ...] = ()
     channel_kinds: tuple[str, ...] = ()
+    run_state: str = "finished"
+    stopped_because: str | None = None
     meta: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -56,7 +98,8 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, meta: dict, path: str = "<memory>") -> "ModelInfo":
-        """Validate a model.json dict; raise :class:`ModelError` listing every problem."""
+        """Validate a model.json dict (upgraded first when older); raise :class:`ModelError` listing every problem."""
+        meta = upgrade_model_json(meta, path)
         problems = []
 
         def need(key: str, check: Callable[[Any], bool], rule: str) -> Any:
@@ -82,6 +125,10 @@ class ModelInfo:
         dtype = need("input_dtype", lambda v: isinstance(v, str), "be a dtype name")
         divisor = need("size_divisor", is_int(1), "be an integer >= 1")
         radius = need("receptive_field_radius", is_int(0), "be an integer >= 0")
+        run_state = need("run_state", lambda v: v in RUN_STATES, f"be one of {', '.join(RUN_STATES)}")
+        stopped = meta.get("stopped_because")
+        if stopped is not None and not isinstance(stopped, str):
+            problems.append(f"stopped_because must be a string or null; got {stopped!r}")
         norm = need("normalization", lambda v: isinstance(v, dict), "be an object {mode, mean, std}") or {}
         mode = norm.get("mode", "dataset")
         mean, std = norm.get("mean"), norm.get("std")
@@ -98,7 +145,8 @@ class ModelInfo:
         return cls(path=path, architecture=architecture, number_classes=classes, input_channels=channels,
                    input_dtype=dtype, normalization=mode, mean=tuple(float(v) for v in mean),
                    std=tuple(float(v) for v in std), size_divisor=divisor, receptive_field_radius=radius,
-                   label_kind=kind, channel_names=names, channel_kinds=kinds, meta=meta)
+                   label_kind=kind, channel_names=names, channel_kinds=kinds, run_state=run_state,
+                   stopped_because=stopped, meta=meta)
 
 
 LABEL_KINDS = ("semantic", "instance")
@@ -138,7 +186,39 @@ def _instance_channels(meta: dict, problems: list[str]) -> tuple[tuple[str, ...]
     return tuple(names), tuple(kinds)
 
 
-def read_model_json(path: Path) -> ModelInfo:
+# Schema versions
+
+
+def upgrade_model_json(meta: dict, path: str | os.PathLike = "<memory>") -> dict:
+    """``meta`` in the current schema (:data:`MODEL_JSON_VERSION`): a copy, upgraded step by step.
+
+    A file without ``format_version`` is version 1. Version 1 -> 2 adds the run state: such a
+    file was written by a toolkit that did not record it, so it reads as ``finished`` with
+    ``stopped_because`` ``"unknown"``. Raises :class:`ModelError` for a newer or a malformed
+    version.
+    """
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelError(f"format_version must be an integer >= 1; got {version!r} in {path}")
+    if version > MODEL_JSON_VERSION:
+        raise ModelError(f"format_version must be at most {MODEL_JSON_VERSION} (the newest this toolkit reads); got "
+                         f"{version} in {path}. It was written by a newer version of the toolkit: update it")
+    if version == MODEL_JSON_VERSION:
+        return meta
+    meta = copy.deepcopy(meta)
+    if version == 1:
+        meta.setdefault("run_state", "finished")
+        meta.setdefault("stopped_because", "unknown")
+    meta["format_version"] = MODEL_JSON_VERSION
+    return meta
+
+
+# Reading
+
+
+def read_model_meta(path: str | os.PathLike) -> dict:
+    """The ``model.json`` dict at ``path`` in the current schema (not validated beyond its version)."""
+    path = Path(path)
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -148,7 +228,12 @@ def read_model_json(path: Path) -> ModelInfo:
         raise ModelError(f"model.json must be readable JSON; got {type(exc).__name__}: {exc} in {path}") from None
     if not isinstance(meta, dict):
         raise ModelError(f"model.json must hold a JSON object; got {type(meta).__name__} in {path}")
-    return ModelInfo.from_dict(meta, str(path))
+    return upgrade_model_json(meta, path)
+
+
+def read_model_json(path: str | os.PathLike) -> ModelInfo:
+    """The validated :class:`ModelInfo` of the ``model.json`` at ``path``; raises :class:`ModelError`."""
+    return ModelInfo.from_dict(read_model_meta(path), str(path))
 
 
 def find_models(path: str | os.PathLike) -> list[tuple[Path, ModelInfo]]:
@@ -221,3 +306,152 @@ def load_model(model_path: Path):
         raise ModelError(f"model must load with Keras in safe mode; got {type(exc).__name__}: {exc} in "
                          f"{model_path}") from None
 
+
+
+# Writing (training)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_model_json(folder: str | os.PathLike, description: dict, run_state: str = "running",
+                     stopped_because: str | None = None) -> Path:
+    """Write ``folder/model.json`` from a model ``description`` (architecture, classes, channels, ...).
+
+    The schema fields (``format_version``, run state, ``created``, ``toolkit_version``) are
+    added here, and the result is validated as a reader would (:meth:`ModelInfo.from_dict`)
+    before it is written, so no folder holds a model.json that inference refuses. Atomic.
+    """
+    meta = {**description, "format_version": MODEL_JSON_VERSION, "run_state": run_state,
+            "stopped_because": stopped_because, "created": _now(), "toolkit_version": __version__}
+    path = Path(folder) / MODEL_JSON
+    ModelInfo.from_dict(meta, str(path))
+    return write_json(path, meta)
+
+
+def update_model_json(folder: str | os.PathLike, change: Callable[[dict], None]) -> dict:
+    """Read ``folder/model.json``, let ``change`` edit the dict in place, validate, write it back; return it."""
+    path = Path(folder) / MODEL_JSON
+    meta = read_model_meta(path)
+    change(meta)
+    ModelInfo.from_dict(meta, str(path))
+    write_json(path, meta)
+    return meta
+
+
+def set_run_state(folder: str | os.PathLike, run_state: str, stopped_because: str | None = None) -> bool:
+    """Record the run state in ``folder/model.json`` if it exists (no best model yet: nothing to mark).
+
+    Returns whether a file was updated.
+    """
+    if run_state not in RUN_STATES:
+        raise ValueError(f"run_state must be one of {', '.join(RUN_STATES)}; got {run_state!r}")
+    if not (Path(folder) / MODEL_JSON).is_file():
+        return False
+
+    def change(meta: dict) -> None:
+        meta["run_state"] = run_state
+        meta["stopped_because"] = stopped_because
+        meta["updated"] = _now()
+
+    update_model_json(folder, change)
+    return True
+
+
+def save_model(folder: str | os.PathLike, model) -> Path:
+    """Save a Keras model as ``folder/model.keras``, atomically."""
+    return write_with(Path(folder) / MODEL_FILE, lambda tmp: model.save(tmp))
+
+
+def read_train_config(folder: str | os.PathLike) -> dict | None:
+    """The settings a run recorded in ``folder/train_config.json``, None when there are none."""
+    path = Path(folder) / TRAIN_CONFIG
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_train_config(folder: str | os.PathLike, settings: dict) -> Path:
+    return write_json(Path(folder) / TRAIN_CONFIG, settings)
+
+
+def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = print) -> bool:
+    """Export ``folder/model.keras`` as a TF SavedModel in ``folder/saved_model/``; return whether it worked.
+
+    The export is a folder: it is written beside under a temporary name, then swapped in.
+    A failure is reported through ``log`` (model.keras stays the reference).
+    """
+    import keras
+
+    folder = Path(folder)
+    model = keras.models.load_model(folder / MODEL_FILE, safe_mode=True, compile=False)
+    tmp = folder / f".{SAVED_MODEL}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+    except Exception as exc:  # the Keras model stays the reference; say why the export is missing
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"warning: SavedModel export failed ({type(exc).__name__}: {exc}); {MODEL_FILE} is complete")
+        return False
+    _swap_folder(tmp, folder / SAVED_MODEL)
+    return True
+
+
+# Checkpoint: part of the folder contract, since rerunning the same command resumes from it.
+
+
+class CheckpointError(BadInput, ValueError):
+    """A checkpoint that does not fit the model being resumed."""
+
+
+def _swap_folder(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``final`` (the old one kept aside until the swap is done)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(folder: str | os.PathLike, model, optimizer, state: dict) -> Path:
+    """Write weights, optimizer variables and ``state`` to ``folder/checkpoint/``.
+
+    Each file is written atomically into a temporary folder, which is then swapped in
+    whole: a run killed at any moment leaves the previous checkpoint or the new one.
+    """
+    final = Path(folder) / CHECKPOINT
+    tmp = final.with_name(f".{CHECKPOINT}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # Keras names the format by the suffix: the temporary file must end in .weights.h5 too.
+    write_with(tmp / CHECKPOINT_WEIGHTS, lambda path: model.save_weights(path), suffix=".weights.h5")
+    variables = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+    write_with(tmp / CHECKPOINT_OPTIMIZER, lambda path: np.savez(path, **variables))
+    write_json(tmp / CHECKPOINT_STATE, state)
+    _swap_folder(tmp, final)
+    return final
+
+
+def checkpoint_state(folder: str | os.PathLike) -> dict | None:
+    """The state saved with the last checkpoint in ``folder``, None when there is none."""
+    path = Path(folder) / CHECKPOINT / CHECKPOINT_STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer) -> dict:
+    """Restore weights and optimizer variables from ``folder/checkpoint/``; return its state.
+
+    Raises :class:`CheckpointError` when the optimizer variables do not fit the model.
+    """
+    checkpoint = Path(folder) / CHECKPOINT
+    model.load_weights(checkpoint / CHECKPOINT_WEIGHTS)
+    with np.load(checkpoint / CHECKPOINT_OPTIMIZER, allow_pickle=False) as data:
+        values = [data[k] for k in sorted(data.files)]
+    if len(values) != len(optimizer.variables):
+        raise CheckpointError(f"checkpoint in {checkpoint} has {len(values)} optimizer variables, the model needs "
+                              f"{len(optimizer.variables)}; it belongs to a different model")
+    for variable, value in zip(optimizer.variables, values):
+        variable.assign(value)
+    return json.loads((checkpoint / CHECKPOINT_STATE).read_text())

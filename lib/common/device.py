@@ -80,3 +80,15 @@ def resolve_precision(precision: str) -> str:
         return "bfloat16" if bfloat16_is_native() else "float32"
     return precision
 
+
+
+# TensorFlow's own log
+
+
+def quiet_tensorflow_logs() -> None:
+    """Keep TensorFlow's C++ start-up chatter out of the job log (call before importing TensorFlow).
+
+    CUDA probing on CPU nodes and CPU-feature notices bury the settings and progress lines in
+    batch logs; errors still show. A user's own ``TF_CPP_MIN_LOG_LEVEL`` wins.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -26,7 +26,6 @@ Coordinates: ``x`` is the column, ``y`` the row, pixel centres at integer positi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from typing import Sequence
@@ -332,46 +331,3 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W) or (H, W, C); got shape {image.shape}")
     return image
-
-
-# Command line
-
-
-def add_augmentation_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the augmentation flags (NIST's names and defaults) to a training CLI's parser."""
-    defaults = AugmentParams()
-    group = parser.add_argument_group("augmentation")
-    group.add_argument("--no_augmentation", action="store_true",
-                       help="switch every augmentation off (the patch is still randomly cropped)")
-    group.add_argument("--no_reflection", action="store_true", help="no random reflections in x and y")
-    group.add_argument("--no_rotation", action="store_true", help="no random rotation in [0, 360) degrees")
-    group.add_argument("--jitter_augmentation_severity", type=float, default=defaults.jitter,
-                       help="random translation, fraction of the field of view")
-    group.add_argument("--scale_augmentation_severity", type=float, default=defaults.scale,
-                       help="random anisotropic scale change, fraction of the size")
-    group.add_argument("--noise_augmentation_severity", type=float, default=defaults.noise,
-                       help="additive Gaussian noise, fraction of each channel's dynamic range")
-    group.add_argument("--blur_augmentation_max_sigma", type=float, default=defaults.blur_max_sigma,
-                       help="maximum Gaussian blur sigma in pixels (half of the samples are not blurred)")
-    group.add_argument("--intensity_augmentation_severity", type=float, default=defaults.intensity,
-                       help="random intensity shift, fraction of each channel's dynamic range")
-    return group
-
-
-def augment_params_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> AugmentParams:
-    """Build :class:`AugmentParams` from parsed flags; invalid values go to ``parser.error`` (exit 2) if given.
-
-    Raises ``ValueError`` listing every invalid value when no parser is given.
-    """
-    if args.no_augmentation:
-        return AugmentParams.none()
-    try:
-        return AugmentParams(reflection=not args.no_reflection, rotation=not args.no_rotation,
-                             jitter=args.jitter_augmentation_severity, scale=args.scale_augmentation_severity,
-                             noise=args.noise_augmentation_severity, blur_max_sigma=args.blur_augmentation_max_sigma,
-                             intensity=args.intensity_augmentation_severity)
-    except ValueError as exc:
-        if parser is None:
-            raise
-        parser.error(str(exc))
-        raise  # parser.error exits; this line only satisfies type checkers

@@ -7,15 +7,14 @@
 
 Design (see ARCHITECTURE.md, "Reader batch"):
 
-* ``reader_count`` worker processes each open the database themselves, draw samples, augment
-  them (:mod:`lib.augment`) and write **whole batches** into a ring of slots in one
+* ``reader_count`` worker processes each open the database themselves and make batches
+  (:class:`lib.reader.batches.BatchProducer`: sample, crop, augment, targets, normalise), writing **whole batches** into a ring of slots in one
   ``multiprocessing.shared_memory`` segment. Only ``(slot, batch index)`` messages cross the
   pipes; the consumer reads numpy views of the slot and hands the slot back when it asks for
   the next batch. Each worker owns its own slots, so batches can be delivered in a fixed
   order (batch ``j`` comes from worker ``j % reader_count``) without deadlock.
-* Randomness: worker ``w`` reseeds ``np.random.default_rng(SeedSequence([seed, w, epoch]))``
-  at the start of every epoch, so no two workers share a stream, a run is reproducible for a
-  fixed seed and worker count, and a run resumed at ``start_epoch`` repeats the same batches.
+* Randomness: worker ``w`` draws from ``SeedSequence([seed, w, epoch])`` (:mod:`lib.reader.batches`),
+  so a run resumed at ``start_epoch`` repeats the batches of an uninterrupted one.
 * The test reader (``mode="test"``) visits every record exactly once per pass, in record
   order, in batches of ``batch_size`` (the last may be short), whatever the worker count.
 * Starvation monitor: when the consumer has to wait for a batch the log says
@@ -32,7 +31,6 @@ Nothing here imports TensorFlow except :func:`as_tf_dataset`.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import logging
@@ -51,23 +49,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..common.cli import flag_bool
 from ..store.images import smallest_uint
 from ..store.lmdb_store import LmdbReader, StoreError
-from .augment import AugmentParams, Transform, apply_transform, augment, crop_centre
+from .augment import AugmentParams
+from .batches import MODES, NORMALIZATIONS, SAMPLINGS, BatchProducer, ReaderSpec
+from .targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
-MODES = ("train", "test")
-SAMPLINGS = ("uniform", "balanced", "foreground")
-NORMALIZATIONS = ("dataset", "tile")
 START_METHODS = ("fork", "forkserver", "spawn")
 STARVATION_MESSAGE = "Input Queue Starvation"
 STARVATION_OVER_MESSAGE = "Input Queue Starvation Over"
 # How often blocked processes look up from a wait to check stop flags and liveness.
 POLL_SECONDS = 0.25
-# A channel whose standard deviation is below this is only centred, never divided.
-MIN_STD = 1e-6
 _ALIGN = 64
 
 
@@ -84,43 +78,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n\nTraceback in the reader worker:\n" + self.text
-
-
-# Configuration shared with the workers
-
-
-@dataclasses.dataclass(frozen=True)
-class ReaderSpec:
-    """Everything a worker needs to produce batches; picklable, so it travels to spawned workers."""
-
-    database: str
-    mode: str
-    batch_size: int
-    patch_shape: tuple[int, int]
-    channels: int
-    label_tail: tuple[int, ...]
-    label_dtype: str
-    augment: AugmentParams
-    sampling: str
-    normalization: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    seed: int
-    reader_count: int
-    batches_per_epoch: int
-    n_records: int
-    number_classes: int
-    label_kind: str
-    check_labels: bool
-    records: tuple[int, ...] | None = None  # the subset of records to use (k-fold); None = all
-    targets: dict | None = None  # instance training: lib.reader.targets.TargetSpec.to_dict(); None = labels as stored
-
-    @property
-    def workers(self) -> int:
-        return max(self.reader_count, 1)
-
-    def epoch_of(self, index: int) -> int:
-        return index // self.batches_per_epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,157 +120,33 @@ def _aligned(nbytes: int) -> int:
     return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-# Producing batches (in a worker, or in the calling process when reader_count=0)
+# Worker processes
 
 
-class BatchProducer:
-    """Fills batches for one worker; the same code runs in worker processes and in-process."""
+@dataclasses.dataclass(frozen=True)
+class WorkerJob:
+    """What one worker process is given: its spec and ring, its first batch, and its ends of the pipes.
 
-    def __init__(self, spec: ReaderSpec, worker_id: int):
-        self.spec = spec
-        self.worker_id = worker_id
-        self.db = LmdbReader(spec.database)
-        metadata = self.db.metadata
-        self.mean = np.asarray(spec.mean, np.float32)
-        self.inverse_std = (1.0 / np.maximum(np.asarray(spec.std, np.float32), MIN_STD)).astype(np.float32)
-        self.inverse_std[np.asarray(spec.std) < MIN_STD] = 1.0
-        tiles = metadata.get("tiles") or {}
-        self.valid = None
-        if len(tiles.get("valid_h", ())) == spec.n_records:
-            self.valid = np.stack([tiles["valid_h"], tiles["valid_w"]], axis=1).astype(np.int64)
-        self.subset = None if spec.records is None else np.asarray(spec.records, np.int64)
-        class_tiles = [np.asarray(t, np.int64) for t in metadata.get("class_tiles") or []]
-        if self.subset is not None:
-            class_tiles = [np.intersect1d(t, self.subset) for t in class_tiles]
-        self.class_tiles = [t for t in class_tiles if len(t)]
-        counts = np.asarray(metadata.get("class_pixel_counts") or [1] * spec.number_classes, np.float64)
-        # Inverse class frequency: every class gets the same share of crop centres on average.
-        self.class_weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
-        self.rng: np.random.Generator | None = None
-        self.rng_epoch = -1
-        self.target_spec = None
-        if spec.targets is not None:
-            from .targets import TargetSpec
+    ``ready`` sends ``("batch", slot, index, count)`` or ``("error", message, traceback)`` to
+    the consumer; ``free`` receives slots handed back (``None``: stop); ``stop`` is the shared
+    stop event. Picklable for spawned workers (multiprocessing pickles the pipe ends and the
+    event while it starts the process).
+    """
 
-            self.target_spec = TargetSpec.from_dict(spec.targets)
-
-    def close(self) -> None:
-        self.db.close()
-
-    def indices(self, start: int) -> Iterator[int]:
-        """Global batch indices this worker makes, from the first one at or after ``start``."""
-        n = self.spec.workers
-        index = start + (self.worker_id - start) % n
-        while True:
-            yield index
-            index += n
-
-    def fill(self, index: int, images: np.ndarray, labels: np.ndarray, records: np.ndarray) -> int:
-        """Write batch ``index`` into the given ``(B, ...)`` arrays; return how many examples it holds."""
-        spec = self.spec
-        if spec.mode == "test":
-            first = (index % spec.batches_per_epoch) * spec.batch_size
-            order = range(spec.n_records) if self.subset is None else self.subset
-            chosen = [int(r) for r in order[first:first + spec.batch_size]]
-        else:
-            epoch = spec.epoch_of(index)
-            if epoch != self.rng_epoch:
-                self.rng = np.random.default_rng(np.random.SeedSequence([spec.seed, self.worker_id, epoch]))
-                self.rng_epoch = epoch
-            chosen = [self._sample_record() for _ in range(spec.batch_size)]
-        for b, record in enumerate(chosen):
-            records[b] = record
-            image, label = self._example(record)
-            self._store(image, label, record, images[b], labels[b])
-        return len(chosen)
-
-    def _sample_record(self) -> int:
-        if self.spec.sampling == "balanced" and self.class_tiles:
-            tiles = self.class_tiles[int(self.rng.integers(len(self.class_tiles)))]
-            return int(tiles[int(self.rng.integers(len(tiles)))])
-        if self.subset is not None:
-            return int(self.subset[int(self.rng.integers(len(self.subset)))])
-        return int(self.rng.integers(self.spec.n_records))
-
-    def _example(self, record: int) -> tuple[np.ndarray, np.ndarray]:
-        spec = self.spec
-        image, label = self.db[record]
-        if label is None:
-            raise StoreError(f"record {record} of {spec.database} has no label; a training database needs masks")
-        valid = None if self.valid is None else tuple(self.valid[record])
-        if spec.mode == "test":
-            # Centre crop (or reflect-pad) to the patch, nothing random.
-            top = (image.shape[0] - spec.patch_shape[0]) // 2
-            left = (image.shape[1] - spec.patch_shape[1]) // 2
-            centre = crop_centre(image.shape, spec.patch_shape, top, left)
-            return apply_transform(image, label, Transform(*centre), spec.patch_shape)
-        centre = None
-        if spec.sampling == "foreground":
-            centre = self._foreground_centre(label, valid)
-        return augment(image, label, self.rng, spec.augment, spec.patch_shape, centre=centre, valid_shape=valid)
-
-    def _foreground_centre(self, label: np.ndarray, valid: tuple[int, int] | None) -> tuple[float, float]:
-        """A crop centre drawn with probability proportional to the inverse frequency of its pixel's class."""
-        ph, pw = self.spec.patch_shape
-        height, width = label.shape[:2]
-        if valid is not None:
-            height = valid[0] if valid[0] >= ph else height
-            width = valid[1] if valid[1] >= pw else width
-        semantic = label if label.ndim == 2 else label[:, :, 0]
-        if self.spec.label_kind == "instance":
-            semantic = semantic > 0
-        # Pixel (y, x) is the centre of the patch whose top-left is (y - ph // 2, x - pw // 2).
-        rows = slice(ph // 2, max(height - ph, 0) + ph // 2 + 1)
-        cols = slice(pw // 2, max(width - pw, 0) + pw // 2 + 1)
-        region = semantic[rows, cols]
-        weights = self.class_weights[np.minimum(region, len(self.class_weights) - 1).astype(np.intp)].ravel()
-        cumulative = np.cumsum(weights)
-        if region.size == 0 or cumulative[-1] <= 0:
-            pick = int(self.rng.integers(max(region.size, 1)))
-        else:
-            pick = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
-            pick = min(pick, region.size - 1)
-        y, x = divmod(pick, max(region.shape[1], 1))
-        top, left = y, x  # region offsets are patch origins by construction
-        if height < ph or width < pw:
-            top = top if height >= ph else (height - ph) // 2
-            left = left if width >= pw else (width - pw) // 2
-        return crop_centre(label.shape, (ph, pw), top, left)
-
-    def _store(self, image: np.ndarray, label: np.ndarray, record: int, image_out: np.ndarray,
-               label_out: np.ndarray) -> None:
-        spec = self.spec
-        if spec.normalization == "tile":
-            flat = image.reshape(-1, image.shape[2])
-            mean = flat.mean(axis=0, dtype=np.float64).astype(np.float32)
-            std = flat.std(axis=0, dtype=np.float64)
-            inverse_std = np.where(std < MIN_STD, 1.0, 1.0 / np.maximum(std, MIN_STD)).astype(np.float32)
-        else:
-            mean, inverse_std = self.mean, self.inverse_std
-        np.subtract(image, mean, out=image_out)
-        image_out *= inverse_std
-        if self.target_spec is not None:
-            # Targets from the augmented instance ids; the ids ride along as the last channel
-            # (exact in float32 below 2**24) for matching statistics at evaluation.
-            from .targets import make_targets
-
-            instances = label if label.ndim == 2 else label[:, :, 0]
-            n_targets = label_out.shape[-1] - 1
-            make_targets(instances, self.target_spec, out=label_out[:, :, :n_targets])
-            label_out[:, :, n_targets] = instances
-            return
-        if spec.check_labels and label.size:
-            top = int(label.max())
-            if top >= spec.number_classes or (label.dtype.kind == "i" and int(label.min()) < 0):
-                raise ValueError(f"label values must be in [0, number_classes={spec.number_classes}); got "
-                                 f"{top if top >= spec.number_classes else int(label.min())} in record {record} of "
-                                 f"{spec.database}. Rebuild the database or pass the right number_classes")
-        np.copyto(label_out, label, casting="unsafe")
+    spec: ReaderSpec
+    layout: SlotLayout
+    worker_id: int
+    start: int
+    slots: tuple[int, ...]
+    shm_name: str
+    ready: Any
+    free: Any
+    stop: Any
 
 
-def _worker_main(spec: ReaderSpec, worker_id: int, start: int, slots: list[int], shm_name: str,
-                 layout: SlotLayout, ready, free, stop) -> None:
+def _worker_main(job: WorkerJob) -> None:
     """Body of a worker process: fill free slots with batches until told to stop."""
+    spec, layout, ready, free, stop = job.spec, job.layout, job.ready, job.free, job.stop
     # Ctrl-C reaches the whole process group; the consumer decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import cv2
@@ -323,10 +156,10 @@ def _worker_main(spec: ReaderSpec, worker_id: int, start: int, slots: list[int],
     shm = producer = None
     parent = multiprocessing.parent_process()
     try:
-        shm = shared_memory.SharedMemory(name=shm_name)
-        producer = BatchProducer(spec, worker_id)
-        available = collections.deque(slots)
-        for index in producer.indices(start):
+        shm = shared_memory.SharedMemory(name=job.shm_name)
+        producer = BatchProducer(spec, job.worker_id)
+        available = collections.deque(job.slots)
+        for index in producer.indices(job.start):
             while not available:
                 if stop.is_set() or (parent is not None and not parent.is_alive()):
                     return
@@ -579,8 +412,6 @@ class ImageReader:
             # Instance ids keep their stored width: their largest value is not recorded.
             label_dtype, check = stored_label_dtype, False
         if targets is not None:
-            from .targets import TargetSpec
-
             if label_kind != "instance":
                 raise ValueError(f"targets need a database of instance labels (build_lmdb.py --mask_type instance); "
                                  f"got {label_kind!r} labels in {self.database}")
@@ -689,7 +520,7 @@ class ImageReader:
         context = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             # Workers forked from a server that already imported NumPy, OpenCV and LMDB start at once.
-            context.set_forkserver_preload(["__main__", "lib.imagereader"])
+            context.set_forkserver_preload(["__main__", __name__])
         state.shm = shared_memory.SharedMemory(create=True, size=total)
         self._shm_name = state.shm.name
         state.stop = context.Event()
@@ -697,11 +528,10 @@ class ImageReader:
             for worker in range(self.spec.reader_count):
                 ready_recv, ready_send = context.Pipe(duplex=False)
                 free_recv, free_send = context.Pipe(duplex=False)
-                slots = list(range(worker * self.slots_per_worker, (worker + 1) * self.slots_per_worker))
-                process = context.Process(
-                    target=_worker_main, name=f"ImageReader-{worker}", daemon=True,
-                    args=(self.spec, worker, self._next, slots, state.shm.name, self.layout, ready_send, free_recv,
-                          state.stop))
+                slots = tuple(range(worker * self.slots_per_worker, (worker + 1) * self.slots_per_worker))
+                job = WorkerJob(spec=self.spec, layout=self.layout, worker_id=worker, start=self._next, slots=slots,
+                                shm_name=state.shm.name, ready=ready_send, free=free_recv, stop=state.stop)
+                process = context.Process(target=_worker_main, name=f"ImageReader-{worker}", daemon=True, args=(job,))
                 process.start()
                 # The worker holds its own ends now; closing ours lets EOF mean "worker gone".
                 ready_send.close()
@@ -928,98 +758,3 @@ def as_tf_dataset(reader: ImageReader):
             yield np.array(item.images), np.array(item.labels)
 
     return tf.data.Dataset.from_generator(generate, output_signature=signature)
-
-
-# Pictures of what the network sees
-
-
-def _colour_labels(label: np.ndarray) -> np.ndarray:
-    """``(h, w)`` integer labels -> ``(h, w, 3)`` uint8; 0 is black, other values get fixed distinct colours."""
-    values = label.astype(np.uint64)
-    # A multiplicative hash spreads neighbouring ids (instances 1, 2, 3) over distant colours.
-    hashed = (values * np.uint64(2654435761)) % np.uint64(2**32)
-    rgb = np.stack([(hashed >> np.uint64(s)) & np.uint64(255) for s in (0, 8, 16)], axis=-1).astype(np.uint8)
-    rgb = np.maximum(rgb, 64)
-    rgb[label == 0] = 0
-    return rgb
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-    """``(h, w, C)`` float -> ``(h, w, 3)`` uint8, each channel stretched between its 1st and 99th percentiles."""
-    shown = image[:, :, :3] if image.shape[2] >= 3 else image[:, :, :1]
-    low, high = np.percentile(shown, [1, 99], axis=(0, 1))
-    scaled = np.clip((shown - low) / np.maximum(high - low, 1e-6), 0, 1) * 255
-    scaled = scaled.astype(np.uint8)
-    return np.repeat(scaled, 3, axis=2) if scaled.shape[2] == 1 else scaled
-
-
-def save_augmentation_samples(reader_or_db: ImageReader | LmdbReader | str | os.PathLike, out_dir: str | os.PathLike,
-                              n: int = 8, params: AugmentParams | None = None, seed: int = 0,
-                              patch_shape: Sequence[int] | None = None) -> list[Path]:
-    """Write ``n`` PNGs ``aug_sample_XX.png``: an augmented image beside its coloured label.
-
-    ``reader_or_db``: an ImageReader (its database, patch shape and augmentation are the
-    defaults), an LmdbReader or a database path. Returns the paths written. Raises
-    ``ValueError`` for ``n < 1``.
-    """
-    from ..store.images import write_image
-
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive number of samples; got {n!r}")
-    if isinstance(reader_or_db, ImageReader):
-        database = reader_or_db.database
-        params = reader_or_db.spec.augment if params is None else params
-        patch_shape = reader_or_db.spec.patch_shape if patch_shape is None else patch_shape
-    elif isinstance(reader_or_db, LmdbReader):
-        database = reader_or_db.path
-    else:
-        database = Path(reader_or_db)
-    params = AugmentParams() if params is None else params
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 2**31 - 1]))
-    paths = []
-    with LmdbReader(database) as db:
-        for i in range(int(n)):
-            image, label = db[int(rng.integers(len(db)))]
-            image, label = augment(image, label, rng, params, patch_shape)
-            label = label if label.ndim == 2 else label[:, :, 0]
-            gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-            picture = np.concatenate([_display(image), gap, _colour_labels(label)], axis=1)
-            paths.append(write_image(out_dir / f"aug_sample_{i:02d}.png", picture))
-    return paths
-
-
-# Command line
-
-
-def add_reader_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the reader flags of the training CLIs."""
-    group = parser.add_argument_group("input pipeline")
-    group.add_argument("--reader_count", type=int, default=2,
-                       help="reader worker processes (0: in the main process, for debugging)")
-    group.add_argument("--sampling", choices=SAMPLINGS, default="uniform",
-                       help="uniform over tiles; balanced: a class uniformly, then a tile holding it; "
-                            "foreground: crop centres weighted by inverse class frequency")
-    group.add_argument("--balance_classes", type=flag_bool, nargs="?", const=True, default=False,
-                       help="same as --sampling balanced (NIST's flag: --balance_classes 1)")
-    group.add_argument("--normalization", choices=NORMALIZATIONS, default="dataset",
-                       help="z-score with the database statistics, or with each patch's own")
-    group.add_argument("--save_aug_samples", metavar="DIR", default=None,
-                       help="write a few augmented image/label pictures to DIR before training")
-    return group
-
-
-def reader_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
-    """Keyword arguments for :class:`ImageReader` from the flags of :func:`add_reader_arguments`."""
-    problems = []
-    if args.reader_count < 0:
-        problems.append(f"--reader_count must be >= 0; got {args.reader_count}")
-    if args.balance_classes and args.sampling not in ("uniform", "balanced"):
-        problems.append(f"--balance_classes must not be combined with --sampling {args.sampling}")
-    if problems:
-        message = "; ".join(problems)
-        if parser is not None:
-            parser.error(message)
-        raise ValueError(message)
-    return {"reader_count": args.reader_count, "normalization": args.normalization,
-            "sampling": "balanced" if args.balance_classes else args.sampling}

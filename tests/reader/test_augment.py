@@ -12,15 +12,14 @@ from hypothesis import strategies as st
 from lib.reader.augment import (
     AugmentParams,
     Transform,
-    add_augmentation_arguments,
     affine_matrix,
     apply_transform,
     augment,
-    augment_params_from_args,
     crop_centre,
     gaussian_blur,
     sample_transform,
 )
+from train_unet import add_augmentation_arguments, augment_params_from_args
 
 
 def make_pair(seed=0, shape=(48, 40), channels=2, label_dtype=np.uint8, n_values=4):

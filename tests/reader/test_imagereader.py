@@ -18,12 +18,12 @@ from lib.reader.imagereader import (
     ImageReader,
     ReaderError,
     RemoteTraceback,
-    add_reader_arguments,
     as_tf_dataset,
-    reader_options_from_args,
-    save_augmentation_samples,
 )
+from lib.reader.samples import save_augmentation_samples
 from lib.store.lmdb_store import LmdbWriter, StoreError, encode_record
+from tests.conftest import ROOT
+from train_unet import add_reader_arguments, reader_options_from_args
 
 MEAN, STD = 2000.0, 1000.0
 
@@ -153,7 +153,7 @@ def test_fork_start_method_in_a_clean_process(db, tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(ROOT)  # the repository (this file moved into tests/reader/)
     out = tmp_path / "first.npy"
     subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(db), str(out)], cwd=root, check=True, timeout=60)
     with reader(db, reader_count=2, seed=4) as train:

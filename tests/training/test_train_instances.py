@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lib.common.settings import ConfigError
-from lib.training.trainer import TrainConfig, TrainingError, check_databases
+from lib.training.config import TrainConfig, TrainingError
+from lib.training.inputs import check_databases
 from tests.conftest import ROOT
 
 TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
@@ -131,7 +132,7 @@ def test_label_kind_must_match_the_target(instance_db, tmp_path):
 def test_instance_training_reports_matching_and_writes_the_contract(instance_db, tmp_path):
     import keras
 
-    from lib.training.trainer import train
+    from lib.training import train
 
     keras.backend.clear_session()
     out = tmp_path / "run"
@@ -181,7 +182,7 @@ def test_logit_bias_starts_at_the_target_priors(instance_db):
     from lib.models import build_model
     from lib.reader.targets import TargetSpec, make_targets
     from lib.store.lmdb_store import LmdbReader
-    from lib.training.trainer import _set_head_bias, channel_priors
+    from lib.training.inputs import channel_priors, set_head_bias
 
     spec = TargetSpec(channels=("F", "C", "Db"))
     with LmdbReader(instance_db / "train-i.lmdb") as db:
@@ -192,7 +193,7 @@ def test_logit_bias_starts_at_the_target_priors(instance_db):
     assert 0 < priors[1] < priors[0] < 1  # contours are a subset of the foreground
     keras.backend.clear_session()
     model = build_model("unet", 1, 3, **TINY)
-    _set_head_bias(model, [0.2, 0.0, 0.3], spec.kinds)
+    set_head_bias(model, [0.2, 0.0, 0.3], spec.kinds)
     bias = model.get_layer("head_logits").bias.numpy()
     # log(0.2 / 0.8); a zero frequency is clipped to 1e-3 (finite log-odds); distances keep their mean.
     np.testing.assert_allclose(bias, [math.log(0.25), math.log(1e-3 / (1 - 1e-3)), 0.3], rtol=1e-5)
@@ -201,7 +202,7 @@ def test_logit_bias_starts_at_the_target_priors(instance_db):
 def test_postprocess_candidates_start_with_the_defaults():
     from lib.instances.postprocess import PostProcessConfig
     from lib.reader.targets import TargetSpec
-    from lib.training.trainer import postprocess_candidates
+    from lib.training.evaluation import postprocess_candidates
 
     candidates = postprocess_candidates(TargetSpec(channels=("F", "C", "Db")))
     assert candidates[0] == PostProcessConfig.default_for(("F", "C", "Db"))
@@ -219,8 +220,7 @@ def test_postprocess_candidates_start_with_the_defaults():
     (["--target", "instance", "--architecture", "fc-densenet56"], 1e-3, {}),
 ])
 def test_cli_defaults(extra, learning_rate, options):
-    from lib.training.train_cli import build_parser, config_from_args
-    from train_unet import ARCHITECTURES
+    from train_unet import ARCHITECTURES, build_parser, config_from_args
 
     parser = build_parser("train_unet.py", "", ARCHITECTURES, "unet", "--architecture")
     args = parser.parse_args(["--train_database", "a.lmdb", "--test_database", "b.lmdb", "--output_dir", "out",
@@ -236,7 +236,7 @@ def test_cli_defaults(extra, learning_rate, options):
     ("instance", None, None, 16, None),
 ])
 def test_train_patch(target, patch, tile, divisor, expected):
-    from lib.training.trainer import train_patch
+    from lib.training.inputs import train_patch
 
     config = TrainConfig(train_database="a", test_database="b", output_dir="o", number_classes=2, target=target,
                          patch_size=patch)

@@ -17,8 +17,11 @@ import pytest
 
 from lib.common.settings import ConfigError
 from lib.scoring.metrics import confusion_matrix, scores
+from lib.training.config import TrainConfig, TrainingError
+from lib.training.inputs import check_databases
 from lib.training.losses import class_weights_from_counts
-from lib.training.trainer import TrainConfig, TrainingError, _record, check_databases, learning_rate_at
+from lib.training.run import RunState
+from lib.training.step import learning_rate_at
 from tests.conftest import ROOT
 
 TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
@@ -89,16 +92,14 @@ def test_learning_rate_schedules(tmp_path, schedule, step, expected):
 
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
     config = TrainConfig("a", "b", str(tmp_path), 2, early_stopping=3)
-    state = {"best_test_loss": None, "best_step": None, "best_metrics": {}, "bad_evaluations": 0,
-             "plateau_factor": 1.0, "plateau_bad": 0}
+    state = RunState()
     history = []
     for step, loss in enumerate([1.0, 0.9, 0.90005, 0.95, 0.96, 0.97], start=1):
-        _record(state, {"step": step, "test_loss": loss, "scores": {}}, config, None, tmp_path, False, {}, {},
-                (1, 1), 8, print)
-        history.append(state["bad_evaluations"])
+        state.record(step, loss, {}, config)
+        history.append(state.bad_evaluations)
     # 0.90005 is within 1e-4 of the best: it counts as best (NIST's tolerance) but is not saved as best.
     assert history == [0, 0, 0, 1, 2, 3]
-    assert state["best_step"] == 2 and state["best_test_loss"] == 0.9
+    assert state.best_step == 2 and state.best_test_loss == 0.9
 
 
 def test_config_collects_violations(tmp_path):
@@ -150,7 +151,7 @@ def test_incompatible_databases_are_rejected_before_training(tiny_db, tmp_path):
 def test_tiny_model_learns_and_writes_the_model_folder(tiny_db, tmp_path):
     import keras
 
-    from lib.training.trainer import train
+    from lib.training import train
 
     keras.backend.clear_session()
     result = train(_tiny_config(tiny_db, tmp_path / "run", max_steps=40), log=lambda m: None)
@@ -177,7 +178,7 @@ def test_tiny_model_learns_and_writes_the_model_folder(tiny_db, tmp_path):
 def test_mixed_bfloat16_trains_and_keeps_float32_logits(tiny_db, tmp_path):
     import keras
 
-    from lib.training.trainer import train
+    from lib.training import train
 
     keras.backend.clear_session()
     result = train(_tiny_config(tiny_db, tmp_path / "bf16", max_steps=20, mixed_precision=True), log=lambda m: None)
@@ -217,7 +218,7 @@ def test_kill_minus_nine_then_rerun_resumes(tiny_db, tmp_path):
     assert json.loads(state.read_text())["step"] == killed_at + 5
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_nonzero(tiny_db, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_resumable(tiny_db, tmp_path):
     out = tmp_path / "run"
     args = ["--train_database", str(tiny_db / "train-t.lmdb"), "--test_database", str(tiny_db / "test-t.lmdb"),
             "--output_dir", str(out), "--number_classes", "3", "--model_options", json.dumps(TINY),
@@ -229,7 +230,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_nonzero(tiny_db, tmp_path):
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert proc.returncode == 3, output  # Resumable: rerun the same command (was 128 + signum before issue 12)
     assert "checkpoint written" in output
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] > 0
 
@@ -244,7 +245,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from lib.models import build_model
     from lib.training.losses import make_loss
-    from lib.training.trainer import make_train_step
+    from lib.training.step import make_train_step
 
     def run(replicas):
         keras.utils.set_random_seed(0)
@@ -281,7 +282,7 @@ def test_two_mirrored_replicas_equal_one_device():
 
 def test_fold_records_split_by_source_image(tiny_db):
     from lib.store.lmdb_store import LmdbReader
-    from lib.training.trainer import fold_records
+    from lib.training.inputs import fold_records
 
     with LmdbReader(tiny_db / "train-t.lmdb") as reader:
         meta = reader.metadata
@@ -299,7 +300,7 @@ def test_kfold_trains_one_model_per_fold(tiny_db, tmp_path):
 
     import keras
 
-    from lib.training.trainer import train_kfold
+    from lib.training import train_kfold
 
     keras.backend.clear_session()
     results = train_kfold(_tiny_config(tiny_db, tmp_path / "kf", folds=2, fold=0, max_steps=6,
@@ -321,7 +322,7 @@ MULTIWORKER_SCRIPT = textwrap.dedent("""
     from lib.training.losses import make_loss
     from lib.models import build_model
     from lib.common.device import _worker_info, select_strategy
-    from lib.training.trainer import make_train_step
+    from lib.training.step import make_train_step
 
     strategy = select_strategy()  # TF_CONFIG is set: MultiWorkerMirroredStrategy
     index, n_workers = _worker_info(strategy)
@@ -378,3 +379,35 @@ def test_two_multiworker_processes_end_with_identical_weights(tmp_path):
         assert len(a.files) > 0
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_model_json_records_the_run_state(tiny_db, tmp_path):
+    import keras
+
+    from lib.common.files import file_mode
+    from lib.model_folder import read_model_json
+    from lib.training import TrainingInterrupted, train
+
+    keras.backend.clear_session()
+    out = tmp_path / "run"
+    seen = {}
+
+    def log(message: str) -> None:
+        if message.startswith("step 10:"):  # the first evaluation wrote a best model and its model.json
+            seen["running"] = read_model_json(out / "model.json").run_state
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = _tiny_config(tiny_db, out, max_steps=20)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(config, log=log)
+    assert info.value.signum == signal.SIGTERM and info.value.exit_code == 3
+    assert seen["running"] == "running"
+    interrupted = read_model_json(out / "model.json")
+    assert (interrupted.run_state, interrupted.stopped_because) == ("interrupted", "signal SIGTERM")
+    result = train(config, log=lambda m: None)
+    assert result.resumed_from == 10 and result.stopped_because == "max_steps"
+    finished = read_model_json(out / "model.json")
+    assert (finished.run_state, finished.stopped_because) == ("finished", "max_steps")
+    for name in ("model.json", "model.keras", "log.csv", "charts.png", "train_config.json"):
+        assert os.stat(out / name).st_mode & 0o777 == file_mode(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"

@@ -1,0 +1,490 @@
+"""One training run: setup, the loop, stop rules, signals, checkpoints, and the hooks it calls.
+
+    result = train(TrainConfig(train_database=..., test_database=..., output_dir="runs/cells", number_classes=2))
+
+:class:`TrainingRun` holds the state of a run (config, databases, strategy, model, readers,
+the :class:`RunState` a checkpoint saves, the log). Its loop is::
+
+    while no stop rule fires:            stop_reason(): max_steps, max_minutes, signal
+        train_step()
+        every test_every_n_steps:        evaluate() -> record() -> write_record() -> checkpoint() -> log
+            early stopping?              stop_reason() after the evaluation
+    final evaluation, post-processing tuning (instance models), finish(): SavedModel, run state
+
+Outputs go to ``output_dir``, the model folder of :mod:`lib.model_folder` (model.keras,
+model.json with its run state, saved_model/, train_config.json, checkpoint/) and the record of
+:mod:`lib.training.outputs` (log.csv, charts.png, tensorboard/). Rerunning the same settings
+into the same folder resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .. import model_folder
+from ..common.device import _worker_info, bfloat16_is_native, select_strategy
+from ..reader.imagereader import as_tf_dataset
+from ..store.lmdb_store import LmdbReader
+from .config import INSTANCE_CLASSES, RESUMABLE, TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
+from .evaluation import evaluate, postprocess_defaults, tune_postprocess
+from .inputs import (
+    ReaderPlan,
+    channel_priors,
+    check_databases,
+    fold_records,
+    make_readers,
+    set_head_bias,
+    split_records,
+    train_patch,
+)
+from .losses import class_weights_from_counts
+from .outputs import TensorBoard, TrainingLog, draw_charts, format_row, write_folds_table
+from .step import learning_rate_at, make_eval_step, make_losses, make_optimizer, make_train_step
+
+IMPROVEMENT_TOLERANCE = 1e-4  # an evaluation within this of the best test loss counts as best (as NIST)
+# The plateau schedule halves the learning rate after this many evaluations without a new best.
+PLATEAU_PATIENCE = 3
+PLATEAU_FACTOR = 0.5
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    best_step: int | None
+    best_test_loss: float | None
+    best_metrics: dict[str, Any]
+    stopped_because: str
+    resumed_from: int | None
+    seconds: float
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint saves besides the weights: progress, best so far, early-stopping and plateau counters."""
+
+    step: int = 0
+    best_test_loss: float | None = None
+    best_step: int | None = None
+    best_metrics: dict = dataclasses.field(default_factory=dict)
+    bad_evaluations: int = 0
+    plateau_factor: float = 1.0
+    plateau_bad: int = 0
+    epoch: int = 0
+    finished: bool = False
+    stopped_because: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def record(self, step: int, test_loss: float, metrics: dict, config: TrainConfig) -> tuple[bool, bool]:
+        """Update best, early-stopping and plateau state with an evaluation.
+
+        Returns ``(improved, learning_rate_lowered)``: a new best test loss, and whether the
+        plateau schedule just lowered the learning rate.
+        """
+        best = self.best_test_loss
+        improved = best is None or test_loss < best
+        if best is None or test_loss <= best + IMPROVEMENT_TOLERANCE:
+            self.bad_evaluations = 0
+        else:
+            self.bad_evaluations += 1
+        lowered = False
+        if config.lr_schedule == "plateau":
+            self.plateau_bad = 0 if improved else self.plateau_bad + 1
+            if self.plateau_bad >= PLATEAU_PATIENCE:
+                self.plateau_factor *= PLATEAU_FACTOR
+                self.plateau_bad = 0
+                lowered = True
+        if improved:
+            self.best_test_loss = test_loss
+            self.best_step = step
+            self.best_metrics = {"step": step, "test_loss": test_loss, **metrics}
+        return improved, lowered
+
+
+@dataclasses.dataclass
+class Period:
+    """The training steps since the last evaluation (for the log row's train loss and throughput)."""
+
+    losses: list = dataclasses.field(default_factory=list)
+    examples: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class TrainingRun:
+    """The state of one training run and the hooks its loop calls (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, strategy=None, log: Callable[[str], None] = print):
+        self.config = config
+        self.strategy = strategy
+        self.log = log
+        self.start_time = time.perf_counter()
+        self.out = Path(config.output_dir)
+        self.state = RunState()
+        self.resumed_from: int | None = None
+        self.signum: int | None = None
+        self.stopped_because = "max_steps"
+        self.lr: float | None = None  # the learning rate of the last step
+
+    # Setup
+
+    def find_resume(self) -> RunState | None:
+        """The checkpoint state to resume from, or None for a new run; raises for a different run."""
+        previous = model_folder.read_train_config(self.out)
+        if previous is None:
+            if self.out.exists() and any(self.out.iterdir()):
+                raise TrainingError(f"output_dir must be empty or hold a run of the same settings; {self.out} holds "
+                                    "other files. Choose another --output_dir")
+            return None
+        current = self.config.to_dict()
+        differing = sorted(k for k in set(previous) | set(current)
+                           if k not in RESUMABLE and previous.get(k) != current.get(k))
+        if differing:
+            shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
+            raise TrainingError(f"output_dir {self.out} holds a different run ({shown}). Choose another --output_dir, "
+                                "or rerun with the same settings to resume it")
+        saved = model_folder.checkpoint_state(self.out)
+        return None if saved is None else RunState.from_dict(saved)
+
+    def _already_finished(self, saved: RunState) -> TrainResult:
+        self.log(f"{self.out} holds a finished run (step {saved.step}, {saved.stopped_because}); nothing to do")
+        best = {}
+        if (self.out / model_folder.MODEL_JSON).exists():
+            best = model_folder.read_model_meta(self.out / model_folder.MODEL_JSON).get("best", {})
+        return TrainResult(self.out, saved.step, best.get("step"), best.get("test_loss"), best, "already finished",
+                           saved.step, 0.0)
+
+    def _build_model(self) -> None:
+        """Model and optimizer in the strategy's scope, the instance logit bias, the losses and steps."""
+        import keras
+
+        from ..models import build_model, model_geometry
+
+        config = self.config
+        keras.utils.set_random_seed(config.seed)
+        self.geometry = model_geometry(config.architecture, **config.model_options)
+        self.patch = train_patch(config, self.train_meta["tile_size"], self.geometry[0])
+        self.global_batch = config.batch_size * self.strategy.num_replicas_in_sync
+        with self.strategy.scope():
+            self.model = build_model(config.architecture, self.train_meta["channels"], config.output_channels,
+                                     **config.model_options)
+            self.optimizer = make_optimizer(config, self.model)
+        spec = config.target_spec()
+        if spec is not None:
+            # Prior initialisation of the logits' bias (as RetinaNet does for rare classes): a binary
+            # channel starts at its pixel frequency, a distance channel at its mean. From a zero bias,
+            # the mostly-background pixels sit at p = 0.5 and, in a short run, the background
+            # features can die before the bias (moving ~learning_rate per step) gets there.
+            priors = channel_priors(config.train_database, spec, self.split.train)
+            set_head_bias(self.model, priors, spec.kinds)
+            self.log("logit bias initialised from the training targets: " + ", ".join(
+                f"{c} {p:.3g}" for c, p in zip(spec.channels, priors)))
+        class_weights = None
+        if config.loss == "weighted_ce":
+            counts = list(self.train_meta["class_pixel_counts"])
+            counts += [0] * (config.number_classes - len(counts))
+            class_weights = class_weights_from_counts(counts)
+            self.log("class weights from the training pixel counts: " + ", ".join(f"{w:.3g}" for w in class_weights))
+        loss_fn, channel_loss_fn = make_losses(config, class_weights)
+        if spec is not None:
+            self.log("instance targets: " + ", ".join(
+                f"{c} ({k}, weight {w:g})" for c, k, w in zip(spec.channels, spec.kinds, spec.loss_weights)))
+        self.train_step = make_train_step(self.strategy, self.model, self.optimizer, loss_fn, self.global_batch,
+                                          config.jit_compile)
+        self.eval_step = make_eval_step(config, self.model, loss_fn, channel_loss_fn)
+
+    def _restore(self, saved: RunState | None) -> None:
+        if saved is None:
+            return
+        self.state = RunState.from_dict(model_folder.load_checkpoint(self.out, self.model, self.optimizer))
+        self.resumed_from = self.state.step
+        self.log(f"resuming {self.out} from the checkpoint at step {self.state.step} (best test loss so far "
+                 f"{self.state.best_test_loss})")
+        if self.chief:
+            model_folder.set_run_state(self.out, "running")
+
+    def _make_readers(self) -> None:
+        if self.config.folds:
+            self.log(f"fold {self.config.fold} of {self.split.folds}: {len(self.split.train)} training tiles, "
+                     f"{len(self.split.test)} validation tiles, from different source images")
+        plan = ReaderPlan(train_meta=self.train_meta, patch=self.patch, split=self.split,
+                          global_batch=self.global_batch, worker_index=self.worker_index,
+                          start_epoch=self.state.epoch)
+        self.train_reader, self.test_reader = make_readers(self.config, plan)
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        """Set the Keras precision policy for the run; restore the previous one after it."""
+        import keras
+
+        config = self.config
+        previous = keras.mixed_precision.global_policy().name
+        use_bf16 = bfloat16_is_native() if config.mixed_precision is None else config.mixed_precision
+        # bfloat16 needs no loss scaling (float32's exponent range); weights stay float32.
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if use_bf16 else "float32")
+        self.log(f"precision: {'mixed bfloat16' if use_bf16 else 'float32'}"
+                 + (" (auto: native bfloat16 on this device)" if config.mixed_precision is None and use_bf16 else ""))
+        try:
+            yield
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT set :attr:`signum`; the loop checkpoints and stops at the next step."""
+        def on_signal(signum, frame):
+            self.signum = signum
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    # Hooks of the loop
+
+    def stop_reason(self) -> str | None:
+        """The stop rule that fires now, if any (a signal raises :class:`TrainingInterrupted` after a checkpoint)."""
+        config, state = self.config, self.state
+        if state.bad_evaluations >= config.early_stopping:
+            return "early_stopping"
+        if config.max_steps is not None and state.step >= config.max_steps:
+            return "max_steps"
+        if config.max_minutes is not None and (time.perf_counter() - self.start_time) / 60 >= config.max_minutes:
+            return "max_minutes"
+        if self.signum is not None:
+            self.checkpoint()
+            if self.chief:
+                model_folder.set_run_state(self.out, "interrupted", f"signal {signal.Signals(self.signum).name}")
+            raise TrainingInterrupted(self.signum, state.step)
+        return None
+
+    def run_step(self, iterator) -> None:
+        """One optimisation step at the scheduled learning rate; raises on a non-finite loss."""
+        lr = learning_rate_at(self.state.step, self.config, self.state.plateau_factor)
+        self.optimizer.learning_rate.assign(lr)
+        self.lr = lr
+        loss = float(self.train_step(iterator))
+        if not math.isfinite(loss):
+            if self.chief:
+                model_folder.set_run_state(self.out, "failed", "non_finite_loss")
+            raise TrainingDiverged(f"the training loss became {loss} at step {self.state.step + 1}; lower "
+                                   "--learning_rate, check the data normalisation, or try --loss ce")
+        self.state.step += 1
+        self.period.losses.append(loss)
+        self.period.examples += self.global_batch
+
+    def evaluate(self) -> dict:
+        """An exact pass over the test records: the log row of this evaluation."""
+        period = self.period
+        elapsed = max(time.perf_counter() - period.start, 1e-9)
+        input_stats = self.train_reader.input_stats(reset=True)
+        metrics = evaluate(self.config, self.test_reader, self.eval_step)
+        scores = metrics.pop("scores")
+        return {"step": self.state.step,
+                "epoch": math.ceil(self.state.step / self.train_reader.batches_per_epoch),
+                "train_loss": float(np.mean(period.losses)) if period.losses else float("nan"),
+                **metrics, "learning_rate": self.lr if self.lr is not None else float(self.optimizer.learning_rate.numpy().item()),
+                "input_bound_pct": 100.0 * input_stats.waiting_fraction,
+                "images_per_s": period.examples / elapsed, "elapsed_s": time.perf_counter() - self.start_time,
+                "scores": scores}
+
+    def record(self, row: dict) -> bool:
+        """Update the run state with an evaluation; save the model when it is the best so far."""
+        improved, lowered = self.state.record(row["step"], row["test_loss"], row["scores"], self.config)
+        if lowered:
+            self.log(f"test loss on a plateau: learning rate x{PLATEAU_FACTOR} (now "
+                     f"{self.config.learning_rate * self.state.plateau_factor:.3g})")
+        if improved and self.chief:
+            model_folder.save_model(self.out, self.model)
+            model_folder.write_model_json(self.out, self.model_description(), run_state="running")
+        return improved
+
+    def write_record(self, row: dict) -> None:
+        """log.csv, charts.png and TensorBoard (chief only; every worker keeps the rows)."""
+        self.training_log.append(row, write=self.chief)
+        if self.chief:
+            draw_charts(self.training_log.rows, self.out)
+            self.tensorboard.write(row)
+
+    def checkpoint(self) -> None:
+        """Weights, optimizer and run state into checkpoint/ (chief only)."""
+        self.state.epoch = math.ceil(self.state.step / self.train_reader.batches_per_epoch)
+        if self.chief:
+            model_folder.save_checkpoint(self.out, self.model, self.optimizer, self.state.to_dict())
+
+    def evaluation_round(self) -> None:
+        """Evaluate, record, write the record, checkpoint, log; start a new period."""
+        row = self.evaluate()
+        improved = self.record(row)
+        self.write_record(row)
+        self.checkpoint()
+        self.log(format_row(row, improved))
+        self.period = Period()
+
+    def model_description(self) -> dict:
+        """What model.json says about this model (the schema fields are added by :mod:`lib.model_folder`)."""
+        config, train_meta, test_meta = self.config, self.train_meta, self.test_meta
+        spec = config.target_spec()
+        instance = {}
+        if spec is not None:
+            instance = {"output_channels": len(spec.channels),
+                        "instance": {"channels": list(spec.channels), "kinds": list(spec.kinds),
+                                     "targets": spec.to_dict(), "postprocess": postprocess_defaults(spec).to_dict()}}
+        return {
+            "architecture": config.architecture,
+            "model_options": config.model_options,
+            "label_kind": config.target,
+            "number_classes": INSTANCE_CLASSES if spec is not None else config.number_classes,
+            **instance,
+            "input_channels": train_meta["channels"],
+            "input_dtype": train_meta["image_dtype"],
+            "normalization": {"mode": config.normalization, "mean": train_meta["channel_mean"],
+                              "std": train_meta["channel_std"]},
+            "size_divisor": self.geometry[0],
+            "receptive_field_radius": self.geometry[1],
+            "patch_size": self.patch,
+            "training": config.to_dict(),
+            "data": {
+                "train_database": str(Path(config.train_database).resolve()),
+                "test_database": str(Path(config.test_database).resolve()),
+                "dataset_name": train_meta.get("dataset_name"),
+                "train_records": train_meta["n_records"], "test_records": test_meta["n_records"],
+                "class_pixel_counts": train_meta["class_pixel_counts"],
+                "build_command": train_meta.get("build_command"),
+                "fold": config.fold, "folds": config.folds,
+            },
+            "best": self.state.best_metrics,
+        }
+
+    # The run
+
+    def run(self) -> TrainResult:
+        """Train as the config says; see :func:`train`."""
+        self.config.validate()
+        self.train_meta, self.test_meta = check_databases(self.config)
+        saved = self.find_resume()
+        if saved is not None and saved.finished:
+            return self._already_finished(saved)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.strategy = self.strategy or select_strategy()
+        self.worker_index, n_workers = _worker_info(self.strategy)
+        self.chief = self.worker_index == 0
+        if self.chief:
+            model_folder.write_train_config(self.out, self.config.to_dict())
+        self.split = split_records(self.config, self.train_meta)
+        with self._precision():
+            self._build_model()
+            self._restore(saved)
+            self._make_readers()
+            self.training_log = TrainingLog(self.out)
+            self.tensorboard = TensorBoard(self.out) if self.chief else None
+            with self._signals(), self.train_reader, self.test_reader:
+                self._loop(n_workers)
+        return self.finish()
+
+    def _loop(self, n_workers: int) -> None:
+        config, state = self.config, self.state
+        dataset = as_tf_dataset(self.train_reader).repeat()
+        iterator = iter(self.strategy.distribute_datasets_from_function(lambda context: dataset))
+        self.period = Period()
+        self.train_reader.input_stats(reset=True)
+        self.log(f"training {config.architecture} on {self.strategy.num_replicas_in_sync} replica(s) x {n_workers} "
+                 f"worker(s), global batch {self.global_batch}, patch {self.patch}, from step {state.step}")
+        while True:
+            reason = self.stop_reason()
+            if reason is not None:
+                break
+            self.run_step(iterator)
+            if state.step % config.test_every_n_steps == 0:
+                self.evaluation_round()
+        self.stopped_because = reason
+        if reason == "early_stopping":
+            self.log(f"early stopping after {config.early_stopping} evaluations without improvement")
+        if state.best_step is None or self.training_log.last_step != state.step:
+            # Finish with an evaluation so the exported model is the best one seen.
+            row = self.evaluate()
+            improved = self.record(row)
+            self.write_record(row)
+            self.log(format_row(row, improved))
+        spec = config.target_spec()
+        if self.chief and spec is not None and state.best_step is not None:
+            tune_postprocess(self.out, self.test_reader, spec, self.log)
+
+    def finish(self) -> TrainResult:
+        """SavedModel export, the final checkpoint, run state "finished" in model.json; the result."""
+        state = self.state
+        state.finished = True
+        state.stopped_because = self.stopped_because
+        if self.chief:
+            model_folder.export_saved_model(self.out, self.log)
+            model_folder.save_checkpoint(self.out, self.model, self.optimizer, state.to_dict())
+            model_folder.set_run_state(self.out, "finished", self.stopped_because)
+        seconds = time.perf_counter() - self.start_time
+        best = state.best_metrics
+        self.log(f"done: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "
+                 f"{state.best_test_loss:.4f} at step {state.best_step}, mean IoU "
+                 f"{best.get('mean_iou', float('nan')):.3f}, foreground IoU "
+                 f"{best.get('mean_foreground_iou', float('nan')):.3f}"
+                 + (f", matching F1@0.5 {best['f1']:.3f}, PQ {best['panoptic_quality']:.3f}" if "f1" in best else "")
+                 + f"; model in {self.out}")
+        return TrainResult(self.out, state.step, state.best_step, state.best_test_loss, best, self.stopped_because,
+                           self.resumed_from, seconds)
+
+
+def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train a model as ``config`` says, resuming from ``output_dir`` when it holds the same run.
+
+    Raises ``ConfigError`` for invalid settings, ``TrainingError`` for unusable databases or a
+    different run in ``output_dir``, ``TrainingDiverged`` for a non-finite loss,
+    ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint is written first).
+    """
+    return TrainingRun(config, strategy, log).run()
+
+
+def train_kfold(config: TrainConfig, log: Callable[[str], None] = print) -> list[TrainResult]:
+    """Train one model per fold of the training database (deepflash2's scheme).
+
+    Model ``i`` validates on the source images of fold ``i`` and trains on the others; it is
+    written to ``OUTPUT/ensemble/<architecture>_<C>classes-fold<i>/``, and
+    ``OUTPUT/ensemble/folds.csv`` compares the folds. Each fold resumes like a single run.
+    """
+    config.validate()
+    with LmdbReader(config.train_database) as reader:
+        per_fold = fold_records(reader.metadata, config.folds, config.seed)
+    ensemble = Path(config.output_dir) / model_folder.ENSEMBLE
+    results = []
+    for i in range(len(per_fold)):
+        fold_config = dataclasses.replace(
+            config, test_database=config.train_database, fold=i,
+            output_dir=str(ensemble / f"{config.architecture}_{config.number_classes}classes-fold{i}"))
+        log(f"=== fold {i + 1} of {len(per_fold)} ===")
+        results.append(train(fold_config, log=log))
+    rows = [{"fold": i, "output_dir": str(r.output_dir), "steps": r.steps, "best_step": r.best_step,
+             "best_test_loss": r.best_test_loss, "mean_iou": r.best_metrics.get("mean_iou"),
+             "mean_foreground_iou": r.best_metrics.get("mean_foreground_iou"),
+             "pixel_accuracy": r.best_metrics.get("pixel_accuracy"), "stopped_because": r.stopped_because}
+            for i, r in enumerate(results)]
+    write_folds_table(ensemble, rows)
+    ious = [r["mean_iou"] for r in rows if r["mean_iou"] is not None]
+    log(f"{len(rows)} folds: mean IoU {np.mean(ious):.3f} +- {np.std(ious):.3f}; ensemble in {ensemble}")
+    return results
