@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from lib.common import files
 from lib.common.errors import BadInput
 from lib.store.images import (
     DatasetError,
@@ -186,7 +185,6 @@ def test_dataset_error_lists_every_problem():
 def umask_022(monkeypatch):
     """Run under umask 022 (and make lib.common.files read it afresh)."""
     previous = os.umask(0o022)
-    monkeypatch.setattr(files, "_umask", None, raising=False)
     yield
     os.umask(previous)
 
