@@ -24,6 +24,7 @@ opaque in its colour, so that touching objects stay apart.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -191,3 +192,48 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be an (H, W, 3) uint8 picture; got {rgb.dtype} of shape {rgb.shape}")
     return write_with(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
+
+
+# Charts
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One chart panel: ``series`` maps a legend label to ``(x, y)`` sequences."""
+
+    title: str
+    y_label: str
+    series: dict[str, tuple[Sequence[float], Sequence[float]]]
+    log_scale: bool = False
+    y_limits: tuple[float, float] | None = None
+    x_label: str = "step"
+
+
+def save_charts(path: str | os.PathLike, panels: Sequence[Panel]) -> Path:
+    """Draw ``panels`` side by side into the PNG ``path`` (atomic, umask mode); return ``path``.
+
+    Every point gets a marker, so a run with one or two evaluations still shows them.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for label, (x, y) in panel.series.items():
+            axis.plot(list(x), list(y), marker="o", markersize=3, label=label)
+        axis.set_title(panel.title)
+        axis.set_xlabel(panel.x_label)
+        axis.set_ylabel(panel.y_label)
+        if panel.log_scale:
+            axis.set_yscale("log")
+        if panel.y_limits is not None:
+            axis.set_ylim(*panel.y_limits)
+        axis.legend()
+    fig.tight_layout()
+    try:
+        return write_with(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
+

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .. import model_folder
 from ..common.files import write_text, write_with
+from ..common.pictures import Panel, save_charts
 
 LOG_FIELDS = ["step", "epoch", "train_loss", "test_loss", "mean_iou", "mean_foreground_iou", "mean_dice",
               "pixel_accuracy", "iou_per_class", "learning_rate", "input_bound_pct", "images_per_s", "elapsed_s"]
@@ -64,33 +65,18 @@ class TrainingLog:
 
 
 def draw_charts(rows: list[dict], folder: str | Path) -> Path:
-    """Loss and quality curves of ``rows`` into ``folder/charts.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Loss and quality curves of ``rows`` (log.csv) into ``folder/charts.png``."""
     steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(steps, [r["train_loss"] for r in rows], label="train")
-    a.plot(steps, [r["test_loss"] for r in rows], label="test")
-    a.set_xlabel("step")
-    a.set_ylabel("loss")
-    a.set_yscale("log")
-    a.legend()
-    b.plot(steps, [r["mean_iou"] for r in rows], label="mean IoU")
-    b.plot(steps, [r["pixel_accuracy"] for r in rows], label="pixel accuracy")
+
+    def series(*keys: tuple[str, str]) -> dict:
+        return {label: (steps, [r[key] for r in rows]) for key, label in keys}
+
+    quality = [("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy")]
     if rows and "f1" in rows[0]:
-        b.plot(steps, [r["f1"] for r in rows], label="matching F1 (IoU 0.5)")
-        b.plot(steps, [r["panoptic_quality"] for r in rows], label="panoptic quality")
-    b.set_xlabel("step")
-    b.set_ylim(0, 1)
-    b.legend()
-    fig.tight_layout()
-    try:
-        return write_with(Path(folder) / model_folder.CHARTS, lambda tmp: fig.savefig(tmp, dpi=80))
-    finally:
-        plt.close(fig)
+        quality += [("f1", "matching F1 (IoU 0.5)"), ("panoptic_quality", "panoptic quality")]
+    panels = [Panel("loss", "loss", series(("train_loss", "train"), ("test_loss", "test")), log_scale=True),
+              Panel("test quality", "score", series(*quality), y_limits=(0, 1))]
+    return save_charts(Path(folder) / model_folder.CHARTS, panels)
 
 
 class TensorBoard:

@@ -116,3 +116,16 @@ def test_pictures_import_no_other_lib_package():
             "assert not other, other")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("points", [1, 2, 5])
+def test_charts_are_one_png_with_a_panel_each(tmp_path, points):
+    from PIL import Image
+
+    steps = list(range(100, 100 * (points + 1), 100))
+    panels = [pictures.Panel("loss", "loss", {"train": (steps, [1.0 / s for s in steps])}, log_scale=True),
+              pictures.Panel("quality", "score", {"IoU": (steps, [0.5] * points)}, y_limits=(0, 1))]
+    path = pictures.save_charts(tmp_path / "charts.png", panels)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (800, 320)  # 5 x 4 inches a panel at 80 dpi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["charts.png"]
