@@ -110,6 +110,9 @@ class InferenceConfig:
     matching_thresholds: tuple[float, ...] = (0.3, 0.5, 0.75)  # IoU thresholds of the evaluation
     postprocess_window: int = POSTPROCESS_WINDOW
     postprocess_overlap: int = POSTPROCESS_OVERLAP
+    # Tiles of consecutive images with one tile shape share model calls (same outputs; False: one
+    # image at a time, the behaviour before, kept for benchmarks/bench_inference.py --folder).
+    batch_images: bool = True
 
     def validate(self) -> "InferenceConfig":
         """Return self, or raise ``lib.common.settings.ConfigError`` listing every invalid field."""
@@ -383,8 +386,11 @@ class _Run:
             if volume:
                 for job in group:
                     self._volume(job)
-            else:
+            elif self.context.config.batch_images:
                 self._stream(list(group))
+            else:
+                for job in group:
+                    self._stream([job])
 
     # Stacks
 
