@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -31,11 +30,10 @@ import numpy as np
 
 from ..common import files
 from ..common.device import PRECISIONS
-from ..common.errors import OutputError, ToolkitError
+from ..common.errors import ToolkitError
 from ..common.settings import ConfigError
 from ..instances.postprocess import MEASUREMENT_COLUMNS, PostProcessConfig, parse_refinement, parse_rules
-from ..scoring.evaluate import OVERLAY_MAX_SIDE, evaluate_labels, instance_metrics_rows, metrics_row, overlay
-from ..scoring.metrics import MatchStats, pool_stats
+from ..scoring.evaluate import OVERLAY_MAX_SIDE, evaluate_labels, metrics_row, overlay
 from ..store.images import (
     TIFF_EXTENSIONS,
     ImageInfo,
@@ -47,10 +45,11 @@ from ..store.images import (
     read_mask,
     read_volume,
 )
-from ..store.tiling import TilePlan, check_tile_size, default_tile_pixels
+from ..store.tiling import TilePlan, check_tile_size
 from . import instances_glue
+from .folder_files import SETTINGS_FILE, announce, check_settings, run_settings, summaries
 from .instances_glue import POSTPROCESS_OVERLAP, POSTPROCESS_WINDOW
-from .outputs import save_image, save_json, save_table
+from .outputs import save_image, save_json
 from .predictor import InputMismatch, Predictor, load_predictor
 from .tiled import (
     ArraySink,
@@ -73,11 +72,8 @@ STREAM_PIXELS = 2 ** 26
 MEMMAP_PIXELS = 2 ** 24
 # Images of at least this many tiles get a progress bar of their own (over tiles).
 TILE_BAR_MIN_TILES = 4
-SETTINGS_FILE = "inference.json"
 # Settings that only instance models use (refused for a semantic model rather than ignored).
 INSTANCE_SETTINGS = ("thresholds", "refinements", "pixel_size", "filter_rules", "save_intermediates")
-# Values of settings that folders written before they were recorded were made with.
-LEGACY_COMPARED = {"precision": "float32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +249,6 @@ class ImageJob:
     def new_record(self, halo: int) -> dict[str, Any]:
         return {"image": str(self.image_path), "shape": list(self.info.shape), "dtype": self.info.dtype,
                 "halo": halo, "plan": self.plan_record()}
-
-
-def _suffix(config: InferenceConfig) -> str:
-    return "" if config.shard is None else f"-shard{config.shard[0]}of{config.shard[1]}"
 
 
 def _select(keys: list[str], shard: tuple[int, int] | None) -> list[str]:
@@ -584,96 +576,6 @@ def _instance_settings(predictor: Predictor, config: InferenceConfig) -> PostPro
     return instances_glue.postprocess_settings(predictor, config.thresholds, config.refinements)
 
 
-def _settings(context: RunContext) -> dict:
-    """What ``inference.json`` records; its ``compared`` part must match to add images to a folder."""
-    config, predictor, halo, post = context.config, context.predictor, context.halo, context.post
-    radius, divisor = predictor.receptive_field_radius, predictor.size_divisor
-    exact = halo >= radius
-    settings = {
-        "compared": {"model": predictor.source, "halo": halo, "tta": config.tta,
-                     "tile_size": None if exact else config.tile_size, "precision": predictor.precision},
-        "precision": predictor.precision,
-        "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
-        "receptive_field_radius": radius, "size_divisor": divisor, "exact": exact,
-        "label_kind": predictor.label_kind, "number_classes": predictor.number_classes,
-        "tile_size_used": config.tile_size,  # None: rectangular tiles of at most tile_pixels_max (records/)
-        "tile_pixels_max": (config.tile_size or 0) ** 2 or default_tile_pixels(halo, divisor, predictor.precision),
-    }
-    if post is not None:
-        instance = {"channels": list(predictor.channel_names), "kinds": list(predictor.channel_kinds),
-                    "postprocess": post.to_dict(), "filter_rules": config.filter_rules,
-                    "pixel_size": config.pixel_size, "matching_thresholds": list(config.matching_thresholds),
-                    "postprocess_window": config.postprocess_window,
-                    "postprocess_overlap": config.postprocess_overlap}
-        settings["compared"]["instance"] = settings["instance"] = instance
-    return settings
-
-
-def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix outputs of different models or halos in one folder (unless overwriting)."""
-    path = out / SETTINGS_FILE
-    if overwrite or not path.is_file():
-        return
-    try:
-        previous = json.loads(path.read_text()).get("compared", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return
-    previous = {**LEGACY_COMPARED, **previous}
-    differing = [k for k in settings["compared"] if previous.get(k) != settings["compared"][k]]
-    if differing:
-        shown = "; ".join(f"{k}: {previous.get(k)!r} -> {settings['compared'][k]!r}" for k in differing)
-        raise OutputError(f"output_folder must hold outputs of these settings only; got a folder {out} made with "
-                          f"others ({shown}). Use another --output_folder, or --overwrite to redo every image")
-
-
-def _announce(context: RunContext, n_images: int, n_masks: int) -> None:
-    config, predictor, halo, post, log = context.config, context.predictor, context.halo, context.post, context.log
-    radius, divisor = predictor.receptive_field_radius, predictor.size_divisor
-    kind = (f"{predictor.number_classes} classes" if post is None else "instance channels " + ", ".join(
-        f"{n} ({k})" for n, k in zip(predictor.channel_names, predictor.channel_kinds)))
-    log(f"model {predictor.source}: {len(predictor.members)} member(s), {kind}, "
-        f"divisor {divisor}, receptive-field radius {radius}; halo {halo} px "
-        + ("(exact: tiled == whole-image)" if halo >= radius else
-           f"(< radius {radius}: approximate near tile borders)")
-        + (", test-time augmentation x8" if config.tta else "")
-        + f"; {predictor.precision}" + (" (auto)" if config.precision == "auto" else ""))
-    if post is not None:
-        log("post-processing of the stitched maps: " + ", ".join(f"{k}={v}" for k, v in post.to_dict().items())
-            + (f"; filter: remove {config.filter_rules}" if config.filter_rules else ""))
-    log(f"{n_images} image(s) in {config.image_folder}" + (f" (shard {config.shard[0]}/{config.shard[1]})"
-                                                         if config.shard else "")
-        + (f", {n_masks} with masks" if config.mask_folder else "") + f" -> {context.out}")
-
-
-def _summaries(context: RunContext, keys: list[str], failed: dict[str, str]) -> dict[str, Any]:
-    """``uncertainty.csv``, ``metrics.csv`` and ``instance_metrics.csv`` from the records of the images done."""
-    out, suffix = context.out, _suffix(context.config)
-    records = {}
-    for key in keys:
-        path = out / "records" / f"{key}.json"
-        if key not in failed and path.is_file():
-            records[key] = json.loads(path.read_text())
-    uncertainty_rows = sorted(({"image": key, **record["scores"]} for key, record in records.items()),
-                              key=lambda row: -row["mean_entropy"])
-    found: dict[str, Any] = {"uncertainty_csv": save_table(out / f"uncertainty{suffix}.csv", uncertainty_rows)
-                             if records else None, "overall": None, "metrics_csv": None,
-                             "instance_overall": None, "instance_metrics_csv": None}
-    evaluated = {k: np.asarray(r["confusion_matrix"]) for k, r in records.items() if r.get("confusion_matrix")}
-    if evaluated:
-        rows = [metrics_row(key, cm) for key, cm in evaluated.items()]
-        found["overall"] = metrics_row("ALL", sum(evaluated.values()))
-        found["metrics_csv"] = save_table(out / f"metrics{suffix}.csv", rows + [found["overall"]])
-    matched = {k: r["instance_stats"] for k, r in records.items() if r.get("instance_stats")}
-    if matched:
-        tables = {k: {float(t): MatchStats(**d) for t, d in v.items()} for k, v in matched.items()}
-        pooled = pool_stats(list(tables.values()))
-        rows = [row for key, table in tables.items() for row in instance_metrics_rows(key, table)]
-        found["instance_overall"] = pooled
-        found["instance_metrics_csv"] = save_table(out / f"instance_metrics{suffix}.csv",
-                                                   rows + instance_metrics_rows("ALL", pooled))
-    return found
-
-
 def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, progress: bool = True,
                   predictor: Predictor | None = None) -> InferenceResult:
     """Predict every image of ``config.image_folder`` (or one shard of it) into ``config.output_folder``.
@@ -731,12 +633,12 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
             raise ConfigError([str(exc)]) from None
     context = RunContext(config, predictor, Path(config.output_folder), halo,
                          _instance_settings(predictor, config), log, progress)
-    settings = _settings(context)
-    _check_settings(context.out, settings, config.overwrite)
+    settings = run_settings(context)
+    check_settings(context.out, settings, config.overwrite)
     files.make_folder(context.out)
     if not (context.out / SETTINGS_FILE).is_file() or config.overwrite:
         save_json(context.out / SETTINGS_FILE, settings)
-    _announce(context, len(keys), len(masks))
+    announce(context, len(keys), len(masks))
 
     image_bar = None
     if progress:
@@ -765,7 +667,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
             image_bar.close()
     failed = {key: execution.failed[key] for key in keys if key in execution.failed}
     predicted = [key for key in keys if key in set(execution.predicted)]
-    found = _summaries(context, keys, failed)
+    found = summaries(context, keys, failed)
     return InferenceResult(context.out, predicted, skipped, failed, found["overall"], found["metrics_csv"],
                            found["uncertainty_csv"], time.perf_counter() - started, execution.megapixels, halo,
                            halo >= predictor.receptive_field_radius, found["instance_overall"],
