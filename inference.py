@@ -10,14 +10,18 @@ optional probabilities/ and uncertainty/ maps, records/KEY.json, uncertainty.csv
 their channel maps post-processed on the whole image into KEY.tif instance labels and
 KEY_instances.csv measurements; with --mask_folder (instance label masks), instance_metrics.csv
 and associations/ too. A rerun skips images already done (--overwrite redoes them).
-Exit code 0: all images done; 1: some images failed (listed); 2: bad settings or model.
+Exit code 0: all images done; 1: some images failed (listed); 2: bad settings or model, nothing done.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
+
+from lib.common.cli import make_parser
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -31,7 +35,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _thresholds(text: str) -> dict:
-    from lib.inference.predict import parse_thresholds
+    from lib.inference.instances_glue import parse_thresholds
 
     try:
         return parse_thresholds(text)
@@ -40,27 +44,9 @@ def _thresholds(text: str) -> dict:
 
 
 def _refinements(text: str) -> tuple[str, ...]:
-    from lib.inference.predict import parse_refinements
-    from lib.instances.postprocess import parse_refinement
+    from lib.inference.instances_glue import parse_refinements
 
-    steps = parse_refinements(text)
-    for step in steps:
-        try:
-            parse_refinement(step)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return steps
-
-
-def _rules(text: str) -> str:
-    from lib.instances.measure import MEASUREMENT_COLUMNS
-    from lib.instances.rules import parse_rules
-
-    try:
-        parse_rules(text, MEASUREMENT_COLUMNS)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(" ".join(str(exc).split())) from None
-    return text
+    return parse_refinements(text)
 
 
 def _positive(text: str) -> float:
@@ -74,8 +60,8 @@ def _positive(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(__doc__.split("\n\n")[0])
+    parser.prog = "inference.py"
     data = parser.add_argument_group("input")
     data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp; 2D or ZYX stacks)")
     data.add_argument("--image_format", default=None, help="only use images with this extension (e.g. tif)")
@@ -130,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inst.add_argument("--pixel_size", type=_positive, default=None,
                       help="side of a pixel in physical units (e.g. 0.65 for um): area, diameter and perimeter in "
                            "those units (pixels when not given)")
-    inst.add_argument("--filter_rules", type=_rules, default=None,
+    inst.add_argument("--filter_rules", default=None,
                       help="remove the instances matching these rules from the labels, e.g. 'npixels < 100 and "
                            "circularity <= 0.7; area > 5000' (';' = or); KEY_instances.csv then lists every "
                            "instance found with a status column (kept/removed)")
@@ -151,31 +137,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="no progress bars (over images, and over the tiles of large images); they are also off "
                           "when stderr is not a terminal")
     args = parser.parse_args(argv)
-    for name in ("tile_size", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1; got {value}")
-    if args.halo is not None and args.halo < 0:
-        parser.error(f"--halo must be >= 0 pixels; got {args.halo}")
-    if args.z_filter < 0 or args.z_filter == 1 or (args.z_filter and args.z_filter % 2 == 0):
-        parser.error(f"--z_filter must be 0 (off) or an odd size >= 3; got {args.z_filter}")
-    levels = args.matching_thresholds
-    if len(set(levels)) != len(levels) or not all(0 < t <= 1 for t in levels):
-        parser.error(f"--matching_thresholds must be distinct IoU thresholds in (0, 1]; got {levels}")
-    if args.postprocess_window < 1 or not 0 <= args.postprocess_overlap < args.postprocess_window:
-        parser.error(f"--postprocess_overlap must be >= 0 and below --postprocess_window >= 1; got window "
-                     f"{args.postprocess_window}, overlap {args.postprocess_overlap}")
+    # The settings' rules live in InferenceConfig (imported after parsing: no TensorFlow);
+    # misuse of flags exits 2 through parser.error, the folders are checked when the run starts.
+    from lib.inference.runner import InferenceConfig
+
+    args.config = _config(args, InferenceConfig)
+    problems = args.config.violations(filesystem=False)
+    if problems:
+        parser.error("\n".join(_as_flags(problem, InferenceConfig) for problem in problems))
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from lib.common.settings import ConfigError
-    from lib.inference.predict import InferenceConfig, run_inference
-    from lib.model_folder import ModelError
+def _as_flags(problem: str, config_class) -> str:
+    """A config violation in the words of the command line: its field names as flags (``--tile_size``)."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    first, _, rest = problem.partition(" ")
+    rest = re.sub(r"(?<![-\w])([a-z]+_[a-z_]+)\b", lambda m: f"--{m[1]}" if m[1] in fields else m[1], rest)
+    return (f"--{first}" if first in fields else first) + (" " + rest if rest else "")
 
-    config = InferenceConfig(
+
+def _config(args: argparse.Namespace, config_class):
+    """The typed settings of a run: flags mapped one to one onto the config's fields."""
+    return config_class(
         model=args.model, image_folder=args.image_folder, output_folder=args.output_folder,
         mask_folder=args.mask_folder, mask_suffix=args.mask_suffix, image_format=args.image_format,
         batch_size=args.batch_size, tile_size=args.tile_size, halo=args.halo, output_format=args.output_format,
@@ -184,15 +167,27 @@ def main(argv: list[str] | None = None) -> int:
         refinements=args.refinements, pixel_size=args.pixel_size, filter_rules=args.filter_rules,
         save_intermediates=args.save_intermediates, matching_thresholds=tuple(sorted(args.matching_thresholds)),
         postprocess_window=args.postprocess_window, postprocess_overlap=args.postprocess_overlap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from lib.common.cli import run_main
+
+    return run_main(lambda: _run(args), prog="inference.py")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lib.common.errors import SomeFailed
+    from lib.inference.runner import run_inference
+
+    config = args.config
     print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
     try:
         result = run_inference(config, progress=not args.quiet)
-    except (ConfigError, ModelError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("error: interrupted; finished images are kept and a rerun skips them", file=sys.stderr)
-        return 130
+        print("inference.py: interrupted; finished images are kept and a rerun skips them", file=sys.stderr)
+        raise
     print(f"{len(result.predicted)} predicted, {len(result.skipped)} skipped (done before), "
           f"{len(result.failed)} failed in {result.seconds:.1f} s "
           f"({result.megapixels / max(result.seconds, 1e-9):.2f} Mpixel/s); halo {result.halo} px"
@@ -215,10 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.uncertainty_csv is not None:
         print(f"uncertainty per image (most uncertain first): {result.uncertainty_csv}")
     if result.failed:
-        print(f"error: {len(result.failed)} image(s) failed:", file=sys.stderr)
-        for key, reason in result.failed.items():
-            print(f"  - {key}: {reason}", file=sys.stderr)
-        return 1
+        raise SomeFailed(f"{len(result.failed)} image(s) failed:\n"
+                         + "\n".join(f"  - {key}: {reason}" for key, reason in result.failed.items()))
     return 0
 
 

@@ -1,18 +1,18 @@
-"""Benchmark of lib/predict.py: megapixels/s of exact tiled batched prediction, and peak memory.
+"""Benchmark of lib/inference: megapixels/s of exact tiled batched prediction, and peak memory.
 
     .venv/bin/python benchmarks/bench_inference.py [--cases ...] [--modes ...] [--precisions ...]
-                                                   [--repeats 3] [--huge 16384]
+                                                   [--repeats 3] [--huge 16384] [--folder unet,fc-densenet56]
 
 For each case (model x image size), each way of predicting and each precision, the same
 synthetic uint16 image is predicted in a fresh process so that its peak resident memory
 (ru_maxrss) is its own. Ways (``--modes``):
 
-- ``tiled``: :func:`lib.inference.predict.predict_image`, batched tiles (default batch: ~1 Mpixel);
+- ``tiled``: :func:`lib.inference.tiled.predict_image`, batched tiles (default batch: ~1 Mpixel);
 - ``one_tile``: the same tiles, one per model call (batch 1);
-- ``whole``: :func:`lib.inference.predict.predict_whole`, the image in one call, run only where the case
+- ``whole``: :func:`lib.inference.tiled.predict_whole`, the image in one call, run only where the case
   lists it (where it fits in memory) and up to ``--whole_max_mpix``.
 
-Precisions (``--precisions``): ``float32`` and ``bfloat16`` (:func:`lib.inference.predict.with_precision`:
+Precisions (``--precisions``): ``float32`` and ``bfloat16`` (:func:`lib.inference.predictor.with_precision`:
 Keras mixed_bfloat16, float32 logits head); each bfloat16 row also gives the fraction of its
 labels equal to float32's and the largest probability difference (on the first 1024 x 1024
 pixels, from a float32 prediction in the same process; not timed).
@@ -27,6 +27,14 @@ px; the default gives 9 of 896). Tiles are the library's default unless a case s
 Each process builds the model, predicts once untimed (tracing), then ``--repeats`` times;
 figures are medians. ``--huge N`` also runs ``inference.py``'s library entry on an N x N uint16
 TIFF with the small UNet (streamed to a tiled BigTIFF) and reports its peak resident memory.
+``--folder ARCHITECTURES`` runs the inference runner (:func:`lib.inference.runner.run_inference`,
+as ``inference.py`` does) on the 60 NIST 256 x 256 phase-contrast files of
+``../shared/data/nist_phase_contrast/images`` (read in place, never copied) with each
+architecture's default model (random weights; a model folder with model.json written in a
+temporary folder), one image at a time (``batch_images=False``, the behaviour before) and with
+the tiles of several images sharing model calls, in the same process after one untimed warm-up
+run; figures are Mpixel/s of the images. NIST's own inference on such files: 0.139 Mpixel/s
+with FC-DenseNet56 on the lead's machine; ours before batching: 0.04 Mpixel/s with the default UNet.
 The last line printed is one JSON object of figures.
 
 A run of a few minutes: ``--cases fcd56-2048 --modes tiled --repeats 1 --huge 0``.
@@ -48,7 +56,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # NIST's inference.py on this machine (from issue 5), for context only: not re-measured here.
-NIST_REFERENCE = {"fc-densenet56_2048_mpix_s": 0.07, "fc-densenet56_2048_peak_gib": 17.3}
+NIST_REFERENCE = {"fc-densenet56_2048_mpix_s": 0.07, "fc-densenet56_2048_peak_gib": 17.3,
+                  "fc-densenet56_nist_256_files_mpix_s": 0.139}
+# ../shared beside the checkout (a worktree of it may sit one folder deeper).
+NIST_FOLDER = next((base / "shared" / "data" / "nist_phase_contrast" / "images" for base in (ROOT.parent, ROOT.parents[1])
+                    if (base / "shared" / "data" / "nist_phase_contrast" / "images").is_dir()),
+                   ROOT.parent / "shared" / "data" / "nist_phase_contrast" / "images")
+FOLDER_ARCHITECTURES = ("unet", "fc-densenet56")
 SMALL_UNET = {"base_filters": 16, "depth": 3}
 CASES = {
     # name: (architecture, options, size, halo, tile_size, modes)
@@ -78,9 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest image predicted in one call (whole mode), in Mpixel")
     parser.add_argument("--repeats", type=int, default=3, help="timed predictions per figure (median)")
     parser.add_argument("--huge", type=int, default=16384, help="edge of the streamed image (0 = skip)")
+    parser.add_argument("--folder", default="",
+                        help=f"comma-separated architectures ({', '.join(FOLDER_ARCHITECTURES)}) to run the inference "
+                             "runner with on the NIST folder, one image at a time and batched (empty = skip)")
+    parser.add_argument("--nist_folder", default=str(NIST_FOLDER), help="folder of the NIST 256 x 256 images")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name, known in (("cases", CASES), ("modes", MODES), ("precisions", PRECISIONS)):
+    for name, known in (("cases", CASES), ("modes", MODES), ("precisions", PRECISIONS),
+                        ("folder", FOLDER_ARCHITECTURES)):
         unknown = [c for c in getattr(args, name).split(",") if c and c not in known]
         if unknown:
             parser.error(f"--{name} must be among {', '.join(known)}; got {', '.join(unknown)}")
@@ -103,9 +122,12 @@ def _child(spec: dict) -> dict:
 
     if spec["mode"] == "huge":
         return _child_huge(spec)
+    if spec["mode"] == "folder":
+        return _child_folder(spec)
     import keras
 
-    from lib.inference.predict import predict_image, predict_whole, predictor_from_models
+    from lib.inference.predictor import predictor_from_models
+    from lib.inference.tiled import predict_image, predict_whole
     from lib.models import build_model, model_geometry
 
     keras.utils.set_random_seed(0)
@@ -153,7 +175,7 @@ def _child_huge(spec: dict) -> dict:
     import numpy as np
     import tifffile
 
-    from lib.inference.predict import InferenceConfig, run_inference
+    from lib.inference.runner import InferenceConfig, run_inference
     from lib.models import build_model, model_geometry
 
     options = {"base_filters": 16, "depth": 3}
@@ -188,6 +210,47 @@ def _child_huge(spec: dict) -> dict:
             tiled = tif.is_bigtiff and tif.pages[0].is_tiled
     return {"seconds": result.seconds, "mpix_s": result.megapixels / result.seconds, "peak_gib": _peak_gib(),
             "peak_gib_before_inference": before, "tiled_bigtiff": tiled, "halo": radius}
+
+
+def _child_folder(spec: dict) -> dict:
+    """The inference runner on a folder of small images: one image at a time, then batched, same process."""
+    import keras
+
+    from lib.inference.predictor import load_predictor
+    from lib.inference.runner import InferenceConfig, run_inference
+    from lib.models import build_model, model_geometry
+
+    architecture = spec["architecture"]
+    with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
+        tmp = Path(tmp)
+        keras.utils.set_random_seed(0)
+        divisor, radius = model_geometry(architecture)
+        (tmp / "model").mkdir()
+        build_model(architecture, 1, 2).save(tmp / "model" / "model.keras")
+        (tmp / "model" / "model.json").write_text(json.dumps({
+            "architecture": architecture, "number_classes": 2, "input_channels": 1, "input_dtype": "uint16",
+            "normalization": {"mode": "dataset", "mean": [1000.0], "std": [300.0]}, "size_divisor": divisor,
+            "receptive_field_radius": radius}))
+        predictor = load_predictor(tmp / "model")
+        row = {"halo": radius, "images": 0}
+
+        def run(name: str, batched: bool, shard=None):
+            config = InferenceConfig(model=str(tmp / "model"), image_folder=spec["folder"],
+                                     output_folder=str(tmp / name), batch_images=batched, shard=shard,
+                                     overwrite=True)
+            result = run_inference(config, log=lambda _: None, progress=False, predictor=predictor)
+            if result.failed:
+                raise RuntimeError(f"images failed: {result.failed}")
+            return result
+
+        run("warmup", True, shard=(0, 20))  # traces the model for the tile shape (3 images)
+        for name, batched in (("one_image", False), ("batched", True)):
+            result = run(name, batched)
+            row[name] = {"seconds": result.seconds, "mpix_s": result.megapixels / result.seconds}
+            row["images"] = len(result.predicted)
+        record = json.loads(next((tmp / "batched" / "records").glob("*.json")).read_text())
+        row["tile"], row["peak_gib"] = record["plan"]["tile"], _peak_gib()
+    return row
 
 
 def _run_child(spec: dict) -> dict:
@@ -229,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'unet-small-' + str(args.huge):>16} streamed: " + (
             f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.1f} s), peak {row['peak_gib']:.2f} GiB, "
             f"tiled BigTIFF {row['tiled_bigtiff']}" if "error" not in row else f"failed: {row['error']}"), flush=True)
+    for architecture in [a for a in args.folder.split(",") if a]:
+        row = _run_child({"mode": "folder", "architecture": architecture, "folder": args.nist_folder})
+        figures[f"nist-folder/{architecture}"] = row
+        print(f"{'nist-' + architecture:>16} folder: " + (
+            f"{row['images']} images, tile {row['tile']} (halo {row['halo']}): one image at a time "
+            f"{row['one_image']['mpix_s']:.3f} Mpixel/s ({row['one_image']['seconds']:.1f} s), batched "
+            f"{row['batched']['mpix_s']:.3f} Mpixel/s ({row['batched']['seconds']:.1f} s)"
+            if "error" not in row else f"failed: {row['error']}"), flush=True)
     summary = {"benchmark": "inference", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
                "load_average": os.getloadavg(), "repeats": args.repeats, "nist_reference": NIST_REFERENCE,
                "figures": figures}

@@ -20,14 +20,16 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 import inference  # noqa: E402
 from lib.store.images import read_image, write_image
 
 keras = pytest.importorskip("keras")
 
-from lib.inference.predict import predict_image, predict_whole, predictor_from_models, segment_instances
+from lib.inference.instances_glue import segment_instances
+from lib.inference.predictor import predictor_from_models
+from lib.inference.tiled import predict_image, predict_whole
 from lib.instances.measure import MEASUREMENT_COLUMNS
 from lib.instances.postprocess import PostProcessConfig, postprocess
 from lib.model_folder import ModelError, ModelInfo, find_models
@@ -285,13 +287,14 @@ def test_filter_rules_and_post_processing_overrides(oracle_folder, instance_data
 
 
 def test_large_images_stream_and_post_process_by_windows(oracle_folder, instance_data, tmp_path, monkeypatch):
-    import lib.inference.predict
+    import lib.inference.runner
+    import lib.inference.tiled
 
     args = ["--model", oracle_folder, "--image_folder", instance_data / "images", "--mask_folder",
             instance_data / "masks", "--probabilities", "--tile_size", "32"]
     assert run(*args, "--output_folder", tmp_path / "memory") == 0
-    monkeypatch.setattr(lib.inference.predict, "STREAM_PIXELS", 4000)
-    monkeypatch.setattr(lib.inference.predict, "TIFF_TILE", 16)
+    monkeypatch.setattr(lib.inference.runner, "STREAM_PIXELS", 4000)
+    monkeypatch.setattr(lib.inference.tiled, "TIFF_TILE", 16)
     assert run(*args, "--output_folder", tmp_path / "stream", "--postprocess_window", "64",
                "--postprocess_overlap", "60") == 0
     for key in ("img_00", "img_03"):  # 7680 and 6720 pixels: streamed, and longer than a window
@@ -395,11 +398,11 @@ def test_help_lists_the_instance_flags_without_tensorflow():
     ({"refinements": ("dilation",)}, "refinement 'dilation' must be followed by one integer"),
     ({"thresholds": {"F": 1.5}}, "thresholds['F'] must be a number in [0, 1] or 'auto'"),
     ({"matching_thresholds": (0.5, 0.5)}, "matching_thresholds must be distinct IoU thresholds"),
-    ({"postprocess_window": 64, "postprocess_overlap": 64}, "postprocess_overlap must be >= 0 and < "),
+    ({"postprocess_window": 64, "postprocess_overlap": 64}, "postprocess_overlap must be >= 0 and below "),
 ])
 def test_inference_config_instance_errors(change, message, tmp_path):
     from lib.common.settings import ConfigError
-    from lib.inference.predict import InferenceConfig
+    from lib.inference.runner import InferenceConfig
 
     config = InferenceConfig(model="m", image_folder=str(tmp_path), output_folder=str(tmp_path / "o"), **change)
     with pytest.raises(ConfigError) as info:
@@ -412,7 +415,7 @@ def test_inference_config_instance_errors(change, message, tmp_path):
     ({**PostProcessConfig.default_for(("F", "Db")).to_dict()}, "must equal instance.channels"),
 ])
 def test_bad_post_processing_in_model_json(postprocess, message):
-    from lib.inference.predict import postprocess_settings
+    from lib.inference.instances_glue import postprocess_settings
 
     meta = instance_json()
     meta["instance"]["postprocess"] = postprocess
@@ -421,7 +424,7 @@ def test_bad_post_processing_in_model_json(postprocess, message):
 
 
 def test_post_processing_defaults_when_model_json_has_none():
-    from lib.inference.predict import postprocess_settings
+    from lib.inference.instances_glue import postprocess_settings
 
     meta = instance_json()
     del meta["instance"]["postprocess"]
@@ -431,7 +434,7 @@ def test_post_processing_defaults_when_model_json_has_none():
 
 
 def test_semantic_only_functions_refuse_instance_models(tmp_path):
-    from lib.inference.predict import predict_to_tiff, predict_volume
+    from lib.inference.tiled import predict_to_tiff, predict_volume
 
     predictor = predictor_from_models([(oracle_model(), instance_json())])
     with pytest.raises(ValueError, match="predictor must be a semantic model to label a stack"):
@@ -456,7 +459,7 @@ def test_evaluate_instances_and_rows():
 
 
 def test_binary_entropy_hand_computed():
-    from lib.inference.predict import binary_entropy
+    from lib.inference.tiled import binary_entropy
 
     maps = np.array([[[0.5, 0.9, 0.3], [1.0, 0.0, 0.7]]], np.float32)
     expected_first = (1.0 + -(0.9 * np.log2(0.9) + 0.1 * np.log2(0.1))) / 2

@@ -1,4 +1,5 @@
-"""Exact tiled prediction, model folders, ensembles, TTA and evaluation (lib/predict.py, lib/evaluate.py)."""
+"""Exact tiled prediction, model folders, ensembles, TTA and evaluation (lib/inference, lib/store/tiling.py,
+lib/scoring/reports.py)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
 from lib.common.device import resolve_precision
-from lib.inference.predict import (
-    InputMismatch,
-    default_tile_pixels,
-    default_tile_size,
-    load_predictor,
-    plan_tiles,
-    predict_image,
-    predict_volume,
-    predict_whole,
-    predictor_from_models,
-    read_window,
-    reflect_indices,
-    with_precision,
-)
+from lib.inference.predictor import InputMismatch, load_predictor, predictor_from_models, with_precision
+from lib.inference.tiled import predict_image, predict_volume, predict_whole
 from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
 from lib.scoring.reports import evaluate_labels, metrics_row
 from lib.common.pictures import semantic_overlay as overlay
+from lib.store.tiling import (
+    default_tile_pixels,
+    default_tile_size,
+    min_tile_size,
+    plan_tiles,
+    read_window,
+    reflect_indices,
+)
 
 
 def model_json(architecture: str, options: dict, classes: int = 3, channels: int = 1, mode: str = "dataset",
@@ -151,8 +148,10 @@ def test_budget_plan_rectangles_on_2048_with_nist_halo():
 
 
 def test_budget_plan_below_the_smallest_tile_uses_the_smallest():
+    # The smallest tile: the halo rounded up to the divisor above (16), one divisor of zone (8)
+    # and the halo below (10), rounded up to the divisor.
     plan = plan_tiles(100, 100, 8, 10, max_tile_pixels=10)
-    assert (plan.tile_height, plan.tile_width) == (32, 32)
+    assert (plan.tile_height, plan.tile_width) == (40, 40)
     assert (plan.zone_height, plan.zone_width) == (8, 8)
 
 
@@ -166,7 +165,7 @@ def test_tiled_equals_whole_image(architecture, options):
     divisor, radius = meta["size_divisor"], meta["receptive_field_radius"]
     image = random_image((77, 131, 2))
     whole = predict_whole(predictor, image)
-    smallest = -(-(2 * radius + divisor) // divisor) * divisor
+    smallest = min_tile_size(radius, divisor)  # the halo above and left rounded up to the divisor
     for tile_size, batch_size in ((smallest, 3), (smallest + 2 * divisor, 1), (None, None)):
         prediction = predict_image(predictor, image, tile_size=tile_size, batch_size=batch_size,
                                    keep_probabilities=True)
@@ -451,7 +450,7 @@ def test_overlay_colours():
 def test_release_rows_keeps_a_memory_mapped_image_readable(tmp_path):
     import tifffile
 
-    from lib.inference.predict import release_rows
+    from lib.inference.tiled import release_rows
 
     data = np.random.default_rng(0).integers(0, 60000, (300, 5000), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "a.tif", data)

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 import inference  # noqa: E402
 from lib.store.images import read_image, read_volume, write_image
@@ -229,13 +229,14 @@ def test_setting_errors_exit_2_before_writing(model_folder, data, tmp_path, case
 def test_large_images_stream_to_tiled_bigtiff_equal_to_in_memory(model_folder, data, tmp_path, monkeypatch):
     import tifffile
 
-    import lib.inference.predict
+    import lib.inference.runner
+    import lib.inference.tiled
 
     args = ["--model", model_folder, "--image_folder", data / "images", "--mask_folder", data / "masks",
             "--probabilities", "--uncertainty", "--tile_size", "64", "--output_format", "png"]
     assert run(*args, "--output_folder", tmp_path / "memory") == 0
-    monkeypatch.setattr(lib.inference.predict, "STREAM_PIXELS", 1000)
-    monkeypatch.setattr(lib.inference.predict, "TIFF_TILE", 16)
+    monkeypatch.setattr(lib.inference.runner, "STREAM_PIXELS", 1000)
+    monkeypatch.setattr(lib.inference.tiled, "TIFF_TILE", 16)
     assert run(*args, "--output_folder", tmp_path / "stream") == 0
     for key in ("img_00", "img_03"):
         record = json.loads((tmp_path / "stream" / "records" / f"{key}.json").read_text())

@@ -1,0 +1,244 @@
+"""Instance models at inference: post-processing settings, segmentation of the stitched maps, and the
+outputs of one image (labels, measurements, probabilities, intermediates, evaluation).
+
+Post-processing always runs on the maps of the whole image, never tile by tile: an object
+crossing a tile border stays one object. Images longer than ``POSTPROCESS_WINDOW`` along an
+axis are post-processed window by window (:func:`lib.instances.postprocess.postprocess_windowed`);
+objects up to about a third of the overlap are then labelled exactly as on the whole image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..common.settings import ConfigError
+from ..instances.measure import MEASUREMENT_COLUMNS, measure
+from ..instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed
+from ..instances.rules import filter_instances
+from ..model_folder import ModelError
+from ..scoring.reports import evaluate_instances, metrics_row
+from ..scoring.reports import associations_rows, matching_overlay
+from ..store.images import read_mask
+from .outputs import save_image, save_png, save_rows
+from .predictor import Predictor
+from .tiled import write_tiled_tiff
+
+if TYPE_CHECKING:
+    from .runner import ImageJob, RunContext
+
+# Images whose height or width exceeds this are post-processed window by window.
+POSTPROCESS_WINDOW = 4096
+POSTPROCESS_OVERLAP = 256
+# Intermediate images of the post-processing written by --save_intermediates.
+INTERMEDIATES = ("seeds", "surface", "growth")
+
+
+@dataclasses.dataclass
+class InstanceSegmentation:
+    """Instance labels of one image.
+
+    labels : (H, W) uint16 or uint32, 0 = background, objects numbered in raster order
+    intermediates : ``{"seeds": (H, W) int32, "surface": (H, W) float32, "growth": (H, W) bool,
+        "thresholds": {name: number}}`` when asked for and the image was post-processed whole;
+        else None
+    windowed : whether the image was post-processed window by window
+    """
+
+    labels: np.ndarray
+    intermediates: dict | None
+    windowed: bool
+
+
+def parse_thresholds(text: str) -> dict[str, float | str]:
+    """``"F=0.5,Db=auto,growth=0.3"`` -> ``{"F": 0.5, "Db": "auto", "growth": 0.3}``.
+
+    Names are channel names (seed thresholds) or ``growth`` (the growth mask's threshold);
+    values are numbers in [0, 1] or ``auto`` (Otsu). Raises ``ValueError`` naming every bad item.
+    """
+    out: dict[str, float | str] = {}
+    problems = []
+    for item in [part.strip() for part in text.split(",")]:
+        name, sep, value = (piece.strip() for piece in item.partition("="))
+        if not sep or not name or not value:
+            problems.append(f"each threshold must be NAME=VALUE (e.g. F=0.5 or Db=auto); got {item!r}")
+            continue
+        if name in out:
+            problems.append(f"each threshold must be given once; got {name!r} twice")
+        if value == "auto":
+            out[name] = "auto"
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not 0.0 <= number <= 1.0:
+            problems.append(f"threshold {name} must be a number in [0, 1] or auto; got {value!r}")
+            continue
+        out[name] = number
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
+def parse_refinements(text: str) -> tuple[str, ...]:
+    """``"fill_holes,remove_small_objects 20"`` -> ``("fill_holes", "remove_small_objects 20")``; ``"none"`` -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(" ".join(step.split()) for step in text.split(","))
+
+
+def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str] | None = None,
+                         refinements: Sequence[str] | None = None) -> PostProcessConfig:
+    """The post-processing of an instance predictor: model.json's, with overrides on top.
+
+    The base is ``instance.postprocess`` of the first member's model.json
+    (:meth:`lib.instances.postprocess.PostProcessConfig.default_for` its channels when absent).
+    ``thresholds`` replace or add seed thresholds by channel name; the key ``growth`` sets the
+    growth mask's threshold. ``refinements`` replace the model's list.
+
+    Returns a validated :class:`lib.instances.postprocess.PostProcessConfig`. Raises :class:`ModelError`
+    for a bad block in model.json, ``lib.common.settings.ConfigError`` for overrides that do not fit.
+    """
+    info = predictor.members[0].info
+    block = info.meta.get("instance", {}).get("postprocess")
+    try:
+        base = PostProcessConfig.default_for(info.channel_names) if block is None else \
+            PostProcessConfig.from_dict(block)
+    except ConfigError as exc:
+        raise ModelError(f"instance.postprocess must hold valid post-processing settings; got in {info.path}:\n"
+                         + "\n".join(f"  - {p}" for p in exc.violations)) from None
+    if tuple(base.channels) != info.channel_names:
+        raise ModelError(f"instance.postprocess.channels must equal instance.channels {list(info.channel_names)}; "
+                         f"got {list(base.channels)} in {info.path}")
+    changes: dict[str, Any] = {}
+    if thresholds:
+        seeds = {k: v for k, v in thresholds.items() if k != "growth"}
+        changes["thresholds"] = {**base.thresholds, **seeds}
+        if "growth" in thresholds:
+            changes["growth_threshold"] = thresholds["growth"]
+    if refinements is not None:
+        changes["refinements"] = tuple(refinements)
+    config = dataclasses.replace(base, **changes)
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        raise ConfigError([f"post-processing (model.json with --thresholds/--refinements) {v}"
+                           for v in exc.violations]) from None
+
+
+def segment_instances(maps, config: PostProcessConfig, window: int = POSTPROCESS_WINDOW,
+                      overlap: int = POSTPROCESS_OVERLAP, intermediates: bool = False) -> InstanceSegmentation:
+    """Instance labels from the stitched channel maps ``(H, W, K)`` of a whole image.
+
+    Images larger than ``window`` along an axis go through
+    :func:`lib.instances.postprocess.postprocess_windowed` (``maps`` may then be a memory map);
+    smaller ones through :func:`lib.instances.postprocess.postprocess`.
+    ``config``: :class:`lib.instances.postprocess.PostProcessConfig` (:func:`postprocess_settings`).
+    """
+    if maps.shape[0] > window or maps.shape[1] > window:
+        return InstanceSegmentation(postprocess_windowed(maps, config, window=window, overlap=overlap), None, True)
+    if intermediates:
+        labels, extra = postprocess(np.asarray(maps), config, return_intermediates=True)
+        return InstanceSegmentation(labels, extra, False)
+    return InstanceSegmentation(postprocess(np.asarray(maps), config), None, False)
+
+
+def instance_paths(context: "RunContext", key: str, plane_pixels: tuple[int, int], streamed: bool,
+                   evaluate: bool) -> dict:
+    """Every file one image of an instance model produces (see :func:`lib.inference.runner.run_inference`);
+    the record last."""
+    config, out = context.config, context.out
+    height, width = plane_pixels
+    windowed = height > config.postprocess_window or width > config.postprocess_window
+    paths = {"labels": out / f"{key}.tif", "measurements": out / f"{key}_instances.csv"}
+    if config.probabilities:
+        for name in context.predictor.channel_names:
+            paths[f"probabilities_{name}"] = out / "probabilities" / f"{key}_{name}.tif"
+    if config.uncertainty and not streamed:
+        paths["entropy"] = out / "uncertainty" / f"{key}_entropy.tif"
+        if context.predictor.samples > 1:
+            paths["spread"] = out / "uncertainty" / f"{key}_spread.tif"
+    if config.save_intermediates and not windowed:
+        for name in INTERMEDIATES:
+            paths[name] = out / "intermediates" / f"{key}_{name}.tif"
+    if evaluate:
+        paths["associations"] = out / "associations" / f"{key}.csv"
+        if not streamed:
+            paths["overlay"] = out / "overlays" / f"{key}.png"
+    paths["record"] = out / "records" / f"{key}.json"
+    return paths
+
+
+def finish_instances(context: "RunContext", job: "ImageJob", prediction, image) -> dict:
+    """Segment, measure, filter, write and evaluate one image whose maps are predicted.
+
+    ``prediction``: a :class:`lib.inference.tiled.Prediction` (maps in memory, or the memory map of
+    a streamed image as its probabilities). Returns the record's entries.
+    """
+    config, paths, log = context.config, job.paths, context.log
+    streamed = job.layout == "streamed"
+    maps = prediction.probabilities
+    record: dict[str, Any] = {}
+    if streamed and config.uncertainty:
+        log(f"note: {job.image_path.name} has {job.pixels / 1e6:.0f} Mpixel; its uncertainty maps are not written "
+            "(scores only)")
+    if prediction.entropy is not None and "entropy" in paths:
+        save_image(paths["entropy"], prediction.entropy)
+    if prediction.spread is not None and "spread" in paths:
+        save_image(paths["spread"], prediction.spread)
+    segmentation = segment_instances(maps, context.post, config.postprocess_window, config.postprocess_overlap,
+                                     intermediates=config.save_intermediates)
+    if config.save_intermediates and segmentation.windowed:
+        log(f"note: {job.image_path.name} was post-processed window by window (larger than "
+            f"{config.postprocess_window} px); its intermediates are not written")
+    labels = segmentation.labels
+    rows = measure(labels, config.pixel_size)
+    columns = list(MEASUREMENT_COLUMNS)
+    found = len(rows)
+    if config.filter_rules:
+        labels, rows = filter_instances(labels, rows, config.filter_rules)
+        columns.append("status")
+    save_rows(paths["measurements"], rows, columns)
+    write_big = write_tiled_tiff if streamed else save_image
+    write_big(paths["labels"], labels)
+    for k, name in enumerate(context.predictor.channel_names):
+        if f"probabilities_{name}" in paths:
+            write_big(paths[f"probabilities_{name}"], maps[..., k])
+    if segmentation.intermediates is not None:
+        extra = segmentation.intermediates
+        save_image(paths["seeds"], extra["seeds"].astype(np.uint32))
+        save_image(paths["surface"], extra["surface"].astype(np.float32))
+        save_image(paths["growth"], extra["growth"].astype(np.uint8))
+        record["resolved_thresholds"] = extra["thresholds"]
+    kept = sum(row.get("status", "kept") == "kept" for row in rows)
+    record["instances"] = {"found": found, "kept": kept, "removed": found - kept,
+                           "label_dtype": labels.dtype.name, "windowed": segmentation.windowed}
+    if job.mask_path is not None:
+        record.update(evaluate_instances_one(context, job, image, labels))
+    return record
+
+
+def evaluate_instances_one(context: "RunContext", job: "ImageJob", image, labels: np.ndarray) -> dict:
+    """Match the instances of one image with its instance mask; write its associations (and overlay)."""
+    mask_path, paths = job.mask_path, job.paths
+    mask = read_mask(mask_path, binary_255=False)
+    try:
+        matching, cm = evaluate_instances(labels, mask, context.config.matching_thresholds)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {mask_path}") from None
+    rows = [row for t in matching.thresholds for row in associations_rows(matching, paths["labels"].stem, t)]
+    save_rows(paths["associations"], rows)
+    if "overlay" in paths:
+        levels = matching.thresholds
+        shown = 0.5 if 0.5 in levels else levels[len(levels) // 2]
+        save_png(paths["overlay"], matching_overlay(np.asarray(image), mask, labels, matching, threshold=shown))
+    else:
+        context.log(f"note: {mask_path.name}: no overlay for an image of {labels.size / 1e6:.0f} Mpixel")
+    row = metrics_row("", cm)
+    return {"mask": str(mask_path), "confusion_matrix": cm.tolist(),
+            "metrics": {k: v for k, v in row.items() if k != "image"},
+            "instance_stats": {str(t): s.as_dict() for t, s in matching.stats.items()}}

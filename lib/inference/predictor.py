@@ -1,0 +1,327 @@
+"""The predictor: one model or an ensemble, with test-time augmentation, a compute precision and
+the normalisation each member was trained with.
+
+A *predictor* maps a batch of raw tiles ``(B, T_y, T_x, C)`` (the image's dtype, not
+normalised) to maps ``(B, T_y, T_x, K)`` float32: the mean of its members' class probabilities
+(semantic models) or channel maps (instance models: a sigmoid for "binary" channels (F, C, P,
+T), a clip to [0, 1] for "distance" channels (Db)), optionally averaged over the 8 flips and
+rotations by 90 degrees (test-time augmentation), computed in float32 or bfloat16
+(:func:`with_precision`). Where the pixels come from and where the maps go is
+:mod:`lib.inference.tiled`'s business.
+
+Nothing here imports TensorFlow at import time; :func:`load_predictor` and
+:func:`predictor_from_models` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..common.device import resolve_precision
+from ..common.errors import BadInput
+from ..model_folder import ModelError, ModelInfo, check_members, find_models, load_model
+
+
+class InputMismatch(BadInput, ValueError):
+    """An image that does not fit the model (channels, dtype, layout)."""
+
+
+# Precision
+
+
+def _policy_name(layer_config: dict) -> str | None:
+    dtype = layer_config.get("dtype")
+    if isinstance(dtype, dict):
+        return dtype.get("config", {}).get("name")
+    return dtype if isinstance(dtype, str) else None
+
+
+def _set_policies(config: dict, precision: str, keep: set[str]) -> bool:
+    """Set the dtype policy of every layer in a functional ``config`` (nested models too), in place.
+
+    Layers named in ``keep`` (the outputs) become float32 whatever ``precision``. Returns
+    whether anything changed.
+    """
+    changed = False
+    for layer in config.get("layers", []):
+        inner = layer.get("config", {})
+        if layer.get("class_name") == "InputLayer":
+            continue
+        if "layers" in inner:  # a nested functional model: its own outputs are not the model's
+            changed |= _set_policies(inner, precision, set())
+            continue
+        if _policy_name(inner) in (None, "float64", "int32", "int64", "bool"):
+            continue  # a layer without a float policy of its own, or a deliberate float64 one
+        wanted = "float32" if precision == "float32" or inner.get("name") in keep else "mixed_bfloat16"
+        if _policy_name(inner) != wanted:
+            inner["dtype"] = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": wanted},
+                              "registered_name": None}
+            changed = True
+    return changed
+
+
+def with_precision(model, precision: str, name: str = "<memory>"):
+    """``model`` computing in ``precision`` (``"float32"`` or ``"bfloat16"``), with the same weights.
+
+    bfloat16: every layer runs under Keras' ``mixed_bfloat16`` policy (float32 weights,
+    bfloat16 arithmetic) except the layers producing the model's outputs (the linear logits
+    head), which stay float32; activations are then computed from float32 logits. float32:
+    every layer float32 (a model trained under mixed precision is saved with bfloat16 layers
+    and would otherwise predict in bfloat16). A model already in that precision is returned
+    as is. Raises :class:`ModelError` when the model cannot be rebuilt from its configuration
+    (a SavedModel, a subclassed model) and would have to change precision.
+    """
+    import keras
+
+    try:
+        config = model.get_config()
+        outputs = config["output_layers"]
+    except (NotImplementedError, KeyError, TypeError, AttributeError):
+        if precision == "float32":
+            return model  # a SavedModel graph: it computes as it was exported
+        raise ModelError(f"precision bfloat16 needs a functional Keras model (model.keras); got "
+                         f"{type(model).__name__} from {name}. Use --precision float32 for a SavedModel") from None
+    outputs = [outputs] if outputs and isinstance(outputs[0], str) else outputs
+    if not _set_policies(config, precision, {entry[0] for entry in outputs}):
+        return model
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+# Predictor
+
+
+@dataclasses.dataclass
+class Member:
+    """One model of a predictor: its metadata and a compiled ``forward(x) -> (sum p, sum p**2)``."""
+
+    info: ModelInfo
+    model: Any
+    forward: Callable
+
+
+def _make_forward(model, info: ModelInfo, tta: bool, squares: bool) -> Callable:
+    """A tf.function ``(B, Ty, Tx, C) float32 -> (sum of maps, sum of their squares or None)``.
+
+    The maps are the activations of the float32 logits: softmax over the classes for a
+    semantic model; per channel for an instance model, sigmoid for "binary" channels and a
+    clip to [0, 1] for "distance" channels. The sums run over the test-time augmentations (1
+    or 8 samples). Dynamic shapes in the signature: tiles of any size and a short last batch do
+    not retrace.
+    """
+    import tensorflow as tf
+
+    binary = [kind == "binary" for kind in info.channel_kinds]
+
+    def probabilities(x):
+        logits = model(x, training=False)
+        if isinstance(logits, dict):  # a SavedModel endpoint returns its outputs by name
+            logits = next(iter(logits.values()))
+        logits = tf.cast(logits, tf.float32)
+        if info.label_kind == "semantic":
+            return tf.nn.softmax(logits, axis=-1)
+        return tf.where(tf.constant(binary), tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, info.input_channels], tf.float32)])
+    def forward(x):
+        if not tta:
+            p = probabilities(x)
+            return p, (p * p if squares else tf.zeros([0]))
+        total = square = None
+        for k in range(4):
+            for flip in (False, True):
+                xt = tf.image.rot90(x, k)
+                if flip:
+                    xt = tf.reverse(xt, [2])
+                p = probabilities(xt)
+                if flip:
+                    p = tf.reverse(p, [2])
+                p = tf.image.rot90(p, (4 - k) % 4)
+                total = p if total is None else total + p
+                if squares:
+                    square = p * p if square is None else square + p * p
+        return total, (square if squares else tf.zeros([0]))
+
+    return forward
+
+
+@dataclasses.dataclass
+class Predictor:
+    """One model or an ensemble, ready to predict batches of tiles.
+
+    Attributes
+    ----------
+    members : list of Member
+    tta : bool
+        Average over the 8 flips / rotations by 90 degrees.
+    source : str
+        What was loaded (for the record).
+    """
+
+    members: list[Member]
+    tta: bool = False
+    source: str = "<memory>"
+    precision: str = "float32"
+
+    @property
+    def samples(self) -> int:
+        """Probability maps averaged per pixel (members x augmentations)."""
+        return len(self.members) * (8 if self.tta else 1)
+
+    @property
+    def number_classes(self) -> int:
+        """Semantic classes (for an instance model: 2, background and object)."""
+        return self.members[0].info.number_classes
+
+    @property
+    def label_kind(self) -> str:
+        return self.members[0].info.label_kind
+
+    @property
+    def output_channels(self) -> int:
+        """Channels K of the predicted maps: classes, or instance channels."""
+        return self.members[0].info.output_channels
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Instance channel names in output order (empty for a semantic model)."""
+        return self.members[0].info.channel_names
+
+    @property
+    def channel_kinds(self) -> tuple[str, ...]:
+        return self.members[0].info.channel_kinds
+
+    @property
+    def input_channels(self) -> int:
+        return self.members[0].info.input_channels
+
+    @property
+    def input_dtype(self) -> str:
+        return self.members[0].info.input_dtype
+
+    @property
+    def size_divisor(self) -> int:
+        """Least common multiple of the members' divisors: tiles fit every member."""
+        return math.lcm(*(m.info.size_divisor for m in self.members))
+
+    @property
+    def receptive_field_radius(self) -> int:
+        return max(m.info.receptive_field_radius for m in self.members)
+
+    @property
+    def needs_image_statistics(self) -> bool:
+        return any(m.info.normalization == "tile" for m in self.members)
+
+    def check_image(self, shape: tuple[int, ...], dtype: str, name: str) -> None:
+        """Raise :class:`InputMismatch` unless an image ``(H, W, C)`` of ``dtype`` fits the model."""
+        channels = shape[-1]
+        if channels != self.input_channels:
+            raise InputMismatch(f"image channels must be {self.input_channels} (the model's input_channels); got "
+                                f"{channels} in {name}. Convert the image to the layout the model was trained on")
+        expected = np.dtype(self.input_dtype)
+        got = np.dtype(dtype)
+        if got != expected and not (got.kind == "f" and expected.kind == "f"):
+            raise InputMismatch(f"image dtype must be {expected.name} (the model's input_dtype; its normalisation "
+                                f"statistics are in those units); got {got.name} in {name}. Convert the image")
+
+    def predict_batch(self, tiles: np.ndarray, statistics: tuple[np.ndarray, np.ndarray] | None = None,
+                      spread: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean probabilities of a batch of raw tiles.
+
+        Parameters
+        ----------
+        tiles : (B, Ty, Tx, C) array in the image's dtype (not normalised)
+        statistics : ((C,), (C,)) float64 mean and std of the whole image, for members with
+            "tile" normalisation; or ((B, C), (B, C)), one pair per tile, when the tiles come
+            from several images.
+        spread : also return the per-pixel standard deviation over the samples.
+
+        Returns
+        -------
+        probabilities : (B, Ty, Tx, K) float32
+        spread : (B, Ty, Tx) float32 (the mean over classes of the standard deviation of the
+            samples' probabilities), or None.
+        """
+        tiles = np.asarray(tiles)
+        total = square = None
+        for member in self.members:
+            x = normalize(tiles, member.info, statistics)
+            p, q = member.forward(x)
+            p = np.asarray(p)
+            total = p if total is None else total + p
+            if spread:
+                q = np.asarray(q)
+                square = q if square is None else square + q
+        mean = total / self.samples
+        if not spread:
+            return mean, None
+        variance = np.maximum(square / self.samples - mean * mean, 0.0)
+        return mean, np.sqrt(variance).mean(axis=-1).astype(np.float32)
+
+
+def normalize(tiles: np.ndarray, info: ModelInfo, statistics: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> np.ndarray:
+    """Z-score ``tiles`` (..., C) per channel as in training: float32 ``(x - mean) / std``.
+
+    "dataset" uses the model's statistics; "tile" uses ``statistics`` (the image's own: ``(C,)``
+    arrays, or ``(B, C)`` arrays with one row per tile of ``tiles`` (B, ..., C)).
+    A zero standard deviation divides by 1.
+    """
+    if info.normalization == "tile":
+        if statistics is None:
+            raise ValueError("statistics must be given for a model with normalization mode 'tile'; got None")
+        mean, std = (np.asarray(v) for v in statistics)
+        if mean.ndim == 2:  # one row per tile: broadcast over the tile's pixels
+            shape = (mean.shape[0],) + (1,) * (tiles.ndim - 2) + (mean.shape[1],)
+            mean, std = mean.reshape(shape), std.reshape(shape)
+    else:
+        mean, std = np.asarray(info.mean), np.asarray(info.std)
+    std = np.where(np.asarray(std) > 0, std, 1.0)
+    return ((tiles.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+
+
+def predictor_from_models(models: Sequence[tuple[Any, dict | ModelInfo]], tta: bool = False,
+                          spread: bool | None = None, source: str = "<memory>", precision: str = "float32"
+                          ) -> Predictor:
+    """A predictor from in-memory Keras models and their model.json dicts.
+
+    ``spread``: compile the sum of squared maps too (default: when samples > 1).
+    ``precision``: "float32", "bfloat16" or "auto" (:func:`resolve_precision`, :func:`with_precision`).
+    Raises :class:`ModelError` when the members disagree (:func:`check_members`).
+    """
+    infos = [m if isinstance(m, ModelInfo) else ModelInfo.from_dict(m) for _, m in models]
+    check_members(infos)
+    precision = resolve_precision(precision)
+    samples = len(models) * (8 if tta else 1)
+    squares = samples > 1 if spread is None else spread
+    members = []
+    for (model, _), info in zip(models, infos):
+        model = with_precision(model, precision, info.path)
+        members.append(Member(info, model, _make_forward(model, info, tta, squares)))
+    return Predictor(members, tta=tta, source=source, precision=precision)
+
+
+def load_predictor(path: str | os.PathLike, tta: bool = False, precision: str = "float32") -> Predictor:
+    """Load a model folder, an ensemble folder, a ``.keras`` file or a SavedModel (see :func:`find_models`).
+
+    Models are loaded in Keras safe mode (no arbitrary code, no pickle) without compiling, and
+    set to compute in ``precision`` (:func:`with_precision`). Raises :class:`ModelError`.
+    """
+    found = find_models(path)
+    models = [(load_model(model_path), info) for model_path, info in found]
+    for (model_path, info), (model, _) in zip(found, models):
+        output_shape = getattr(model, "output_shape", None)
+        expected = info.output_channels
+        if isinstance(output_shape, tuple) and output_shape and output_shape[-1] not in (None, expected):
+            what = "number_classes" if info.label_kind == "semantic" else "output_channels"
+            raise ModelError(f"model outputs must have {what}={expected} channels (model.json); "
+                             f"got {output_shape[-1]} in {model_path}")
+    return predictor_from_models(models, tta=tta, source=str(Path(path).resolve()), precision=precision)
+
