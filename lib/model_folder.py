@@ -292,6 +292,11 @@ def check_members(infos: Sequence[ModelInfo], names: Sequence[str] | None = None
 
 
 def load_model(model_path: Path):
+    """The model at ``model_path``: a ``.keras`` file loaded in safe mode (no Python code from the
+    file runs; the toolkit's layers registered first), or a SavedModel folder as a ``TFSMLayer``.
+
+    Raises :class:`ModelError` naming the file when it does not load.
+    """
     import keras
 
     from . import models  # noqa: F401  (registers the toolkit's layers before deserialising)
@@ -305,7 +310,6 @@ def load_model(model_path: Path):
     except Exception as exc:  # a damaged or foreign file: say which one
         raise ModelError(f"model must load with Keras in safe mode; got {type(exc).__name__}: {exc} in "
                          f"{model_path}") from None
-
 
 
 # Writing (training)

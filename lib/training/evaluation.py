@@ -21,6 +21,7 @@ from .. import model_folder
 from ..instances.postprocess import PostProcessConfig, postprocess
 from ..scoring.metrics import confusion_matrix, match_instances, pool_stats, scores
 from .config import TrainConfig
+from .losses import instance_activations
 
 # IoU thresholds of the matching statistics reported at each evaluation of an instance model.
 EVAL_MATCHING_THRESHOLDS = (0.5,)
@@ -118,12 +119,8 @@ def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -
     (``instance.postprocess_tuning``). A candidate must beat the defaults to replace them.
     Returns the tuning record.
     """
-    import keras
-
-    from .losses import instance_activations
-
     start = time.perf_counter()
-    model = keras.models.load_model(Path(out) / model_folder.MODEL_FILE, safe_mode=True, compile=False)
+    model = model_folder.load_model(Path(out) / model_folder.MODEL_FILE)
     activate = instance_activations(spec.kinds)
     n_channels = len(spec.channels)
     maps, truths = [], []
