@@ -93,14 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed predictions per figure (median)")
     parser.add_argument("--huge", type=int, default=16384, help="edge of the streamed image (0 = skip)")
     parser.add_argument("--folder", default="",
-                        help=f"comma-separated architectures ({', '.join(FOLDER_ARCHITECTURES)}) to run the inference "
+                        help=f"comma-separated architectures[:halo] ({', '.join(FOLDER_ARCHITECTURES)}) to run the inference "
                              "runner with on the NIST folder, one image at a time and batched (empty = skip)")
     parser.add_argument("--nist_folder", default=str(NIST_FOLDER), help="folder of the NIST 256 x 256 images")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, known in (("cases", CASES), ("modes", MODES), ("precisions", PRECISIONS),
                         ("folder", FOLDER_ARCHITECTURES)):
-        unknown = [c for c in getattr(args, name).split(",") if c and c not in known]
+        unknown = [c for c in getattr(args, name).split(",") if c and c.partition(":")[0] not in known]
         if unknown:
             parser.error(f"--{name} must be among {', '.join(known)}; got {', '.join(unknown)}")
     if args.repeats < 1:
@@ -232,12 +232,13 @@ def _child_folder(spec: dict) -> dict:
             "normalization": {"mode": "dataset", "mean": [1000.0], "std": [300.0]}, "size_divisor": divisor,
             "receptive_field_radius": radius}))
         predictor = load_predictor(tmp / "model")
-        row = {"halo": radius, "images": 0}
+        halo = spec.get("halo") if spec.get("halo") is not None else radius
+        row = {"halo": halo, "images": 0}
 
         def run(name: str, batched: bool, shard=None):
             config = InferenceConfig(model=str(tmp / "model"), image_folder=spec["folder"],
                                      output_folder=str(tmp / name), batch_images=batched, shard=shard,
-                                     overwrite=True)
+                                     overwrite=True, halo=halo)
             result = run_inference(config, log=lambda _: None, progress=False, predictor=predictor)
             if result.failed:
                 raise RuntimeError(f"images failed: {result.failed}")
@@ -292,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'unet-small-' + str(args.huge):>16} streamed: " + (
             f"{row['mpix_s']:.3f} Mpixel/s ({row['seconds']:.1f} s), peak {row['peak_gib']:.2f} GiB, "
             f"tiled BigTIFF {row['tiled_bigtiff']}" if "error" not in row else f"failed: {row['error']}"), flush=True)
-    for architecture in [a for a in args.folder.split(",") if a]:
-        row = _run_child({"mode": "folder", "architecture": architecture, "folder": args.nist_folder})
-        figures[f"nist-folder/{architecture}"] = row
-        print(f"{'nist-' + architecture:>16} folder: " + (
+    for entry in [a for a in args.folder.split(",") if a]:
+        architecture, _, halo = entry.partition(":")  # "fc-densenet56:96": NIST's 96-px halo
+        row = _run_child({"mode": "folder", "architecture": architecture, "folder": args.nist_folder,
+                          "halo": int(halo) if halo else None})
+        figures[f"nist-folder/{entry}"] = row
+        print(f"{'nist-' + entry:>16} folder: " + (
             f"{row['images']} images, tile {row['tile']} (halo {row['halo']}): one image at a time "
             f"{row['one_image']['mpix_s']:.3f} Mpixel/s ({row['one_image']['seconds']:.1f} s), batched "
             f"{row['batched']['mpix_s']:.3f} Mpixel/s ({row['batched']['seconds']:.1f} s)"

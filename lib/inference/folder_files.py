@@ -81,6 +81,12 @@ def announce(context: RunContext, n_images: int, n_masks: int) -> None:
            f"(< radius {radius}: approximate near tile borders)")
         + (", test-time augmentation x8" if config.tta else "")
         + f"; {predictor.precision}" + (" (auto)" if config.precision == "auto" else ""))
+    for member in predictor.members:
+        info = member.info
+        if info.run_state != "finished":
+            log(f"warning: {info.path} is from a training run that is {info.run_state} (stopped because "
+                f"{info.stopped_because or 'it is still running or was killed'}): its model is the best "
+                "one saved so far, not a finished model. Rerun the training command to finish it")
     if post is not None:
         log("post-processing of the stitched maps: " + ", ".join(f"{k}={v}" for k, v in post.to_dict().items())
             + (f"; filter: remove {config.filter_rules}" if config.filter_rules else ""))

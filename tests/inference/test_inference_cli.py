@@ -251,3 +251,24 @@ def test_large_images_stream_to_tiled_bigtiff_equal_to_in_memory(model_folder, d
         assert np.array_equal(read_image(tmp_path / "stream" / "overlays" / f"{key}.png"),
                               read_image(tmp_path / "memory" / "overlays" / f"{key}.png"))
     assert (tmp_path / "stream" / "metrics.csv").read_text() == (tmp_path / "memory" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("state, stopped, warned", [
+    ("finished", "max_steps", False),
+    ("interrupted", "signal SIGTERM", True),
+    ("running", None, True),
+    ("failed", "non_finite_loss", True),
+])
+def test_a_model_from_an_unfinished_run_is_named_as_such(model_folder, data, tmp_path, capsys, state, stopped, warned):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(model_folder, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.update(format_version=2, run_state=state, stopped_because=stopped)
+    (folder / "model.json").write_text(json.dumps(meta))
+    assert run("--model", folder, "--image_folder", data / "images", "--output_folder", tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert (f"warning: {folder / 'model.json'} is from a training run that is {state}" in out) is warned
+    if warned:
+        assert "not a finished model. Rerun the training command" in out
