@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..common.errors import OutputError
-from ..scoring.reports import instance_metrics_rows, metrics_row
 from ..scoring.metrics import MatchStats, pool_stats
+from ..scoring.reports import instance_metrics_rows, metrics_row
 from ..store.tiling import default_tile_pixels
 from .outputs import save_table
 

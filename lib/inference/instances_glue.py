@@ -20,8 +20,7 @@ from ..instances.measure import MEASUREMENT_COLUMNS, measure
 from ..instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed
 from ..instances.rules import filter_instances
 from ..model_folder import ModelError
-from ..scoring.reports import evaluate_instances, metrics_row
-from ..scoring.reports import associations_rows, matching_overlay
+from ..scoring.reports import associations_rows, evaluate_instances, matching_overlay, metrics_row
 from ..store.images import read_mask
 from .outputs import save_image, save_png, save_rows
 from .predictor import Predictor

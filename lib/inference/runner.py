@@ -31,11 +31,12 @@ import numpy as np
 from ..common import files
 from ..common.device import PRECISIONS
 from ..common.errors import ToolkitError
+from ..common.pictures import OVERLAY_MAX_SIDE
+from ..common.pictures import semantic_overlay as overlay
 from ..common.settings import ConfigError
 from ..instances.measure import MEASUREMENT_COLUMNS
 from ..instances.postprocess import PostProcessConfig, parse_refinement
 from ..instances.rules import parse_rules
-from ..common.pictures import OVERLAY_MAX_SIDE, semantic_overlay as overlay
 from ..scoring.reports import evaluate_labels, metrics_row
 from ..store.images import (
     TIFF_EXTENSIONS,

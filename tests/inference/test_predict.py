@@ -14,12 +14,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
 from lib.common.device import resolve_precision
+from lib.common.pictures import semantic_overlay as overlay
 from lib.inference.predictor import InputMismatch, load_predictor, predictor_from_models, with_precision
 from lib.inference.tiled import predict_image, predict_volume, predict_whole
 from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
 from lib.scoring.reports import evaluate_labels, metrics_row
-from lib.common.pictures import semantic_overlay as overlay
 from lib.store.tiling import (
     default_tile_pixels,
     default_tile_size,
