@@ -1,0 +1,2 @@
+"""Instance labels from predicted maps (seeded watershed), their measurements, filter rules, and
+the classical baseline."""
