@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..common import files
 from ..common.files import folder_mode, write_json, write_text, write_with
 from ..common.settings import ConfigError
 from ..store import images
@@ -124,11 +125,13 @@ class FusionReport:
 
 
 def output_folder_problem(input_folder: str | os.PathLike, output_folder: str | os.PathLike) -> str | None:
-    """A message when the output folder would mix with the inputs, else None."""
-    source, target = Path(input_folder).resolve(), Path(output_folder).resolve()
-    if target == source or source in target.parents:
+    """A message when the output folder would mix with the inputs (symbolic links resolved), else None."""
+    if files.is_inside(output_folder, input_folder):
         return (f"output_folder must not be inside input_folder; got {str(output_folder)!r} in {str(input_folder)!r}. "
                 "Every sub-folder of the input folder is read as an expert; write elsewhere")
+    if files.is_inside(input_folder, output_folder):
+        return (f"output_folder must not contain input_folder; got {str(output_folder)!r}, which holds "
+                f"{str(input_folder)!r}. Outputs could replace files beside your experts' masks; write elsewhere")
     return None
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import math
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,11 +128,14 @@ class InferenceConfig:
         if filesystem:
             if not Path(self.image_folder).is_dir():
                 v.append(f"image_folder must be an existing folder; got {self.image_folder!r}")
-            elif Path(self.output_folder).resolve() == Path(self.image_folder).resolve():
-                v.append(f"output_folder must differ from image_folder (outputs would replace inputs); got "
-                         f"{self.output_folder!r} for both")
             if self.mask_folder is not None and not Path(self.mask_folder).is_dir():
                 v.append(f"mask_folder must be an existing folder; got {self.mask_folder!r}")
+            for name in ("image_folder", "mask_folder"):  # predicted KEY.tif would replace the input KEY.tif
+                folder = getattr(self, name)
+                if folder is not None and Path(folder).is_dir() and (
+                        files.is_inside(self.output_folder, folder) or files.is_inside(folder, self.output_folder)):
+                    v.append(f"output_folder must not be, contain or lie inside {name} (outputs would replace "
+                             f"inputs); got {self.output_folder!r} and {folder!r}. Choose a new folder")
         for name in ("batch_size", "tile_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -357,6 +361,9 @@ class _Run:
     def fail(self, job: ImageJob, exc: BaseException) -> None:
         self.failed[job.key] = _failure_reason(exc)
         self.write(f"error: {job.image_path.name}: {self.failed[job.key]} (skipped)")
+        if not isinstance(exc, (ToolkitError, ImageReadError, ValueError, OSError)):
+            # not something a user's file or setting causes: a bug, so show where it happened
+            self.write("".join(traceback.format_exception(exc)).rstrip())
         self.tick()
 
     def done(self, job: ImageJob) -> None:

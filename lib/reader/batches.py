@@ -17,9 +17,14 @@ from typing import Iterator
 
 import numpy as np
 
+from ..common.errors import BadInput
 from ..store.lmdb_store import LmdbReader, StoreError
 from .augment import AugmentParams, Transform, apply_transform, augment, crop_centre
 from .targets import TargetSpec, make_targets
+
+
+class LabelValueError(BadInput, ValueError):
+    """A database label outside ``[0, number_classes)``: the data or the setting is wrong (exit 2)."""
 
 MODES = ("train", "test")
 SAMPLINGS = ("uniform", "balanced", "foreground")
@@ -197,7 +202,7 @@ class BatchProducer:
         if spec.check_labels and label.size:
             top = int(label.max())
             if top >= spec.number_classes or (label.dtype.kind == "i" and int(label.min()) < 0):
-                raise ValueError(f"label values must be in [0, number_classes={spec.number_classes}); got "
+                raise LabelValueError(f"label values must be in [0, number_classes={spec.number_classes}); got "
                                  f"{top if top >= spec.number_classes else int(label.min())} in record {record} of "
                                  f"{spec.database}. Rebuild the database or pass the right number_classes")
         np.copyto(label_out, label, casting="unsafe")

@@ -49,6 +49,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..common.errors import BadInput, ToolkitError
 from ..store.images import smallest_uint
 from ..store.lmdb_store import LmdbReader, StoreError
 from .augment import AugmentParams
@@ -66,7 +67,15 @@ _ALIGN = 64
 
 
 class ReaderError(RuntimeError):
-    """The reader cannot deliver batches: a worker failed or died, or no batch came in time."""
+    """The reader cannot deliver batches: a worker failed or died, or no batch came in time.
+
+    A failure caused by the data or the settings is a :class:`ReaderInputError` (exit 2);
+    anything else is a bug or a crash and keeps the worker's traceback as its cause.
+    """
+
+
+class ReaderInputError(ReaderError, BadInput):
+    """The reader cannot run on this input: bad labels in a worker, too little shared memory (exit 2)."""
 
 
 class RemoteTraceback(Exception):
@@ -177,7 +186,8 @@ def _worker_main(job: WorkerJob) -> None:
             ready.send(("batch", slot, index, count))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the consumer
         try:
-            ready.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            ready.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                        isinstance(exc, ToolkitError)))
         except (OSError, ValueError):
             pass  # the consumer is gone; nobody is left to tell
         raise SystemExit(1)
@@ -554,7 +564,7 @@ class ImageReader:
             return
         free = shutil.disk_usage("/dev/shm").free
         if nbytes > free:
-            raise ReaderError(
+            raise ReaderInputError(
                 f"shared memory must hold the batch ring ({nbytes / 2**20:.0f} MiB = {self.capacity} slots of "
                 f"{self.layout.slot_bytes / 2**20:.1f} MiB); got {free / 2**20:.0f} MiB free in /dev/shm. Lower "
                 "batch_size, reader_count or slots_per_worker, or enlarge /dev/shm (docker --shm-size)")
@@ -619,7 +629,8 @@ class ImageReader:
                 return  # the worker closed its end: it exited, which the caller checks next
             if message[0] == "error":
                 self.close()
-                raise ReaderError(f"reader worker {worker} failed: {message[1]}") from RemoteTraceback(message[2])
+                error = ReaderInputError if len(message) > 3 and message[3] else ReaderError
+                raise error(f"reader worker {worker} failed: {message[1]}") from RemoteTraceback(message[2])
             self._ready[worker].append(message)
 
     def _drain(self, timeout: float) -> None:

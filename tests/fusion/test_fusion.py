@@ -555,7 +555,8 @@ def test_fuse_folder_rejects_bad_settings(binary_experts, tmp_path):
     for chosen, output, message in (({"method": "mean"}, tmp_path / "out", "method must be one of"),
                                     ({"mask_type": "x"}, tmp_path / "out", "mask_type must be"),
                                     ({"undecided_label": -1}, tmp_path / "out", "undecided_label must be"),
-                                    ({}, source / "x", "must not be inside input_folder")):
+                                    ({}, source / "x", "must not be inside input_folder"),
+                                    ({}, source.parent, "must not contain input_folder")):
         with pytest.raises(ValueError, match=message):
             fuse_folder(source, output, FusionConfig(**chosen))
 

@@ -205,7 +205,9 @@ def test_flag_errors_exit_2(args, message, capsys, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("no_model", "not found"),
-    ("same_folder", "output_folder must differ from image_folder"),
+    ("same_folder", "output_folder must not be, contain or lie inside image_folder"),
+    ("mask_folder", "output_folder must not be, contain or lie inside mask_folder"),
+    ("inside_masks", "output_folder must not be, contain or lie inside mask_folder"),
     ("tile", "tile_size must be a multiple of the model's size divisor 4"),
     ("empty", "image_folder must hold images"),
 ])
@@ -216,14 +218,19 @@ def test_setting_errors_exit_2_before_writing(model_folder, data, tmp_path, case
         model = tmp_path / "nothing"
     elif case == "same_folder":
         out = images
+    elif case in ("mask_folder", "inside_masks"):  # predicted KEY.tif would replace the mask KEY.tif
+        extra = ["--mask_folder", data / "masks"]
+        out = data / "masks" if case == "mask_folder" else data / "masks" / "pred"
     elif case == "tile":
         extra = ["--tile_size", "90"]
     elif case == "empty":
         images = tmp_path / "empty"
         images.mkdir()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (data / "masks").iterdir())
     assert run("--model", model, "--image_folder", images, "--output_folder", out, *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (data / "masks").iterdir()) == before
 
 
 def test_large_images_stream_to_tiled_bigtiff_equal_to_in_memory(model_folder, data, tmp_path, monkeypatch):
@@ -272,3 +279,24 @@ def test_a_model_from_an_unfinished_run_is_named_as_such(model_folder, data, tmp
     assert (f"warning: {folder / 'model.json'} is from a training run that is {state}" in out) is warned
     if warned:
         assert "not a finished model. Rerun the training command" in out
+
+
+def test_a_bug_on_one_image_shows_its_traceback_and_a_bad_file_does_not(model_folder, data, tmp_path, monkeypatch,
+                                                                       capsys):
+    import lib.inference.runner as runner
+
+    real = runner.open_image
+
+    def faulty(path, info):
+        if path.stem == "img_01":
+            raise TypeError("a programming error")
+        return real(path, info)
+
+    monkeypatch.setattr(runner, "open_image", faulty)
+    (data / "images" / "img_02.tif").write_bytes(b"not a tiff")  # a user's broken file
+    assert run("--model", model_folder, "--image_folder", data / "images", "--output_folder", tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "img_01.tif: TypeError: a programming error (skipped)" in text
+    assert "Traceback (most recent call last)" in text and "in faulty" in text
+    assert "img_02.tif" in text and text.count("Traceback (most recent call last)") == 1

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from lib.common.errors import BadInput
 from lib.reader import imagereader
 from lib.reader.augment import AugmentParams
 from lib.reader.imagereader import (
@@ -277,14 +278,16 @@ def test_worker_exception_reaches_the_consumer_with_its_traceback(tmp_path):
     assert time.monotonic() - started < 5
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "Traceback" in info.value.__cause__.text and "_store" in info.value.__cause__.text
+    assert isinstance(info.value, BadInput) and info.value.exit_code == 2  # the data is wrong, not the code
     assert_cleaned_up(r.worker_pids, r.shm_name)
 
 
 def test_corrupt_record_is_reported(tmp_path):
     database = write_db(tmp_path / "db", bad_record=3)
-    with pytest.raises(ReaderError, match="record 3 of .* shorter than a record header"):
+    with pytest.raises(ReaderError, match="record 3 of .* shorter than a record header") as info:
         with reader(database, mode="test", reader_count=1) as r:
             list(r.epoch())
+    assert isinstance(info.value, BadInput)
     assert_cleaned_up(r.worker_pids, r.shm_name)
 
 
@@ -293,9 +296,10 @@ def test_killed_worker_is_detected_within_seconds(db):
     r.get_batch()
     os.kill(r.worker_pids[1], signal.SIGKILL)
     started = time.monotonic()
-    with pytest.raises(ReaderError, match="killed by signal SIGKILL"):
+    with pytest.raises(ReaderError, match="killed by signal SIGKILL") as info:
         for _ in range(100):
             r.get_batch()
+    assert not isinstance(info.value, BadInput)  # a crash, not a user's input
     assert time.monotonic() - started < 5
     assert_cleaned_up(r.worker_pids, r.shm_name)
 
