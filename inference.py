@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 
-from lib.common.cli import make_parser
+from lib.common.cli import make_parser, run_main
+from lib.common.device import quiet_tensorflow_logs
+from lib.common.errors import SomeFailed
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -83,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "labels of a few near-tie pixels; auto = bfloat16 where native, else float32")
     tiles = parser.add_argument_group("tiling")
     tiles.add_argument("--tile_size", type=int, default=None,
-                       help="largest tile edge fed to the model, a multiple of its size divisor "
-                            "(default: a zone of max(768, 2*halo) plus the halo on each side)")
+                       help="square tiles of at most this edge, a multiple of the model's size divisor "
+                            "(default: the grid that computes the fewest pixels with tiles, possibly rectangular, "
+                            "within a pixel budget: a 960 x 960 tile's area, x1.3 in bfloat16)")
     tiles.add_argument("--halo", type=int, default=None,
                        help="pixels of context around each tile's zone (default: the receptive-field radius, "
                             "exact; smaller is faster and approximate near tile borders)")
@@ -171,14 +173,11 @@ def _config(args: argparse.Namespace, config_class):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from lib.common.cli import run_main
-
+    quiet_tensorflow_logs()
     return run_main(lambda: _run(args), prog="inference.py")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lib.common.errors import SomeFailed
     from lib.inference.runner import run_inference
 
     config = args.config

@@ -2,7 +2,7 @@
 """Instance-segmentation accuracy: train ``train_unet.py --target instance`` with its default
 settings for a wall-time budget on the synthetic example data, then report matching F1 at IoU
 0.5 on held-back images, against a classical baseline (Otsu threshold + distance-transform
-watershed, :func:`lib.instances.postprocess.classical_baseline`) on the same images.
+watershed, :func:`lib.instances.classical.classical_baseline`) on the same images.
 
 Training data: ``data/generate.py`` images (seed 0), split 80/20 by image into the training
 and validation databases (``build_lmdb.py --mask_type instance``). Held-back images:

@@ -1,4 +1,4 @@
-"""Benchmark of lib/imagereader.py against keras.utils.PyDataset: augmented examples per second.
+"""Benchmark of lib/reader/imagereader.py against keras.utils.PyDataset: augmented examples per second.
 
     .venv/bin/python benchmarks/bench_reader.py [--workers 1,2,4] [--batches 150] [--repeats 3]
 

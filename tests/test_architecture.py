@@ -26,8 +26,13 @@ LONG_MODULES = {
     "lib.reader.imagereader": "one protocol",
 }
 MAX_PARAMETERS = 7
-# Public constructors of config objects and model builders may take more (issue 12).
-MANY_PARAMETERS_ALLOWED = {"__init__"}
+# Public constructors of config objects and model builders may take more (issue 12); config
+# dataclasses have no hand-written __init__. Every other exception is named here with its reason.
+MANY_PARAMETERS_ALLOWED = {
+    # the reader's public constructor: keyword-only options that become its ReaderSpec (18; a
+    # ReaderOptions object would be the next step)
+    "lib.reader.imagereader.ImageReader.__init__",
+}
 
 
 def _modules() -> list[Path]:
@@ -91,7 +96,6 @@ RULES = {
     "lib never imports a CLI": lambda me, m, top: (f"imports {m}" if m.split(".")[0] in CLIS else None),
     "argparse only in lib/common/cli.py": lambda me, m, top: (
         "imports argparse" if m == "argparse" and me != "lib.common.cli" else None),
-    "lib modules import each other relatively": lambda me, m, top: None,  # checked below on the source
 }
 
 
@@ -127,18 +131,30 @@ def test_module_sizes():
     assert long == {}
 
 
+def _functions(tree: ast.AST, prefix: str):
+    """(qualified name, node) of every function, methods named ``Class.method``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield f"{prefix}.{node.name}", node
+            yield from _functions(node, f"{prefix}.{node.name}")
+        elif isinstance(node, ast.ClassDef):
+            yield from _functions(node, f"{prefix}.{node.name}")
+        else:
+            yield from _functions(node, prefix)
+
+
 def test_no_function_takes_more_than_seven_parameters():
     problems = []
     for path in _modules():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name in MANY_PARAMETERS_ALLOWED:
+        for name, node in _functions(ast.parse(path.read_text()), _name(path)):
+            if name in MANY_PARAMETERS_ALLOWED:
                 continue
             if _in(_name(path), "lib.models") and node.name.startswith("build_"):
                 continue  # model builders (issue 12)
             args = node.args
             names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in ("self", "cls")]
             if len(names) > MAX_PARAMETERS:
-                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} takes {len(names)}")
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name} takes {len(names)}")
     assert problems == []
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
 from .errors import ToolkitError
 
@@ -52,8 +52,3 @@ def run_main(body: Callable[[], int | None], prog: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0 if code is None else int(code)
-
-
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``; misuse exits 2 through ``parser.error`` as argparse does."""
-    return parser.parse_args(argv)

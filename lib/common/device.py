@@ -36,7 +36,7 @@ def select_strategy(devices: list[str] | None = None):
     return tf.distribute.get_strategy()
 
 
-def _worker_info(strategy) -> tuple[int, int]:
+def worker_info(strategy) -> tuple[int, int]:
     """(worker index, number of workers) of this process in the strategy's cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():

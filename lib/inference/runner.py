@@ -106,7 +106,7 @@ class InferenceConfig:
     thresholds: dict[str, float | str] | None = None  # seed thresholds by channel, "growth"
     refinements: tuple[str, ...] | None = None  # replace model.json's refinements
     pixel_size: float | None = None  # physical side of a pixel, for the measurements
-    filter_rules: str | None = None  # lib.instances.postprocess.parse_rules text: instances to remove
+    filter_rules: str | None = None  # lib.instances.rules.parse_rules text: instances to remove
     save_intermediates: bool = False  # seeds, surface and growth mask
     matching_thresholds: tuple[float, ...] = (0.3, 0.5, 0.75)  # IoU thresholds of the evaluation
     postprocess_window: int = POSTPROCESS_WINDOW
@@ -162,7 +162,7 @@ class InferenceConfig:
             v.append(f"pixel_size must be a positive number (physical units per pixel); got {self.pixel_size!r}")
         if self.filter_rules is not None:
             try:
-                parse_rules(self.filter_rules, MEASUREMENT_COLUMNS)  # the columns of lib.instances.postprocess.measure
+                parse_rules(self.filter_rules, MEASUREMENT_COLUMNS)  # the columns of lib.instances.measure.measure
             except ValueError as exc:
                 v.append(f"filter_rules must be valid rules; got {self.filter_rules!r}: {' '.join(str(exc).split())}")
         for step in self.refinements or ():

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import model_folder
-from ..common.device import _worker_info, bfloat16_is_native, select_strategy
+from ..common.device import worker_info, bfloat16_is_native, select_strategy
 from ..reader.imagereader import as_tf_dataset
 from ..store.lmdb_store import LmdbReader
 from .config import INSTANCE_CLASSES, RESUMABLE, TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
@@ -387,7 +387,7 @@ class TrainingRun:
             return self._already_finished(saved)
         self.out.mkdir(parents=True, exist_ok=True)
         self.strategy = self.strategy or select_strategy()
-        self.worker_index, n_workers = _worker_info(self.strategy)
+        self.worker_index, n_workers = worker_info(self.strategy)
         self.chief = self.worker_index == 0
         if self.chief:
             model_folder.write_train_config(self.out, self.config.to_dict())

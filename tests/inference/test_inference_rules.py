@@ -211,7 +211,6 @@ def test_outputs_are_written_with_the_umask_mode(model_folder, tmp_path, monkeyp
                                "--uncertainty", "--quiet"]) == 0
     finally:
         os.umask(previous)
-        lib.common.files._umask = None
     out = tmp_path / "out"
     written = [p for p in out.rglob("*") if p.is_file()]
     for name in ("img_00.tif", "img_01.tif", "probabilities/img_00.tif", "probabilities/img_01.tif",

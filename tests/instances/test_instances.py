@@ -20,7 +20,7 @@ from lib.instances.measure import MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D, m
 from lib.instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed, refine
 from lib.instances.rules import filter_instances, parse_rules
 
-# Synthetic instances and their perfect channel maps (made here: lib/targets.py is not used)
+# Synthetic instances and their perfect channel maps (made here: lib/reader/targets.py is not used)
 
 
 def touching_cells(n: int = 12, spacing: int = 17, radii=(8.5, 10.0), jitter: float = 1.5, seed: int = 0) -> np.ndarray:

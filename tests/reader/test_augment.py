@@ -1,4 +1,4 @@
-"""Invariants of lib.augment: labels keep their values, identity is identity, exact flips and
+"""Invariants of lib.reader.augment: labels keep their values, identity is identity, exact flips and
 quarter turns, per-channel blur, determinism, and the CLI flags."""
 
 import argparse

@@ -1,4 +1,4 @@
-"""lib.imagereader: batch contract, exact test passes for any worker count, reproducible and
+"""lib.reader.imagereader: batch contract, exact test passes for any worker count, reproducible and
 independent worker streams, sampling, lifecycle under failures, starvation monitor, TF adapter."""
 
 import argparse
@@ -341,7 +341,7 @@ def test_closed_reader_refuses(db):
 def test_starvation_messages_and_waiting_fraction(tmp_path, caplog):
     # Batches of 32 augmented 128x128 tiles take one worker tens of ms; the consumer takes none.
     database = write_db(tmp_path / "db", size=128)
-    caplog.set_level(logging.WARNING, logger="lib.imagereader")
+    caplog.set_level(logging.WARNING, logger="lib.reader.imagereader")
     with reader(database, batch_size=32, reader_count=1, slots_per_worker=3) as r:
         for _ in range(6):
             r.get_batch()

@@ -321,11 +321,11 @@ MULTIWORKER_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from lib.training.losses import make_loss
     from lib.models import build_model
-    from lib.common.device import _worker_info, select_strategy
+    from lib.common.device import worker_info, select_strategy
     from lib.training.step import make_train_step
 
     strategy = select_strategy()  # TF_CONFIG is set: MultiWorkerMirroredStrategy
-    index, n_workers = _worker_info(strategy)
+    index, n_workers = worker_info(strategy)
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = build_model("unet", 1, 2, base_filters=4, depth=1, batch_norm=False, dropout=0.0)
