@@ -4,23 +4,35 @@
 #               -> train an instance model (F, C, Db) and segment + match the cells of the 4 new images
 #                  (demo_output/pred_instances: labels, measurements, instance_metrics.csv, overlays)
 #   make test   run the test suite
+# GPU=1 (make demo GPU=1, make test GPU=1) installs requirements-gpu.txt into the same .venv:
+# TensorFlow's CUDA libraries, without which TensorFlow on Linux runs on the CPU only.
+#   make gpu-check   checks that the pinned GPU set resolves, without installing it (CI runs it)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+GPU ?= 0
+ifeq ($(GPU),1)
+RUNTIME := requirements-gpu.txt
+else
+RUNTIME := requirements.txt
+endif
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean gpu-check
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime-gpu$(GPU): requirements.txt $(RUNTIME)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r $(RUNTIME)
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
+$(VENV)/.dev-gpu$(GPU): requirements.txt requirements-dev.txt $(VENV)/.runtime-gpu$(GPU)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-demo: $(VENV)/.runtime
+gpu-check: $(VENV)/.runtime-gpu0
+	$(PY) -m pip install --quiet --dry-run --ignore-installed -r requirements-gpu.txt
+
+demo: $(VENV)/.runtime-gpu$(GPU)
 	$(PY) data/generate.py --output_folder demo_output/data --n_images 16 --seed 0
 	$(PY) build_lmdb.py --image_folder demo_output/data/images --mask_folder demo_output/data/masks \
 		--output_folder demo_output/db --dataset_name demo --number_classes 3 --train_fraction 0.75 \
@@ -49,10 +61,10 @@ demo: $(VENV)/.runtime
 	$(PY) inference.py --model demo_output/run_instances --image_folder demo_output/new/images \
 		--mask_folder demo_output/new/instances --output_folder demo_output/pred_instances --pixel_size 0.65
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev-gpu$(GPU)
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev-gpu$(GPU)
 	$(PY) benchmarks/bench_build_lmdb.py
 	$(PY) benchmarks/bench_reader.py
 	$(PY) benchmarks/bench_fusion.py
