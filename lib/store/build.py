@@ -39,6 +39,7 @@ from .. import __version__
 from ..common.errors import OutputError
 from ..common.files import check_not_inside, write_with
 from ..common.settings import ConfigError, from_dict
+from . import mask_checks
 from .images import (
     DatasetError,
     ImageReadError,
@@ -52,7 +53,6 @@ from .images import (
     read_image,
     read_mask,
 )
-from . import mask_checks
 from .lmdb_store import FILE_MODE, FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
 from .tiling import pad_to, tile_grid
 
@@ -245,9 +245,11 @@ def _process(job: _Job) -> dict[str, Any]:
             # One count of every value: the class statistics and the plausibility checks share it.
             counts = np.bincount(mask.ravel(), minlength=s["n_classes"])
             if s["number_classes"] is None:
-                out["problems"] += mask_checks.stray_values(counts, job.pair.mask)
-                out["value_counts"] = counts
-                out["object_like"] = mask_checks.object_like(mask, counts)
+                stray = mask_checks.stray_values(counts, job.pair.mask)
+                out["problems"] += stray
+                if not stray:  # a mask already named for its stray values does not count twice
+                    out["value_counts"] = counts
+                    out["object_like"] = mask_checks.object_like(mask, counts)
     if image is not None and mask is not None and image.shape[:2] != mask.shape:
         out["problems"].append(f"image and mask sizes differ: {job.pair.image} is {image.shape[0]}x{image.shape[1]}"
                                f" (HxW), {job.pair.mask} is {mask.shape[0]}x{mask.shape[1]}")

@@ -25,6 +25,8 @@ MAX_CLASSES = 64
 MANY_VALUES = 8
 # Values whose bounding boxes cover at most this fraction of the mask (median) look like objects.
 BLOB_AREA = 0.05
+# An object id covers at least this many pixels.
+MIN_OBJECT_PIXELS = 4
 
 
 def _shown(values, counts=None, limit: int = 8) -> str:
@@ -49,8 +51,8 @@ def stray_values(counts: np.ndarray, path: Path) -> list[str]:
 def object_like(mask: np.ndarray, counts: np.ndarray) -> int:
     """The number of distinct non-zero values of ``mask`` when they look like object ids, else 0.
 
-    Object ids: many distinct values, each in a small compact region (median bounding box
-    under :data:`BLOB_AREA` of the mask).
+    Object ids: many distinct values, most of them in one small compact region (a bounding box
+    under :data:`BLOB_AREA` of the mask that they fill to 30 % or more).
     """
     present = np.flatnonzero(counts[1:]) + 1
     if len(present) <= MANY_VALUES:
@@ -58,9 +60,13 @@ def object_like(mask: np.ndarray, counts: np.ndarray) -> int:
     from scipy import ndimage
 
     boxes = ndimage.find_objects(np.ascontiguousarray(mask))
-    areas = [(b[0].stop - b[0].start) * (b[1].stop - b[1].start) for b in (boxes[v - 1] for v in present)
-             if b is not None]
-    return len(present) if areas and np.median(areas) <= BLOB_AREA * mask.size else 0
+    compact = 0
+    for v in present:
+        box = boxes[v - 1]
+        area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+        # An object fills much of its own box; stray values (ringing, noise) are scattered or tiny.
+        compact += counts[v] >= MIN_OBJECT_PIXELS and counts[v] >= 0.3 * area and area <= BLOB_AREA * mask.size
+    return len(present) if compact > len(present) // 2 else 0
 
 
 def dataset_problems(masks: list[Path], counts: list[np.ndarray], objects: list[int]) -> list[str]:
