@@ -7,6 +7,11 @@ writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv. Every pro
 input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
 before anything is written. Does not import TensorFlow.
 
+Semantic masks are checked for plausibility unless --number_classes is given: JPEG masks, 0/255
+masks with stray values, many sparse or rare values, and values that look like object ids
+(use --mask_type instance) are refused, naming the masks. Images and masks may share a folder
+when masks are named NAME + suffix (e.g. img.png, img_mask.png).
+
 Exit codes: 0 done; 2 bad flags, settings or dataset (nothing written); 130 interrupted
 (nothing written).
 """

@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..common.errors import OutputError
-from ..common.files import write_with
+from ..common.files import check_not_inside, write_with
 from ..common.settings import ConfigError, from_dict
+from . import mask_checks
 from .images import (
     DatasetError,
     ImageReadError,
@@ -112,6 +113,11 @@ class BuildConfig:
             v.append(f"mask_type must be 'semantic' or 'instance'; got {self.mask_type!r}")
         if self.folds < 0 or self.folds == 1:
             v.append(f"folds must be 0 (no k-fold assignment) or >= 2; got {self.folds}")
+        try:
+            check_not_inside(out, {n: getattr(self, n) for n in ("image_folder", "mask_folder")
+                                   if Path(getattr(self, n)).is_dir()})
+        except OutputError as exc:
+            v.append(str(exc))
         if self.workers < 0:
             v.append(f"workers must be >= 0 (0 = in this process); got {self.workers}")
         if v:
@@ -168,6 +174,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(db_paths: dict[str, str], map_size: dict[str, int], settings: dict[str, Any]) -> None:
     import lmdb
 
+    _die_with_parent(settings.get("parent_pid"))  # set for pool workers only
     # A build interrupted by the user is cleaned up by the parent; workers just stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -175,6 +182,35 @@ def _init_worker(db_paths: dict[str, str], map_size: dict[str, int], settings: d
     # No writemap: on a fresh file its page faults cost more than LMDB's write() at commit.
     _WORKER["envs"] = {split: lmdb.open(path, map_size=map_size[split], subdir=True, sync=False, metasync=False,
                                         mode=FILE_MODE) for split, path in db_paths.items()}
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """End this worker when the build's process dies, even by SIGKILL (no orphan holds the database).
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Elsewhere a
+    daemon thread watches the parent's pid. Either way a parent already gone ends the worker now.
+    """
+    if parent_pid is None:
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    start_parent = os.getppid()
+    if not _pid_alive(parent_pid) or (start_parent == 1 and parent_pid != 1):
+        os._exit(1)
+    if not armed:
+        def _watch() -> None:
+            while _pid_alive(parent_pid) and os.getppid() == start_parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
 
 
 def _close_worker_envs() -> None:
@@ -197,11 +233,23 @@ def _process(job: _Job) -> dict[str, Any]:
     except ImageReadError as exc:
         out["problems"].append(f"unreadable or invalid mask: {exc}")
         mask = None
+    if image is not None and image.dtype.kind == "f":
+        out["problems"] += mask_checks.non_finite(image, job.pair.image)
+    counts = None
     if mask is not None:
         top = int(mask.max()) if mask.size else 0
         out["problems"] += check_mask_values(mask, job.pair.mask, s["number_classes"], s["mask_type"], top)
         if top > np.iinfo(s["label_dtype"]).max:
             out["problems"].append(f"mask values must fit in {s['label_dtype']}; got {top} in {job.pair.mask}")
+        elif s["mask_type"] == "semantic":
+            # One count of every value: the class statistics and the plausibility checks share it.
+            counts = np.bincount(mask.ravel(), minlength=s["n_classes"])
+            if s["number_classes"] is None:
+                stray = mask_checks.stray_values(counts, job.pair.mask)
+                out["problems"] += stray
+                if not stray:  # a mask already named for its stray values does not count twice
+                    out["value_counts"] = counts
+                    out["object_like"] = mask_checks.object_like(mask, counts)
     if image is not None and mask is not None and image.shape[:2] != mask.shape:
         out["problems"].append(f"image and mask sizes differ: {job.pair.image} is {image.shape[0]}x{image.shape[1]}"
                                f" (HxW), {job.pair.mask} is {mask.shape[0]}x{mask.shape[1]}")
@@ -214,7 +262,8 @@ def _process(job: _Job) -> dict[str, Any]:
     # Statistics over the image itself (tiles overlap; the image does not).
     out["stats"] = _moments(image)
     semantic_view = label if s["mask_type"] == "semantic" else (label > 0).astype(np.uint8)
-    out["class_counts"] = np.bincount(semantic_view.ravel(), minlength=n_classes).tolist()
+    out["class_counts"] = (counts if counts is not None
+                           else np.bincount(semantic_view.ravel(), minlength=n_classes)).tolist()
     image_p = pad_to(image, job.tile_h, job.tile_w, "reflect")
     label_p = pad_to(label, job.tile_h, job.tile_w, "zero")
     tiles, records = [], []
@@ -339,6 +388,7 @@ def _run_jobs(jobs: list[_Job], workers: int, db_paths: dict[str, str], map_size
             ctx = multiprocessing.get_context(method)
             # An executor, not multiprocessing.Pool: a worker that dies (out of memory, killed)
             # raises BrokenProcessPool here instead of leaving the build waiting for ever.
+            settings = {**settings, "parent_pid": os.getpid()}
             with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
                                                         initializer=_init_worker,
                                                         initargs=(db_paths, map_sizes, settings)) as pool:
@@ -431,10 +481,20 @@ def _check_dataset(config: BuildConfig, progress: bool,
                 "label_dtype": label_dtype, "n_classes": n_classes or 0}
     if problems:
         jobs = [_Job(i, p, "", 0, (), 0, 0) for i, (p, c) in enumerate(zip(pairs, checks)) if not c.problems]
-        for r in _run_jobs(jobs, config.workers, {}, {}, settings, progress):
+        results = _run_jobs(jobs, config.workers, {}, {}, settings, progress)
+        for r in results:
             problems += r["problems"]
+        problems += _value_problems([pairs[j.index] for j in jobs], results)
         raise DatasetError(problems)
     return pairs, checks, warnings, settings
+
+
+def _value_problems(pairs: list[Pair], results: list[dict[str, Any]]) -> list[str]:
+    """Dataset-wide plausibility of the mask values (semantic builds without --number_classes)."""
+    rows = [(p.mask, r["value_counts"], r["object_like"]) for p, r in zip(pairs, results) if "value_counts" in r]
+    if not rows:
+        return []
+    return mask_checks.dataset_problems(*map(list, zip(*rows)))
 
 
 def _make_plan(config: BuildConfig, pairs: list[Pair], checks: list[PairCheck], settings: dict[str, Any],
@@ -547,6 +607,7 @@ def _fill_databases(plan: _Plan, databases: dict[str, Path], progress: bool) -> 
     workers = plan.config.workers if total >= SMALL_BUILD_BYTES else 0
     results = _run_jobs(plan.jobs, workers, db_paths, map_sizes, plan.settings, progress)
     problems = [p for r in results for p in r["problems"]]
+    problems += _value_problems(plan.pairs, results)
     if problems:
         raise DatasetError(problems)
     # Largest value seen in any mask + 1 when not given, the same for both databases.

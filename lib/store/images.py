@@ -7,10 +7,13 @@ a 3D stack as ``(Z, Y, X, C)``. TIFF files are read with tifffile, PNG/JPEG/BMP 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import logging
 import os
+import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -21,6 +24,8 @@ IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 IMAGE_DTYPES = ("uint8", "uint16", "int32", "float32")
 MASK_DTYPES = ("uint8", "uint16", "int32", "uint32")
+# TIFF compressions that change pixel values (tag 259): JPEG (old and new), WebP, JPEG XL.
+LOSSY_TIFF_COMPRESSIONS = {6: "JPEG", 7: "JPEG", 34892: "JPEG", 50001: "WebP", 50002: "JPEG XL"}
 # A dimension this small next to two large ones is taken for channels, not for space.
 MAX_CHANNELS = 16
 
@@ -130,6 +135,30 @@ def _pil_open(path: Path):
     return Image.open(path)
 
 
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Hold back tifffile's log lines (``invalid offset to first page``) while a file is read.
+
+    A damaged file is reported once, as an :class:`ImageReadError` naming it.
+    """
+    logger = logging.getLogger("tifffile")
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
+
+
+def _read_error(path: Path, exc: Exception) -> ImageReadError:
+    """The error for a file no decoder could read: names it, says what to do."""
+    if isinstance(exc, (IndexError, EOFError, OSError, ValueError, struct.error)) or "TiffFileError" in type(
+            exc).__name__ or "corrupt" in str(exc).lower() or "truncat" in str(exc).lower():
+        return ImageReadError(f"cannot read {path}: the file is truncated or damaged ({type(exc).__name__}: "
+                              f"{exc}). Copy or export it again")
+    return ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}")
+
+
 def read_info(path: str | os.PathLike) -> ImageInfo:
     """Shape, dtype and axes of an image file, from its header (pixels are not decoded).
 
@@ -140,8 +169,8 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
         if path.suffix.lower() in TIFF_EXTENSIONS:
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+                series = _first_series(tif)
                 shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
         else:
             with _pil_open(path) as im:
@@ -149,7 +178,7 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
     except ImageReadError:
         raise
     except Exception as exc:  # any decoder failure means the same thing to the user
-        raise ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise _read_error(path, exc) from None
     shape, axes = _squeeze_axes(shape, axes)
     canon = _canonical_axes(shape, axes, path)
     sizes = dict(zip(canon, shape))
@@ -159,6 +188,36 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
     else:
         out_shape = (sizes["Y"], sizes["X"], channels)
     return ImageInfo(shape=tuple(int(s) for s in out_shape), dtype=dtype.name, axes=canon)
+
+
+def _first_series(tif):
+    """The first image series of an open TIFF; a file without one is truncated or damaged."""
+    series = tif.series
+    if not series:
+        raise EOFError("no image in the file (its first page is missing)")
+    return series[0]
+
+
+def lossy_format(path: str | os.PathLike) -> str | None:
+    """``"JPEG"`` when ``path`` stores pixels lossily (a .jpg, or a JPEG-compressed TIFF), else None.
+
+    Masks saved so hold ringing values near every edge, which would become spurious classes.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return "JPEG"
+    if suffix in TIFF_EXTENSIONS:
+        try:
+            import tifffile
+
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+                compression = int(tif.pages[0].compression) if len(tif.pages) else 1
+        except Exception:  # unreadable: reported by the header check
+            return None
+        if compression in LOSSY_TIFF_COMPRESSIONS:
+            return LOSSY_TIFF_COMPRESSIONS[compression]
+    return None
 
 
 def _pil_shape_dtype(im) -> tuple[tuple[int, ...], np.dtype, str]:
@@ -181,8 +240,8 @@ def _read_raw(path: Path) -> tuple[np.ndarray, str | None]:
     if path.suffix.lower() in TIFF_EXTENSIONS:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            series = _first_series(tif)
             return series.asarray(), series.axes
     with _pil_open(path) as im:
         im.load()
@@ -206,7 +265,7 @@ def read_any(path: str | os.PathLike) -> np.ndarray:
     try:
         array, axes = _read_raw(path)
     except Exception as exc:
-        raise ImageReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise _read_error(path, exc) from None
     shape, axes = _squeeze_axes(array.shape, axes)
     array = array.reshape(shape)
     return _to_canonical(array, _canonical_axes(shape, axes, path))
@@ -415,17 +474,28 @@ def pair_images_masks(images: dict[str, Path], masks: dict[str, Path],
     Returns ``(pairs, problems)`` where problems name every image without a mask and every
     mask without an image.
     """
+    problems = []
+    if set(map(_resolved, images.values())) & set(map(_resolved, masks.values())):
+        images, masks, mask_suffix, problems = _split_shared_folder(images, masks, mask_suffix)
+        if problems:
+            return [], problems
     explicit = mask_suffix is not None
     suffix = mask_suffix if explicit else infer_mask_suffix(images, masks)
-    pairs, problems, used = [], [], set()
+    pairs, used, refused = [], set(), set()
     for key, image_path in images.items():
         mask_key = key + suffix
         if mask_key not in masks and not explicit and key in masks:
             mask_key = key
-        if mask_key in masks:
+        if mask_key in masks and _resolved(masks[mask_key]) == _resolved(image_path):
+            problems.append(f"mask must be another file than its image; got {image_path} for both. Name masks "
+                            "NAME + a suffix (--mask_suffix) or keep them in their own --mask_folder")
+            used.add(mask_key)
+            refused.add(key)
+        elif mask_key in masks:
             pairs.append(Pair(key, image_path, masks[mask_key]))
             used.add(mask_key)
-    orphans_img = [images[k].name for k in images if k not in {p.key for p in pairs}]
+    paired = {p.key for p in pairs} | refused
+    orphans_img = [images[k].name for k in images if k not in paired]
     orphans_mask = [masks[k].name for k in masks if k not in used]
     hint = f" (mask key = image key + {suffix!r})" if suffix else ""
     if orphans_img:
@@ -433,6 +503,36 @@ def pair_images_masks(images: dict[str, Path], masks: dict[str, Path],
     if orphans_mask:
         problems.append(f"{len(orphans_mask)} mask(s) have no image{hint}: {', '.join(orphans_mask)}")
     return pairs, problems
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _split_shared_folder(images: dict[str, Path], masks: dict[str, Path], mask_suffix: str | None
+                         ) -> tuple[dict[str, Path], dict[str, Path], str, list[str]]:
+    """Images and masks that live in one folder: masks are the files named NAME + suffix.
+
+    The suffix is ``mask_suffix`` or the most common ``_x``/``-x``/``.x`` ending that turns one
+    file's key into another's. Returns ``(images, masks, suffix, problems)``; a mask is never
+    taken for an image, and no file is paired with itself.
+    """
+    folder = next(iter(images.values())).parent
+    suffix = mask_suffix
+    if suffix is None:
+        counts: collections.Counter[str] = collections.Counter()
+        for mask_key in masks:
+            for cut in range(1, len(mask_key)):
+                if mask_key[cut] in "_-." and mask_key[:cut] in images:
+                    counts[mask_key[cut:]] += 1
+        suffix = counts.most_common(1)[0][0] if counts else ""
+    if not suffix:
+        how = "--mask_suffix ''" if mask_suffix is not None else "no file is named like another plus a suffix"
+        return {}, {}, "", [f"mask_suffix must tell masks from images when --image_folder and --mask_folder are the "
+                            f"same folder ({folder}); got {how}, so every file would be its own mask. Name masks "
+                            "NAME_mask.png and pass --mask_suffix _mask, or keep them in their own folder"]
+    mask_keys = {k for k in masks if k.endswith(suffix) and len(k) > len(suffix)}
+    return ({k: p for k, p in images.items() if k not in mask_keys}, {k: masks[k] for k in mask_keys}, suffix, [])
 
 
 # Validation
@@ -473,6 +573,11 @@ def check_pair_headers(pair: Pair) -> PairCheck:
             check.mask_shape, check.mask_dtype = minfo.shape[:2], minfo.dtype
             if minfo.shape[2] > 1 and minfo.shape[2] not in (2, 3, 4):
                 check.problems.append(f"mask must have one channel; got {minfo.shape[2]} in {pair.mask}")
+        lossy = lossy_format(pair.mask)
+        if lossy:
+            check.problems.append(f"mask must be saved in a lossless format; got {lossy} in {pair.mask}, whose "
+                                  "compression adds stray values along every edge (they would become classes). "
+                                  "Save masks as PNG or TIFF from the original labels")
     except ImageReadError as exc:
         check.problems.append(f"unreadable mask: {exc}")
     if check.image_shape and check.mask_shape and check.image_shape[:2] != check.mask_shape:

@@ -240,10 +240,35 @@ def _acquire_env(path: Path):
             pass
     entry = _ENVS.get(key)
     if entry is None:
-        env = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
+        try:
+            env = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
+        except lmdb.Error as exc:
+            raise _damaged(path, exc) from None
+        try:
+            _check_size(path, env)
+        except BaseException:
+            env.close()
+            raise
         entry = _ENVS[key] = [env, 0]
     entry[1] += 1
     return entry[0]
+
+
+def _damaged(path: Path, detail: object) -> StoreError:
+    """The error for a database file that LMDB cannot use: names the file and the way forward."""
+    return StoreError(f"database must be a complete LMDB file; {path / DATA_FILE} is damaged ({detail}). "
+                      "Rebuild it with build_lmdb.py (the same command writes it again)")
+
+
+def _check_size(path: Path, env) -> None:
+    """Refuse a data file shorter than its own meta page says (a truncated copy).
+
+    Reading such a file through LMDB's memory map would kill the process with SIGBUS.
+    """
+    expected = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = (path / DATA_FILE).stat().st_size
+    if actual < expected:
+        raise _damaged(path, f"{actual} bytes where its header says at least {expected}: truncated")
 
 
 def _release_env(path: Path) -> None:
@@ -277,7 +302,11 @@ class LmdbReader:
         self._env = None
         self._txn = None
         self._pid = None
-        self.metadata = self._read_metadata()
+        try:
+            self.metadata = self._read_metadata()
+        except BaseException:
+            self.close()
+            raise
         self._n = int(self.metadata["n_records"])
 
     def _open(self) -> None:
@@ -292,15 +321,24 @@ class LmdbReader:
             self._open()
 
     def _read_metadata(self) -> dict[str, Any]:
+        import lmdb
+
         self._ensure_open()
-        raw = self._txn.get(METADATA_KEY)
+        try:
+            raw = self._txn.get(METADATA_KEY)
+            raw = None if raw is None else bytes(raw)
+        except lmdb.Error as exc:
+            raise _damaged(self.path, exc) from None
         if raw is None:
             raise StoreError(f"{self.path} has no metadata record; it was not written by build_lmdb.py or the "
                              "build did not finish. Rebuild it")
         try:
-            metadata = json.loads(bytes(raw).decode("utf-8"))
+            metadata = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StoreError(f"{self.path} has corrupt metadata ({exc}); rebuild it") from None
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("n_records"), int):
+            raise StoreError(f"{self.path} metadata has no integer n_records; the database is damaged. Rebuild it "
+                             "with build_lmdb.py")
         version = metadata.get("format_version")
         if not isinstance(version, int):
             raise StoreError(f"{self.path} metadata has no integer format_version; rebuild it")
@@ -316,8 +354,13 @@ class LmdbReader:
         """The record buffer of ``index`` (zero-copy)."""
         if not 0 <= index < self._n:
             raise IndexError(f"record index must be in [0, {self._n}); got {index}")
+        import lmdb
+
         self._ensure_open()
-        buffer = self._txn.get(record_key(index))
+        try:
+            buffer = self._txn.get(record_key(index))
+        except lmdb.Error as exc:
+            raise _damaged(self.path, f"record {index}: {exc}") from None
         if buffer is None:
             raise StoreError(f"{self.path} has no record {index} although metadata says {self._n}; rebuild it")
         return buffer
