@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..common.errors import OutputError
-from ..common.files import check_not_inside, write_with
+from ..common.files import is_inside, write_with
 from ..common.settings import ConfigError, from_dict
 from . import mask_checks
 from .images import (
@@ -113,11 +113,14 @@ class BuildConfig:
             v.append(f"mask_type must be 'semantic' or 'instance'; got {self.mask_type!r}")
         if self.folds < 0 or self.folds == 1:
             v.append(f"folds must be 0 (no k-fold assignment) or >= 2; got {self.folds}")
-        try:
-            check_not_inside(out, {n: getattr(self, n) for n in ("image_folder", "mask_folder")
-                                   if Path(getattr(self, n)).is_dir()})
-        except OutputError as exc:
-            v.append(str(exc))
+        # Into an input folder, a database could sit among (and be paired with) the inputs; a parent
+        # of the inputs (--output_folder . beside images/ and masks/) is fine: the build writes only
+        # train-/test-NAME.lmdb and split-NAME.csv there.
+        for name in ("image_folder", "mask_folder"):
+            folder = getattr(self, name)
+            if Path(folder).is_dir() and is_inside(out, folder):
+                v.append(f"output_folder must not be or lie inside {name}; got {self.output_folder!r} in "
+                         f"{folder!r}; choose a new folder")
         if self.workers < 0:
             v.append(f"workers must be >= 0 (0 = in this process); got {self.workers}")
         if v:

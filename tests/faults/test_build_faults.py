@@ -195,7 +195,7 @@ def test_same_image_and_mask_folder_pairs_by_suffix_and_never_uses_masks_as_imag
     assert reader.metadata["number_classes"] == 2
 
 
-@pytest.mark.parametrize("where", ["file", "image_folder", "mask_folder", "inside_image_folder", "parent_of_inputs"])
+@pytest.mark.parametrize("where", ["file", "image_folder", "mask_folder", "inside_image_folder"])
 def test_bad_output_folder_exits_2_before_any_work(tmp_path, capsys, where):
     _dataset(tmp_path)
     out = {"file": "out", "image_folder": "images", "mask_folder": "masks", "inside_image_folder": "images/db",
@@ -210,6 +210,14 @@ def test_bad_output_folder_exits_2_before_any_work(tmp_path, capsys, where):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     if where == "file":
         assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_a_parent_of_the_input_folders_is_a_fine_output_folder(tmp_path):
+    _dataset(tmp_path)  # images/ and masks/ in tmp_path; the databases go beside them
+    inputs = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert _build(tmp_path, out=".") == 0
+    assert (tmp_path / "train-t.lmdb").is_dir()
+    assert set(inputs) <= {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
 
 
 def _damage(database: Path, how: str) -> None:
