@@ -98,6 +98,9 @@ class _Formatter(logging.Formatter):
 def _configure_logging(quiet: bool) -> None:
     log = logging.getLogger(LOGGER)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    for handler in log.handlers:
+        if getattr(handler, "_fuse_masks", False):
+            handler.stream = sys.stderr  # the stderr of this call (main may run many times in one process)
     if not any(getattr(h, "_fuse_masks", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter())

@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from ..common import files
-from ..common.files import folder_mode, write_json, write_text, write_with
 from ..common.errors import OutputError
+from ..common.files import folder_mode, write_json, write_text, write_with
 from ..common.settings import ConfigError
 from ..store import images
 from .masks import IOU_THRESHOLD, MASK_TYPES, METHODS, check_values, decide_mask_type, fuse_masks
