@@ -26,6 +26,7 @@ import numpy as np
 from ..common.device import resolve_precision
 from ..common.errors import BadInput
 from ..model_folder import ModelError, ModelInfo, check_members, find_models, load_model
+from .ownership import model_fingerprint
 
 
 class InputMismatch(BadInput, ValueError):
@@ -319,8 +320,6 @@ def load_predictor(path: str | os.PathLike, tta: bool = False, precision: str = 
     set to compute in ``precision`` (:func:`with_precision`). Raises :class:`ModelError`, naming the
     file, for a ``.keras`` file that is damaged or truncated (checked as a zip archive first).
     """
-    from .ownership import model_fingerprint
-
     found = find_models(path)
     for model_path, _ in found:
         check_keras_file(model_path)
