@@ -34,7 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="folder with one sub-folder per expert; masks matched across experts by file name (key)")
     group.add_argument("--mask_type", default="auto", choices=("auto",) + masks.MASK_TYPES,
                        help="binary (0/1 or 0/255), multiclass (0..C-1) or instance (0 background, 1..I objects); "
-                            "auto decides from the first image")
+                            "auto decides from every image's masks (a decision the images disagree on is printed "
+                            "with the masks that made it, even with --quiet; more than 32 classes is refused)")
     group = parser.add_argument_group("method")
     group.add_argument("--method", default="staple", choices=masks.METHODS,
                        help="staple: EM over per-expert sensitivity/specificity (binary) or confusion matrices "
@@ -52,9 +53,13 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--output_folder", required=True,
                        help="where fused masks, agreement/ maps, probabilities/ and the CSV reports go")
     group.add_argument("--output_format", default=None, choices=runner.OUTPUT_FORMATS,
-                       help="format of the fused masks; default: the format of the input masks (JPEG becomes png)")
+                       help="format of the fused masks; default: the format of the input masks (JPEG masks are "
+                            "refused: save them as PNG or TIFF)")
     group.add_argument("--save_probabilities", action="store_true",
                        help="also write probabilities/<key>.tif (float32: STAPLE posterior, or vote shares)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace files of --output_folder that this tool did not write (fusion.json lists "
+                            "those it wrote; they are replaced without it)")
     group = parser.add_argument_group("runtime")
     group.add_argument("--quiet", action="store_true", help="print warnings and errors only")
     return parser
@@ -63,7 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> runner.FusionConfig:
     return runner.FusionConfig(method=args.method, mask_type=args.mask_type, undecided_label=args.undecided_label,
                                max_iterations=args.max_iterations, tolerance=args.tolerance,
-                               save_probabilities=args.save_probabilities, output_format=args.output_format)
+                               save_probabilities=args.save_probabilities, output_format=args.output_format,
+                               overwrite=args.overwrite)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +98,9 @@ class _Formatter(logging.Formatter):
 def _configure_logging(quiet: bool) -> None:
     log = logging.getLogger(LOGGER)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    for handler in log.handlers:
+        if getattr(handler, "_fuse_masks", False):
+            handler.stream = sys.stderr  # the stderr of this call (main may run many times in one process)
     if not any(getattr(h, "_fuse_masks", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter())

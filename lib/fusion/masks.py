@@ -11,7 +11,7 @@ matching of :mod:`lib.scoring.metrics`, the same that inference and evaluation r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,10 @@ MASK_TYPES = ("binary", "multiclass", "instance")
 IOU_THRESHOLD = 0.5
 # More distinct labels than this in one image: instance masks, not classes.
 MAX_SEMANTIC_LABELS = 255
+# A multi-class fusion detected automatically (mask_type auto) may have at most this many classes:
+# more is nearly always a damaged binary job (0/255 masks with stray values, lossy compression), and a
+# 256-class STAPLE runs for minutes per image.
+MAX_AUTO_CLASSES = 32
 
 
 # Instances
@@ -108,6 +112,55 @@ def detect_mask_type(masks: Sequence[np.ndarray]) -> tuple[str, str]:
             return "multiclass", (f"labels up to {top}, and labels form several separate regions "
                                   f"({regions} regions for {labels} labels)")
     return "instance", f"labels up to {top}, each label (nearly always) one connected region"
+
+
+def _shown(values: np.ndarray) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values)) if len(values) <= 6 else \
+        f"{', '.join(map(str, values[:3]))}, ... {values[-1]} ({len(values)} values)"
+
+
+def decide_mask_type(images: Iterable[tuple[str, Sequence[Path], Sequence[np.ndarray]]]) -> tuple[str, str, bool]:
+    """The mask type of a whole fusion from every image's masks: ``(mask_type, reason, plain)``.
+
+    ``images``: ``(key, paths, masks)`` per image (masks (H, W) integers, as read). Each image is
+    typed by :func:`detect_mask_type`; when all agree, that type (``plain`` True). When they
+    disagree, the type of most images (a tie goes to binary, then instance: one odd mask is more
+    likely a mistake than a class), and ``plain`` is False: the reason then counts the images of
+    each type and names the masks holding labels above 1 with those labels, so that one odd patch
+    in one mask is seen, not silently obeyed (a binary decision then refuses that mask by name,
+    :func:`check_values`).
+
+    Raises :class:`FusionError` when the decision is multiclass with more than
+    ``MAX_AUTO_CLASSES`` classes (labels 0..max), naming the masks with the highest labels.
+    """
+    by_type: dict[str, list[str]] = {}
+    first_reason: dict[str, str] = {}
+    odd: dict[str, np.ndarray] = {}  # mask path -> its labels above 1
+    for key, paths, masks in images:
+        kind, reason = detect_mask_type(masks)
+        by_type.setdefault(kind, []).append(key)
+        first_reason.setdefault(kind, f"{key!r}: {reason}")
+        for path, mask in zip(paths, masks):
+            values = np.unique(mask)
+            if values.size and values[-1] > 1:
+                odd[str(path)] = values[values > 1]
+    plain = len(by_type) == 1
+    kind = max(by_type, key=lambda k: (len(by_type[k]), -MASK_TYPES.index(k)))
+    top = max((int(v[-1]) for v in odd.values()), default=1)
+    worst = sorted(odd, key=lambda p: (-int(odd[p][-1]), p))[:5]
+    named = ", ".join(f"{p} (labels above 1: {_shown(odd[p])})" for p in worst) + \
+        (f" and {len(odd) - len(worst)} more mask(s)" if len(odd) > len(worst) else "")
+    if kind == "multiclass" and top + 1 > MAX_AUTO_CLASSES:
+        raise FusionError(f"mask labels must be below {MAX_AUTO_CLASSES} for a multi-class fusion detected "
+                          f"automatically; got labels up to {top} ({top + 1} classes) in {named}. Stray values in "
+                          "0/255 masks come from lossy compression or editing: fix those masks, or pass --mask_type "
+                          "to fuse them as they are")
+    counts = ", ".join(f"{len(keys)} {k} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                       for k, keys in by_type.items())
+    if plain:
+        return kind, f"every image {kind} ({len(by_type[kind])}); first {first_reason[kind]}", True
+    return kind, f"images disagree: {counts}; decided by {named}", False
 
 
 def check_values(masks: list[np.ndarray], paths: list[Path], mask_type: str, how: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -26,10 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from ..common import files
+from ..common.errors import OutputError
 from ..common.files import folder_mode, write_json, write_text, write_with
 from ..common.settings import ConfigError
 from ..store import images
-from .masks import IOU_THRESHOLD, MASK_TYPES, METHODS, check_values, detect_mask_type, fuse_masks
+from .masks import IOU_THRESHOLD, MASK_TYPES, METHODS, check_values, decide_mask_type, fuse_masks
 from .patterns import FusionError, FusionResult, iteration_problems
 from .staple import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE
 
@@ -41,6 +43,7 @@ SUMMARY_CSV = "fusion_summary.csv"
 SETTINGS_JSON = "fusion.json"
 PROBABILITY_FOLDER = "probabilities"
 AGREEMENT_FOLDER = "agreement"
+LOSSY = (".jpg", ".jpeg")  # refused as masks: their codec changes label values
 METRIC_ORDER = ("dice", "f1_iou50", "sensitivity", "specificity")
 ROW_HEAD = ("image", "expert", "mask_file", "n_experts")
 ROW_TAIL = ("iterations", "converged")
@@ -60,13 +63,14 @@ class FusionConfig:
     """How to fuse: every setting of :func:`fuse_folder`, validated at construction.
 
     ``method``: one of :data:`lib.fusion.masks.METHODS`. ``mask_type``: ``"auto"`` (decided
-    from the first image, :func:`lib.fusion.masks.detect_mask_type`) or one of
+    from every image, :func:`lib.fusion.masks.decide_mask_type`) or one of
     :data:`lib.fusion.masks.MASK_TYPES`. ``undecided_label``: label of pixels without a unique
     winner (0..65535). ``max_iterations`` / ``tolerance``: STAPLE's stopping rule
     (``tolerance`` None: SimpleITK's default for the mask type). ``save_probabilities``: also
     write ``probabilities/<key>.tif``. ``output_format``: ``"png"``, ``"tif"`` or None (the
-    format of the input masks; JPEG becomes PNG). Raises ``ConfigError`` listing every
-    invalid field.
+    format of the input masks). ``overwrite``: replace files of the output folder that this
+    tool did not write (its ``fusion.json`` does not list them). Raises ``ConfigError`` listing
+    every invalid field.
     """
 
     method: str = "staple"
@@ -76,6 +80,7 @@ class FusionConfig:
     tolerance: float | None = None
     save_probabilities: bool = False
     output_format: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self):
         problems = []
@@ -125,7 +130,10 @@ class FusionReport:
 
 
 def output_folder_problem(input_folder: str | os.PathLike, output_folder: str | os.PathLike) -> str | None:
-    """A message when the output folder would mix with the inputs (symbolic links resolved), else None."""
+    """A message when the output folder would mix with the inputs (symbolic links resolved) or is a file, else None."""
+    if Path(output_folder).exists() and not Path(output_folder).is_dir():
+        return (f"output_folder must be a folder (created when missing); got the file {str(output_folder)!r}. "
+                "Choose a new folder")
     if files.is_inside(output_folder, input_folder):
         return (f"output_folder must not be inside input_folder; got {str(output_folder)!r} in {str(input_folder)!r}. "
                 "Every sub-folder of the input folder is read as an expert; write elsewhere")
@@ -174,6 +182,11 @@ def plan_fusion(input_folder: str | os.PathLike, output_format: str | None = Non
             problems.append(f"expert folder must hold mask files ({', '.join(images.IMAGE_EXTENSIONS)}); got none in "
                             f"{expert_folder}. Remove the folder or add that expert's masks")
         files[name] = found
+    lossy = sorted(str(p) for found in files.values() for p in found.values() if p.suffix.lower() in LOSSY)
+    if lossy:
+        problems.append(f"masks must be saved in a lossless format (PNG or TIFF); got {len(lossy)} JPEG file(s): "
+                        + ", ".join(lossy[:10]) + (f" and {len(lossy) - 10} more" if len(lossy) > 10 else "")
+                        + ". JPEG turns 0/255 masks into values 1..254 along edges: save the masks as PNG or TIFF")
     jobs = []
     for key in sorted(set().union(*(f.keys() for f in files.values()))):
         present = {name: files[name][key] for name in experts if key in files[name]}
@@ -252,9 +265,14 @@ def fuse_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLik
 
     Outputs go to a hidden staging folder beside ``output_folder`` and move into place only
     when every image is fused, so a failed run leaves nothing behind.
-    Raises ``MaskLayoutError`` listing every layout problem before anything is written,
-    ``FusionError`` when mask values do not fit the mask type, ``ConfigError`` for an output
-    folder inside the input folder (all three bad input, exit 2, and ``ValueError``).
+    Raises ``MaskLayoutError`` listing every layout problem (JPEG masks included) before anything
+    is written, ``FusionError`` when mask values do not fit the mask type or an automatic
+    multi-class decision finds more than ``MAX_AUTO_CLASSES`` classes, ``ConfigError`` for an
+    output folder inside the input folder or that is a file (all three bad input, exit 2, and
+    ``ValueError``), ``OutputError`` (exit 2, before any work) when the output folder holds files
+    this tool did not write where it would write, unless ``config.overwrite``. ``fusion.json``
+    lists every file written (``written``); files of an earlier fusion there that this one does
+    not write are removed, so no stale result stays beside new ones.
     """
     started = time.perf_counter()
     problem = output_folder_problem(input_folder, output_folder)
@@ -267,12 +285,19 @@ def fuse_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLik
     experts = list(find_experts(input_folder))
     _warn_missing(jobs, experts)
 
+    planned = [name for job in jobs for name in _image_outputs(job, config)] + [PER_IMAGE_CSV, SUMMARY_CSV,
+                                                                                 SETTINGS_JSON]
+    if not config.overwrite:
+        check_foreign(output_folder, planned)
     mask_type, how, reason, first_masks = config.mask_type, "as given", "set by the caller", None
     if mask_type == "auto":
         first_masks = _read_masks(list(jobs[0].files.values()))
-        mask_type, reason = detect_mask_type(first_masks)
-        how = f"detected from {jobs[0].key!r}"
-        logger.info("mask type: %s (%s: %s); pass --mask_type to override", mask_type, how, reason)
+        mask_type, reason, plain = decide_mask_type(
+            (job.key, list(job.files.values()), first_masks if i == 0 else _read_masks(list(job.files.values())))
+            for i, job in enumerate(jobs))
+        how = "detected from every image"
+        (logger.info if plain else logger.warning)("mask type: %s (%s: %s); pass --mask_type to override",
+                                                   mask_type, how, reason)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_folder.name}.partial-", dir=output_folder.parent))
@@ -292,8 +317,10 @@ def fuse_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLik
                     "iou_threshold": IOU_THRESHOLD, "python": sys.version.split()[0], "numpy": np.__version__,
                     "images": [{"key": j.key, "experts": list(j.files), "missing": j.missing,
                                 "output": j.output_name} for j in jobs]}
+        settings["written"] = sorted([str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()]
+                                     + [SETTINGS_JSON])
         write_json(staging / SETTINGS_JSON, settings)
-        _commit(staging, output_folder)
+        _commit(staging, output_folder, config.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -344,11 +371,64 @@ def _write_image_outputs(staging: Path, job: ImageJob, mask_type: str, fused: np
         _write_image(staging / PROBABILITY_FOLDER / f"{job.key}.tif", result.probabilities)
 
 
-def _commit(staging: Path, output_folder: Path) -> None:
-    """Move the staged outputs into ``output_folder`` (one rename when it does not exist yet)."""
+def _image_outputs(job: ImageJob, config: FusionConfig) -> list[str]:
+    """The files one image gets (relative to the output folder); a PNG name may also become ``KEY.tif``."""
+    names = [job.output_name, f"{AGREEMENT_FOLDER}/{job.key}.png"]
+    if not job.output_name.lower().endswith((".tif", ".tiff")):
+        names.append(f"{job.key}.tif")  # labels above uint16 (see _write_image_outputs)
+    if config.save_probabilities:
+        names.append(f"{PROBABILITY_FOLDER}/{job.key}.tif")
+    return names
+
+
+def owned_outputs(output_folder: Path) -> set[str]:
+    """The files (relative paths) of ``output_folder`` that its ``fusion.json`` lists as this tool's."""
+    try:
+        settings = json.loads((output_folder / SETTINGS_JSON).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(settings, dict):
+        return set()
+    if isinstance(settings.get("written"), list):
+        return {str(name) for name in settings["written"]}
+    owned = {PER_IMAGE_CSV, SUMMARY_CSV, SETTINGS_JSON}  # a fusion.json written before the list was kept
+    for image in settings.get("images", []) if isinstance(settings.get("images"), list) else []:
+        if isinstance(image, dict) and "key" in image:
+            owned |= {str(image.get("output")), f"{AGREEMENT_FOLDER}/{image['key']}.png",
+                      f"{PROBABILITY_FOLDER}/{image['key']}.tif"}
+    return owned
+
+
+def check_foreign(output_folder: Path, names: Sequence[str]) -> None:
+    """Raise ``OutputError`` naming the files of ``names`` that exist in ``output_folder`` and are not this tool's."""
+    if not output_folder.is_dir():
+        return
+    owned = owned_outputs(output_folder)
+    foreign = [str(output_folder / n) for n in dict.fromkeys(names) if n not in owned and (output_folder / n).exists()]
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise OutputError(f"output_folder must not hold files this tool did not write where it writes; got "
+                          f"{len(foreign)} such file(s): {shown}. Pass --overwrite to replace them, or choose a "
+                          "new folder")
+
+
+def _commit(staging: Path, output_folder: Path, overwrite: bool = False) -> None:
+    """Move the staged outputs into ``output_folder`` (one rename when it does not exist yet).
+
+    Checked again first (nothing moved when a target is not this tool's, unless ``overwrite``);
+    files an earlier fusion wrote there that this one did not are removed (stale results).
+    """
     if not output_folder.exists():
         os.replace(staging, output_folder)
         return
+    written = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()]
+    owned = owned_outputs(output_folder)
+    if not overwrite:
+        check_foreign(output_folder, written)
+    for stale in sorted(owned - set(written)):
+        target = output_folder / stale
+        if files.is_inside(target, output_folder) and target.is_file() and not target.is_symlink():
+            target.unlink()
     for source in sorted(staging.rglob("*")):
         if source.is_file():
             target = output_folder / source.relative_to(staging)

@@ -24,7 +24,7 @@ SETTINGS_FILE = "inference.json"
 LEGACY_COMPARED = {"precision": "float32"}
 
 
-def _suffix(config: InferenceConfig) -> str:
+def shard_suffix(config: InferenceConfig) -> str:
     return "" if config.shard is None else f"-shard{config.shard[0]}of{config.shard[1]}"
 
 
@@ -34,7 +34,7 @@ def run_settings(context: RunContext) -> dict:
     radius, divisor = predictor.receptive_field_radius, predictor.size_divisor
     exact = halo >= radius
     settings = {
-        "compared": {"model": predictor.source, "halo": halo, "tta": config.tta,
+        "compared": {"model": predictor.source, "model_fingerprint": predictor.fingerprint, "halo": halo, "tta": config.tta,
                      "tile_size": None if exact else config.tile_size, "precision": predictor.precision},
         "precision": predictor.precision,
         "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
@@ -97,7 +97,7 @@ def announce(context: RunContext, n_images: int, n_masks: int) -> None:
 
 def summaries(context: RunContext, keys: list[str], failed: dict[str, str]) -> dict[str, Any]:
     """``uncertainty.csv``, ``metrics.csv`` and ``instance_metrics.csv`` from the records of the images done."""
-    out, suffix = context.out, _suffix(context.config)
+    out, suffix = context.out, shard_suffix(context.config)
     records = {}
     for key in keys:
         path = out / "records" / f"{key}.json"

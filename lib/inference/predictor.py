@@ -26,6 +26,7 @@ import numpy as np
 from ..common.device import resolve_precision
 from ..common.errors import BadInput
 from ..model_folder import ModelError, ModelInfo, check_members, find_models, load_model
+from .ownership import model_fingerprint
 
 
 class InputMismatch(BadInput, ValueError):
@@ -163,12 +164,16 @@ class Predictor:
         Average over the 8 flips / rotations by 90 degrees.
     source : str
         What was loaded (for the record).
+    fingerprint : str or None
+        SHA-256 of every member's model.json and model file (None for models built in memory):
+        an output folder's results are reused only by a predictor of the same fingerprint.
     """
 
     members: list[Member]
     tta: bool = False
     source: str = "<memory>"
     precision: str = "float32"
+    fingerprint: str | None = None
 
     @property
     def samples(self) -> int:
@@ -312,9 +317,12 @@ def load_predictor(path: str | os.PathLike, tta: bool = False, precision: str = 
     """Load a model folder, an ensemble folder, a ``.keras`` file or a SavedModel (see :func:`find_models`).
 
     Models are loaded in Keras safe mode (no arbitrary code, no pickle) without compiling, and
-    set to compute in ``precision`` (:func:`with_precision`). Raises :class:`ModelError`.
+    set to compute in ``precision`` (:func:`with_precision`). Raises :class:`ModelError`, naming the
+    file, for a ``.keras`` file that is damaged or truncated (checked as a zip archive first).
     """
     found = find_models(path)
+    for model_path, _ in found:
+        check_keras_file(model_path)
     models = [(load_model(model_path), info) for model_path, info in found]
     for (model_path, info), (model, _) in zip(found, models):
         output_shape = getattr(model, "output_shape", None)
@@ -323,5 +331,40 @@ def load_predictor(path: str | os.PathLike, tta: bool = False, precision: str = 
             what = "number_classes" if info.label_kind == "semantic" else "output_channels"
             raise ModelError(f"model outputs must have {what}={expected} channels (model.json); "
                              f"got {output_shape[-1]} in {model_path}")
-    return predictor_from_models(models, tta=tta, source=str(Path(path).resolve()), precision=precision)
+    predictor = predictor_from_models(models, tta=tta, source=str(Path(path).resolve()), precision=precision)
+    predictor.fingerprint = model_fingerprint([p for model_path, info in found for p in (info.path, model_path)])
+    return predictor
 
+
+def check_keras_file(model_path: Path) -> None:
+    """Raise :class:`ModelError` when a ``.keras`` file (a zip archive) is cut short or damaged (CRCs checked)."""
+    import zipfile
+    import zlib
+
+    if Path(model_path).is_dir():
+        return  # a SavedModel folder
+    with open(model_path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            return  # not a zip at all: Keras says what it is (lib.model_folder.load_model)
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        bad = f"{type(exc).__name__}: {exc}"
+    else:
+        bad = None if bad is None else f"member {bad} fails its CRC"
+    if bad is not None:
+        raise ModelError(f"model file must be a complete .keras archive; got a damaged or truncated file "
+                         f"{model_path} ({bad}). Copy it again from where the training wrote it, or retrain")
+
+
+def check_finite(image, path: Path) -> None:
+    """:class:`InputMismatch` naming the file when a float image holds NaN or infinite pixels (their labels
+    would be arbitrary); checked in bands of rows, so a memory-mapped image is never copied whole."""
+    if not np.issubdtype(image.dtype, np.floating):
+        return
+    bad = sum(int(np.size(band) - np.count_nonzero(np.isfinite(band))) for band in
+              (image[i:i + 1024] for i in range(0, len(image), 1024)))
+    if bad:
+        raise InputMismatch(f"image pixels must be finite numbers; got {bad} NaN or infinite pixel(s) in {path}. "
+                            "Replace them (e.g. with the background value) and rerun")

@@ -51,11 +51,11 @@ from ..store.images import (
     read_volume,
 )
 from ..store.tiling import TilePlan, check_tile_size
-from . import instances_glue
-from .folder_files import SETTINGS_FILE, announce, check_settings, run_settings, summaries
+from . import instances_glue, ownership
+from .folder_files import SETTINGS_FILE, announce, check_settings, run_settings, shard_suffix, summaries
 from .instances_glue import POSTPROCESS_OVERLAP, POSTPROCESS_WINDOW
 from .outputs import save_image, save_json
-from .predictor import InputMismatch, Predictor, load_predictor
+from .predictor import InputMismatch, Predictor, check_finite, load_predictor
 from .tiled import (
     ArraySink,
     ImageOutputs,
@@ -401,8 +401,11 @@ class _Run:
         context, config, paths = self.context, self.context.config, job.paths
         started = time.perf_counter()
         try:
+            volume = read_volume(job.image_path)
+            check_finite(volume, job.image_path)
+            ownership.claim(context.out, paths)
             labels, probabilities, entropy, scores = predict_volume(
-                context.predictor, read_volume(job.image_path), config.z_filter, config.probabilities,
+                context.predictor, volume, config.z_filter, config.probabilities,
                 config.uncertainty, job.plan, config.batch_size)
             save_image(paths["labels"], labels[..., np.newaxis])
             if probabilities is not None:
@@ -463,6 +466,8 @@ class _Run:
         context, config, paths = self.context, self.context.config, job.paths
         predictor, plan = context.predictor, job.plan
         image = open_image(job.image_path, job.info)
+        check_finite(image, job.image_path)
+        ownership.claim(context.out, paths)
         streamed = job.layout == "streamed"
         state = _Running(job, image, None, time.perf_counter())
         if context.post is not None and streamed:
@@ -552,6 +557,7 @@ class _Run:
         record["outputs"] = {name: str(p.relative_to(self.context.out)) for name, p in job.paths.items()
                              if name != "record"}
         save_json(job.paths["record"], record)
+        ownership.release(job.paths)
 
 
 def _metrics_entries(mask_path: Path, cm: np.ndarray) -> dict:
@@ -614,7 +620,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     tiled BigTIFFs.
 
     Raises ``ConfigError`` (settings), :class:`lib.model_folder.ModelError` (model),
-    :class:`lib.common.errors.OutputError` (an output folder of other settings), or
+    :class:`lib.common.errors.OutputError` (an output folder of other settings or a model of other bytes, or
+    one holding files this tool did not write where it would write: see :mod:`lib.inference.ownership`), or
     :class:`lib.common.errors.BadInput` (no images), all before writing anything.
     """
     started = time.perf_counter()
@@ -644,38 +651,38 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
             raise ConfigError([str(exc)]) from None
     context = RunContext(config, predictor, Path(config.output_folder), halo,
                          _instance_settings(predictor, config), log, progress)
-    settings = run_settings(context)
-    check_settings(context.out, settings, config.overwrite)
+    check_settings(context.out, run_settings(context), config.overwrite)
+    planned: dict[str, ImageJob | None | Exception] = {}
+    for key in keys:  # every image planned up front, before anything is written
+        try:
+            planned[key] = plan_job(context, key, image_files[key], masks.get(key))
+        except Exception as exc:  # one bad image must not stop an unattended run
+            planned[key] = exc
+    if not config.overwrite:
+        ownership.check_foreign(context.out, SETTINGS_FILE, shard_suffix(config),
+                                [job.paths for job in planned.values() if isinstance(job, ImageJob)])
     files.make_folder(context.out)
     if not (context.out / SETTINGS_FILE).is_file() or config.overwrite:
-        save_json(context.out / SETTINGS_FILE, settings)
+        save_json(context.out / SETTINGS_FILE, run_settings(context))
     announce(context, len(keys), len(masks))
-
     image_bar = None
     if progress:
         from tqdm import tqdm
 
         image_bar = tqdm(total=len(keys), unit="image", dynamic_ncols=True, disable=None)  # None: quiet off a TTY
     execution = _Run(context, image_bar)
-    skipped, jobs = [], []
     try:
-        for key in keys:  # every image planned up front
-            try:
-                job = plan_job(context, key, image_files[key], masks.get(key))
-            except Exception as exc:  # one bad image must not stop an unattended run
-                execution.failed[key] = _failure_reason(exc)
+        for key, job in planned.items():
+            if isinstance(job, Exception):
+                execution.failed[key] = _failure_reason(job)
                 execution.write(f"error: {image_files[key].name}: {execution.failed[key]} (skipped)")
+            if not isinstance(job, ImageJob):
                 execution.tick()
-                continue
-            if job is None:
-                skipped.append(key)
-                execution.tick()
-            else:
-                jobs.append(job)
-        execution.run(jobs)
+        execution.run([job for job in planned.values() if isinstance(job, ImageJob)])
     finally:
         if image_bar is not None:
             image_bar.close()
+    skipped = [key for key, job in planned.items() if job is None]
     failed = {key: execution.failed[key] for key in keys if key in execution.failed}
     predicted = [key for key in keys if key in set(execution.predicted)]
     found = summaries(context, keys, failed)

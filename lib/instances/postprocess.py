@@ -89,7 +89,14 @@ class PostProcessConfig:
         it that no seed reaches stay 0. Channel one of ``F``, ``Db``, ``P``.
     seed_erosion, seed_dilation : radii (px) of a disk by which the seed mask is eroded, then
         dilated, before labelling (0 = off). The image edge does not erode seeds.
-    min_seed_size : seeds (8-connected) with fewer pixels are dropped (px).
+    min_seed_size : seeds (8-connected) with fewer pixels are dropped (px). The limit it sets:
+        an object whose seed is smaller is not found, and its pixels go to a touching neighbour
+        or stay background. With :meth:`default_for`'s 5, discs of radius <= 1.5 px vanish even
+        from perfect maps when ``C`` or ``Db`` seeds (their seed is the inner half, under 5 px);
+        set 0 (in model.json's ``instance.postprocess``, or here) to keep them, at the cost of a
+        spurious object for each one- or two-pixel noise seed. Objects 2 px wide vanish whatever
+        this setting when ``C`` is a seed channel (every one of their pixels is contour): leave
+        ``C`` out of ``seed_channels`` to keep them (tests/instances/test_windowed_guarantee.py).
     refinements : applied in order after the watershed: ``"fill_holes"`` (holes made only of
         background), ``"clear_border"`` (objects touching the image edge), ``"remove_small_objects
         N"`` (fewer than N px), ``"remove_large_objects N"`` (more than N px), ``"dilation r"``
@@ -218,7 +225,8 @@ class PostProcessConfig:
           blurred seeds of touching objects merge, a higher one split elongated objects.
         * ``min_seed_size = 5``: noise makes one- or two-pixel seeds at object edges that
           would otherwise each become an object; a real seed (the inner half of an object
-          of radius >= 3 px) is larger.
+          of radius >= 3 px) is larger. The price: objects of radius <= 1.5 px are not found
+          even from perfect maps, nor, with a ``C`` seed, slivers 2 px wide (see ``min_seed_size``).
         * Surface: ``C`` when predicted, else ``-Db``, else the distance transform of ``F``.
           ``C`` is flat inside objects and high on every contour, so where two objects touch
           the flood meets on the contour ridge whatever the objects' sizes; ``-Db`` is
@@ -370,16 +378,25 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
     ``"auto"`` thresholds are computed once on the whole image; ``clear_border`` removes
     objects touching the image edge, not a window edge.
 
-    The limit. The result equals :func:`postprocess` on the whole image when everything that
-    decides an object's pixels is inside the window that keeps it: the object, the objects
-    that touch it and their seeds, the radii of seed erosion, dilation and refinements, and,
-    for surface ``"F"``, the whole clump of touching foreground (its distance transform is
-    not local). With bounding-box sides up to s, that holds when s/2 + s (the object, then a
-    neighbour) plus those radii is below ``overlap // 2``, i.e. objects up to about
-    ``overlap / 3``. Objects up to ``overlap`` are still kept once and whole, but a neighbour
-    cut by the window edge can move their seam by a few pixels. A larger object touches an
-    inner edge of the window whose core holds its centre and is lost: a warning (through
-    ``log``) then says how many pixels that windows labelled are missing from the result.
+    The guarantee (exact). Ties of the flood are broken by raster position (:func:`_ranks`), so
+    the labels of a clump depend only on the pixels of the clump. An object is labelled exactly
+    as by :func:`postprocess` on the whole image (same pixels; same number after renumbering)
+    when its *clump*, the 8-connected region of the growth mask holding it (for surface ``"F"``,
+    of the growth mask and ``F > thresholds["F"]`` together), grown by
+    ``seed_erosion + seed_dilation + 1`` px plus twice the largest ``dilation``/``erosion``
+    refinement radius, lies within ``overlap // 2`` px of the centre of the object's bounding
+    box: the window whose core holds that centre then holds the clump whole, away from its inner
+    edges. So the result equals the whole image's when no clump is wider than about
+    ``overlap / 2`` (tested with windows a sixth of the image and clumps crossing window borders,
+    tests/instances/test_windowed_guarantee.py). Otherwise:
+    surfaces ``"C"`` and ``"Db"`` (local values) were still equal on dense touching cells
+    (576 objects, window 128, overlap 64, tests/instances/test_instances.py); an object up to
+    ``overlap`` px is kept once and whole, but a neighbour cut by a window edge can move their seam
+    by a few pixels; a larger object touches an inner edge of the window whose core holds its
+    centre and is lost: a warning (through ``log``) then says how many pixels that windows
+    labelled are missing from the result. With surface ``"F"`` a clump of touching objects
+    wider than the overlap (its distance transform is not local) is lost that way: raise the
+    overlap above the largest clump, or predict a C or Db channel.
 
     Raises ``ValueError`` for a bad window or overlap or maps of the wrong shape,
     ``ConfigError`` for invalid settings.
@@ -476,10 +493,24 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
         surface = -channel("Db")
     else:
         surface = -ndi.distance_transform_edt(channel("F") > thresholds["F"]).astype(np.float32)
-    labels = watershed(surface, seeds, mask=growth, connectivity=1).astype(np.int32, copy=False)
+    labels = watershed(_ranks(surface), seeds, mask=growth, connectivity=1).astype(np.int32, copy=False)
     for step in config.refinements:
         labels = _refine(labels, *parse_refinement(step), border)
     return labels, seeds, surface, growth
+
+
+def _ranks(surface: np.ndarray) -> np.ndarray:
+    """The surface's pixels ranked by (value, raster position): all distinct, so the flood never meets a tie.
+
+    ``skimage``'s watershed breaks ties between equal values (a contour ridge of C = 1, a plateau)
+    by the history of its heap, which depends on every marker of the array; ranks make the flood
+    order depend only on values and on raster order, which a window keeps. So a window that holds
+    a clump of touching objects whole labels it exactly as the whole image does.
+    """
+    order = np.argsort(surface, axis=None, kind="stable")
+    ranks = np.empty(surface.size, np.float64)  # exact up to 2**53 pixels
+    ranks[order] = np.arange(surface.size, dtype=np.float64)
+    return ranks.reshape(surface.shape)
 
 
 def refine(labels: np.ndarray, refinements: Sequence[str]) -> np.ndarray:
