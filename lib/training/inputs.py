@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,11 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
 
     problems = []
     metas = {}
+    if not config.folds and Path(config.train_database).resolve() == Path(config.test_database).resolve():
+        raise TrainingError(f"test_database must differ from train_database; got {config.test_database} for both "
+                            "(resolved), so the test metrics would be measured on the training tiles. Give the "
+                            "test-NAME.lmdb that build_lmdb.py wrote beside train-NAME.lmdb, or use --folds K to "
+                            "validate on held-out source images of the training database")
     for name in ("train_database", "test_database"):
         path = getattr(config, name)
         try:
