@@ -18,9 +18,13 @@ This module is the one place that knows those names, reads and writes ``model.js
 writes through it and inference reads through it.
 
 Run state: ``model.json`` says whether the run that wrote it is ``running``, was
-``interrupted`` (signal, wall time: rerun to resume), ``failed``, or ``finished`` (and
-``stopped_because``: max_steps, max_minutes, early_stopping), so a killed run's folder is told
-apart from a finished one by the file, not guessed.
+``interrupted`` (``stopped_because`` a signal or max_minutes: rerun to resume), ``failed``
+(non_finite_loss, non_finite_input), or ``finished`` (max_steps, early_stopping), so a killed
+run's folder is told apart from a finished one by the file, not guessed.
+
+Checkpoints: ``checkpoint/`` is the newest, ``checkpoint.previous/`` the one it replaced.
+:func:`load_checkpoint` falls back to the previous one when a file of the newest is damaged,
+and otherwise names the damaged files and what to remove to start over.
 """
 
 from __future__ import annotations
@@ -420,7 +424,7 @@ def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = p
 
 
 class CheckpointError(BadInput, ValueError):
-    """A checkpoint that does not fit the model being resumed."""
+    """A checkpoint (or train_config.json) that is damaged or does not fit the model being resumed."""
 
 
 def _swap_folder(tmp: Path, final: Path) -> None:

@@ -5,16 +5,18 @@
 :class:`TrainingRun` holds the state of a run (config, databases, strategy, model, readers,
 the :class:`RunState` a checkpoint saves, the log). Its loop is::
 
-    while no stop rule fires:            stop_reason(): max_steps, max_minutes, signal
+    while no stop rule fires:            stop_reason(): max_steps, max_minutes (resumable), signal
         train_step()
         every test_every_n_steps:        evaluate() -> record() -> write_record() -> checkpoint() -> log
             early stopping?              stop_reason() after the evaluation
     final evaluation, post-processing tuning (instance models), finish(): SavedModel, run state
 
 Outputs go to ``output_dir``, the model folder of :mod:`lib.model_folder` (model.keras,
-model.json with its run state, saved_model/, train_config.json, checkpoint/) and the record of
-:mod:`lib.training.outputs` (log.csv, charts.png, tensorboard/). Rerunning the same settings
-into the same folder resumes from the checkpoint.
+model.json with its run state, saved_model/, train_config.json, checkpoint/ and
+checkpoint.previous/) and the record of :mod:`lib.training.outputs` (log.csv, charts.png,
+tensorboard/). Rerunning the settings that change the model (database paths compared
+resolved) into the same folder resumes from the checkpoint; a larger ``max_steps`` extends a
+finished run. ``max_minutes`` stops as resumable (:class:`WallTimeReached`, exit 3).
 """
 
 from __future__ import annotations
@@ -478,16 +480,12 @@ class TrainingRun:
             self.tensorboard = TensorBoard(self.out) if self.chief else None
             with self._signals(), self.train_reader, self.test_reader:
                 self._loop(n_workers)
-                if self.stopped_because == "max_minutes":
-                    self.pause()
-        return self.finish()
-
-    def pause(self) -> None:
-        """Stop at the wall time as resumable: checkpoint, run state "interrupted", raise :class:`WallTimeReached`."""
-        self.checkpoint()
-        if self.chief:
-            model_folder.set_run_state(self.out, "interrupted", "max_minutes")
-        raise WallTimeReached(self.config.max_minutes, self.state.step)
+        result = self.finish()
+        if self.stopped_because == "max_minutes":
+            # The folder is as usable as a finished one (best model, export, tuning), but the run is
+            # not over: "interrupted", and rerunning the same command continues from the checkpoint.
+            raise WallTimeReached(self.config.max_minutes, self.state.step)
+        return result
 
     def _loop(self, n_workers: int) -> None:
         config, state = self.config, self.state
@@ -514,21 +512,25 @@ class TrainingRun:
             self.write_record(row)
             self.log(format_row(row, improved))
         spec = config.target_spec()
-        if self.chief and spec is not None and state.best_step is not None and reason != "max_minutes":
+        if self.chief and spec is not None and state.best_step is not None:
             tune_postprocess(self.out, self.test_reader, spec, self.log)
 
     def finish(self) -> TrainResult:
-        """SavedModel export, the final checkpoint, run state "finished" in model.json; the result."""
+        """SavedModel export, the final checkpoint, the run state in model.json; the result.
+
+        The state is "finished", except after ``max_minutes``: "interrupted" (a wall-time stop is resumable).
+        """
         state = self.state
-        state.finished = True
+        state.finished = self.stopped_because != "max_minutes"
         state.stopped_because = self.stopped_because
         if self.chief:
             model_folder.export_saved_model(self.out, self.log)
             model_folder.save_checkpoint(self.out, self.model, self.optimizer, state.to_dict())
-            model_folder.set_run_state(self.out, "finished", self.stopped_because)
+            model_folder.set_run_state(self.out, "finished" if state.finished else "interrupted",
+                                       self.stopped_because)
         seconds = time.perf_counter() - self.start_time
         best = state.best_metrics
-        self.log(f"done: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "
+        self.log(f"{'done' if state.finished else 'stopped, resumable'}: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "
                  f"{state.best_test_loss:.4f} at step {state.best_step}, mean IoU "
                  f"{best.get('mean_iou', float('nan')):.3f}, foreground IoU "
                  f"{best.get('mean_foreground_iou', float('nan')):.3f}"
@@ -569,8 +571,10 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     """Train a model as ``config`` says, resuming from ``output_dir`` when it holds the same run.
 
     Raises ``ConfigError`` for invalid settings, ``TrainingError`` for unusable databases or a
-    different run in ``output_dir``, ``TrainingDiverged`` for a non-finite loss,
-    ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint is written first).
+    different run in ``output_dir``, ``CheckpointError`` when no checkpoint restores,
+    ``TrainingDiverged`` for a non-finite loss (naming non-finite input when that is the cause),
+    ``TrainingInterrupted`` after SIGTERM/SIGINT and ``WallTimeReached`` after ``max_minutes``
+    (a checkpoint is written first: rerun to continue).
     """
     return TrainingRun(config, strategy, log).run()
 

@@ -266,9 +266,13 @@ def test_max_minutes_stops_as_interrupted_and_a_rerun_continues(db, tmp_path, ca
     code, text = run_unet(argv(db, out, "--max_minutes", "0.0001", "--max_steps", "4"), capsys)
     assert code == 3, text
     assert "--max_minutes 0.0001" in text and "rerun the same command to continue" in text
+    assert "stopped, resumable:" in text and "Traceback" not in text
     info = model_folder.read_model_json(out / "model.json")
     assert (info.run_state, info.stopped_because) == ("interrupted", "max_minutes")
-    stopped = state_step(out / model_folder.CHECKPOINT)
+    assert (out / "model.keras").is_file() and (out / "saved_model").is_dir(), "the best model so far is usable"
+    saved = json.loads((out / model_folder.CHECKPOINT / "state.json").read_text())
+    assert saved["finished"] is False and saved["stopped_because"] == "max_minutes"
+    stopped = saved["step"]
     code, text = run_unet(argv(db, out, "--max_minutes", "10", "--max_steps", "4"), capsys)
     assert code == 0, text
     assert f"from the checkpoint at step {stopped}" in text and "nothing to do" not in text
@@ -304,3 +308,34 @@ def test_non_finite_input_is_told_apart_from_divergence(tmp_path, where, expecte
         assert found is None
     else:
         assert expected in found and "train.lmdb" in found
+
+
+
+def test_nan_pixels_in_the_database_are_refused_before_training(tmp_path, capsys):
+    """A float image with NaN pixels gives the database NaN statistics: named before anything is written."""
+    from lib.common.errors import BadInput
+    from lib.store.build import BuildConfig, build_databases
+    from lib.store.images import write_image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = rng.standard_normal((32, 32)).astype(np.float32)
+        image[5, 5 + i] = np.nan
+        write_image(tmp_path / "data/images" / f"img_{i}.tif", image)
+        write_image(tmp_path / "data/masks" / f"img_{i}.png", (rng.random((32, 32)) > 0.5).astype(np.uint8))
+    try:
+        build_databases(BuildConfig(image_folder=str(tmp_path / "data/images"),
+                                    mask_folder=str(tmp_path / "data/masks"), output_folder=str(tmp_path / "db"),
+                                    dataset_name="n", tile_size=32, train_fraction=0.67, number_classes=2, workers=0),
+                        progress=False, log=lambda m: None)
+    except BadInput as exc:  # the build itself refuses NaN pixels: handled one step earlier
+        assert "nan" in str(exc).lower()
+        return
+    out = tmp_path / "run"
+    args = argv(tmp_path / "db", out, train=str(tmp_path / "db/train-n.lmdb"), test=str(tmp_path / "db/test-n.lmdb"))
+    args[args.index("--number_classes") + 1] = "2"
+    code, text = run_unet(args, capsys)
+    assert code == 2, text
+    assert "train_database must hold finite pixel values" in text and "train-n.lmdb" in text
+    assert "NaN or Inf pixels" in text and "Traceback" not in text
+    assert not out.exists()
