@@ -177,6 +177,15 @@ def test_damaged_checkpoint_falls_back_or_says_what_to_remove(finished_run, db, 
         assert model_folder.read_model_json(out / "model.json").run_state == "finished"
 
 
+def test_killed_between_the_checkpoint_swaps_resumes_from_the_previous_one(finished_run, db, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    shutil.rmtree(out / model_folder.CHECKPOINT)  # killed after checkpoint/ became checkpoint.previous/
+    code, text = run_unet(argv(db, out, "--max_steps", "6"), capsys)
+    assert code == 0, text
+    assert "from the checkpoint at step 4" in text
+    assert state_step(out / model_folder.CHECKPOINT) == 6
+
+
 def test_damaged_train_config_names_the_file(finished_run, db, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     (out / model_folder.TRAIN_CONFIG).write_bytes(b"\x00\xff garbage")
