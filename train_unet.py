@@ -4,9 +4,11 @@
     python train_unet.py --train_database db/train-cells.lmdb --test_database db/test-cells.lmdb \
         --output_dir runs/cells --number_classes 2
 
-Rerunning the same command after the job was stopped or killed resumes from the last checkpoint.
+Rerunning the same command after the job was stopped or killed resumes from the last checkpoint;
+rerunning a finished run with a larger --max_steps extends it.
 Exit codes: 0 done; 1 the training loss became non-finite; 2 bad settings or data, nothing
-trained; 3 stopped by a signal (pre-emption, wall time) with a checkpoint written: rerun to resume.
+trained; 3 stopped by a signal (pre-emption) or by --max_minutes, with a checkpoint written:
+rerun the same command to continue.
 
 This module also holds the command line shared with train_fcn.py (NIST's flags kept as users
 type them). Every flag's default is read from lib.training.TrainConfig, so the command line and
@@ -178,7 +180,8 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                      help="stop after this many evaluations without test-loss improvement (1e-4 tolerance)")
     run.add_argument("--max_steps", type=int, default=default_of("max_steps"), help="stop after this many steps")
     run.add_argument("--max_minutes", type=float, default=default_of("max_minutes"),
-                     help="stop cleanly (best model exported) after this many minutes, e.g. before a wall time")
+                     help="stop after this many minutes with a checkpoint and exit 3 (resumable: rerunning continues), "
+                          "e.g. before a wall time")
     run.add_argument("--mixed_precision", type=_auto_or_bool, nargs="?", const=True,
                      default=default_of("mixed_precision"),
                      help="bfloat16 compute with float32 weights: 1, 0, or auto (default: on where the GPU or "
@@ -191,7 +194,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
     run.add_argument("--use_augmentation", type=flag_bool, nargs="?", const=True,
                      default=default_of("use_augmentation"), help="augment training examples (1/0)")
     out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", required=True, help="model folder; rerunning the same command resumes it")
+    out.add_argument("--output_dir", required=True,
+                     help="model folder; rerunning the same command resumes it (a larger --max_steps extends a "
+                          "finished run)")
     add_reader_arguments(parser)
     add_augmentation_arguments(parser)
     return parser

@@ -9,6 +9,7 @@ A model folder (written by ``train_unet.py`` / ``train_fcn.py``, given to ``infe
     saved_model/         TF SavedModel export of the best model
     train_config.json    the resolved settings (a rerun with the same ones resumes)
     checkpoint/          last state (weights, optimizer, step, sampler epoch) for resuming
+    checkpoint.previous/ the one before it, used when checkpoint/ is damaged
     log.csv, charts.png, tensorboard/   the training record (written by lib/training/outputs.py)
 
 This module is the one place that knows those names, reads and writes ``model.json`` (its
@@ -17,9 +18,13 @@ This module is the one place that knows those names, reads and writes ``model.js
 writes through it and inference reads through it.
 
 Run state: ``model.json`` says whether the run that wrote it is ``running``, was
-``interrupted`` (signal, wall time: rerun to resume), ``failed``, or ``finished`` (and
-``stopped_because``: max_steps, max_minutes, early_stopping), so a killed run's folder is told
-apart from a finished one by the file, not guessed.
+``interrupted`` (``stopped_because`` a signal or max_minutes: rerun to resume), ``failed``
+(non_finite_loss, non_finite_input), or ``finished`` (max_steps, early_stopping), so a killed
+run's folder is told apart from a finished one by the file, not guessed.
+
+Checkpoints: ``checkpoint/`` is the newest, ``checkpoint.previous/`` the one it replaced.
+:func:`load_checkpoint` falls back to the previous one when a file of the newest is damaged,
+and otherwise names the damaged files and what to remove to start over.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ MODEL_JSON = "model.json"
 SAVED_MODEL = "saved_model"
 TRAIN_CONFIG = "train_config.json"
 CHECKPOINT = "checkpoint"
+CHECKPOINT_PREVIOUS = "checkpoint.previous"
 LOG_CSV = "log.csv"
 CHARTS = "charts.png"
 TENSORBOARD = "tensorboard"
@@ -369,11 +375,23 @@ def save_model(folder: str | os.PathLike, model) -> Path:
 
 
 def read_train_config(folder: str | os.PathLike) -> dict | None:
-    """The settings a run recorded in ``folder/train_config.json``, None when there are none."""
+    """The settings a run recorded in ``folder/train_config.json``, None when there are none.
+
+    Raises :class:`CheckpointError` naming the file when it is not a JSON object.
+    """
     path = Path(folder) / TRAIN_CONFIG
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        settings = exc
+    if not isinstance(settings, dict):
+        got = f"{type(settings).__name__}: {settings}" if isinstance(settings, Exception) else type(settings).__name__
+        raise CheckpointError(f"{TRAIN_CONFIG} must be a JSON object of settings; got {got} in {path}. It is "
+                              f"damaged: remove it (and {CHECKPOINT}/, {CHECKPOINT_PREVIOUS}/ beside it) to start "
+                              "this run over, or choose another --output_dir")
+    return settings
 
 
 def write_train_config(folder: str | os.PathLike, settings: dict) -> Path:
@@ -406,7 +424,7 @@ def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = p
 
 
 class CheckpointError(BadInput, ValueError):
-    """A checkpoint that does not fit the model being resumed."""
+    """A checkpoint (or train_config.json) that is damaged or does not fit the model being resumed."""
 
 
 def _swap_folder(tmp: Path, final: Path) -> None:
@@ -423,9 +441,13 @@ def save_checkpoint(folder: str | os.PathLike, model, optimizer, state: dict) ->
     """Write weights, optimizer variables and ``state`` to ``folder/checkpoint/``.
 
     Each file is written atomically into a temporary folder, which is then swapped in
-    whole: a run killed at any moment leaves the previous checkpoint or the new one.
+    whole; the checkpoint it replaces becomes ``checkpoint.previous/`` (the fallback of
+    :func:`load_checkpoint` when the newest one is damaged). A run killed at any moment
+    leaves the previous checkpoint or the new one.
     """
-    final = Path(folder) / CHECKPOINT
+    folder = Path(folder)
+    final = folder / CHECKPOINT
+    previous = folder / CHECKPOINT_PREVIOUS
     tmp = final.with_name(f".{CHECKPOINT}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -434,28 +456,113 @@ def save_checkpoint(folder: str | os.PathLike, model, optimizer, state: dict) ->
     variables = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
     write_with(tmp / CHECKPOINT_OPTIMIZER, lambda path: np.savez(path, **variables))
     write_json(tmp / CHECKPOINT_STATE, state)
+    if final.exists():
+        _swap_folder(final, previous)
     _swap_folder(tmp, final)
     return final
 
 
+class _Mismatch(CheckpointError):
+    """A whole checkpoint of another model (not damaged: falling back would not help)."""
+
+
+def _checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders of a model folder, newest first (those that exist)."""
+    folder = Path(folder)
+    return [p for p in (folder / CHECKPOINT, folder / CHECKPOINT_PREVIOUS) if p.is_dir()]
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path.name} must be {what}; got a damaged file {path}")
+
+
+def _read_state(checkpoint: Path) -> dict:
+    """The state.json of one checkpoint folder; raises :class:`CheckpointError` naming the file."""
+    path = checkpoint / CHECKPOINT_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"readable JSON ({type(exc).__name__}: {exc})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _damaged(path, "a JSON object with the step reached")
+    return state
+
+
 def checkpoint_state(folder: str | os.PathLike) -> dict | None:
-    """The state saved with the last checkpoint in ``folder``, None when there is none."""
-    path = Path(folder) / CHECKPOINT / CHECKPOINT_STATE
-    return json.loads(path.read_text()) if path.exists() else None
+    """The state saved with the newest checkpoint in ``folder`` whose state.json reads; None when there is none.
 
-
-def load_checkpoint(folder: str | os.PathLike, model, optimizer) -> dict:
-    """Restore weights and optimizer variables from ``folder/checkpoint/``; return its state.
-
-    Raises :class:`CheckpointError` when the optimizer variables do not fit the model.
+    Raises :class:`CheckpointError` when checkpoints exist but none has a readable state
+    (the message names the files and how to start over).
     """
-    checkpoint = Path(folder) / CHECKPOINT
-    model.load_weights(checkpoint / CHECKPOINT_WEIGHTS)
-    with np.load(checkpoint / CHECKPOINT_OPTIMIZER, allow_pickle=False) as data:
-        values = [data[k] for k in sorted(data.files)]
+    problems = []
+    for checkpoint in _checkpoints(folder):
+        try:
+            return _read_state(checkpoint)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise _unusable(folder, problems)
+    return None
+
+
+def _unusable(folder: str | os.PathLike, problems: list[str]) -> CheckpointError:
+    folder = Path(folder)
+    return CheckpointError(f"a checkpoint in {folder} must be whole to resume; none is:\n"
+                           + "\n".join(f"  - {p}" for p in problems)
+                           + f"\nRemove {folder / CHECKPOINT} and {folder / CHECKPOINT_PREVIOUS} to start this run "
+                           "over from step 0 (its log and best model are replaced as it trains), or choose another "
+                           "--output_dir")
+
+
+def _load_one(checkpoint: Path, model, optimizer) -> dict:
+    """Restore one checkpoint folder; raise :class:`CheckpointError` naming the file that does not load."""
+    import zipfile
+
+    state = _read_state(checkpoint)
+    weights = checkpoint / CHECKPOINT_WEIGHTS
+    path = checkpoint / CHECKPOINT_OPTIMIZER
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            values = [data[k] for k in sorted(data.files)]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise _damaged(path, f"the optimizer variables saved by numpy ({type(exc).__name__}: {exc})") from None
     if len(values) != len(optimizer.variables):
-        raise CheckpointError(f"checkpoint in {checkpoint} has {len(values)} optimizer variables, the model needs "
+        raise _Mismatch(f"checkpoint in {checkpoint} has {len(values)} optimizer variables, the model needs "
                               f"{len(optimizer.variables)}; it belongs to a different model")
     for variable, value in zip(optimizer.variables, values):
+        if tuple(variable.shape) != value.shape:
+            raise _Mismatch(f"checkpoint in {checkpoint} has an optimizer variable of shape {value.shape} where "
+                                  f"the model needs {tuple(variable.shape)}; it belongs to a different model")
+    try:
+        model.load_weights(weights)
+    except Exception as exc:  # h5py and Keras raise many types for a truncated or foreign file
+        raise _damaged(weights, f"the model weights saved by Keras ({type(exc).__name__}: {exc})") from None
+    for variable, value in zip(optimizer.variables, values):
         variable.assign(value)
-    return json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+    return state
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer,
+                    log: Callable[[str], None] | None = None) -> dict:
+    """Restore weights and optimizer variables from ``folder/checkpoint/``; return its state.
+
+    When a file of it is damaged, ``checkpoint.previous/`` is restored instead and ``log``
+    says so. Raises :class:`CheckpointError` (naming each damaged file and what to remove to
+    start over) when no checkpoint restores, or when the optimizer variables do not fit the model.
+    """
+    problems = []
+    for checkpoint in _checkpoints(folder):
+        try:
+            state = _load_one(checkpoint, model, optimizer)
+        except CheckpointError as exc:
+            if isinstance(exc, _Mismatch):
+                raise
+            problems.append(str(exc))
+            continue
+        if problems and log is not None:
+            log(f"warning: {problems[0]}; fell back to the previous checkpoint {checkpoint} (step {state['step']})")
+        return state
+    if not problems:
+        problems.append(f"{CHECKPOINT}/ must exist to resume; got none in {folder}")
+    raise _unusable(folder, problems)

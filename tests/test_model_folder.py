@@ -114,7 +114,10 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     optimizer.variables[-1].assign(np.full(optimizer.variables[-1].shape, 0.5, "float32"))
     model_folder.save_checkpoint(tmp_path, model, optimizer, {"step": 7})
     model_folder.save_checkpoint(tmp_path, model, optimizer, {"step": 8})  # swapped in over the first
-    assert sorted(p.name for p in tmp_path.iterdir()) == [model_folder.CHECKPOINT]
+    # The checkpoint it replaced is kept as the fallback of a damaged one.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model_folder.CHECKPOINT, model_folder.CHECKPOINT_PREVIOUS]
+    assert json.loads((tmp_path / model_folder.CHECKPOINT_PREVIOUS / model_folder.CHECKPOINT_STATE).read_text()) == {
+        "step": 7}
     for name in (model_folder.CHECKPOINT_WEIGHTS, model_folder.CHECKPOINT_OPTIMIZER, model_folder.CHECKPOINT_STATE):
         assert os.stat(tmp_path / model_folder.CHECKPOINT / name).st_mode & 0o777 == file_mode()
     assert model_folder.checkpoint_state(tmp_path) == {"step": 8}

@@ -10,6 +10,7 @@ classes, the fold of a k-fold run) are resolved here, when the object is made.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from ..common.errors import EXIT_SOME_FAILED, BadInput, Resumable
@@ -32,7 +33,8 @@ INSTANCE_UNET_FILTERS = 32
 # An instance model's database has two classes: background and object.
 INSTANCE_CLASSES = 2
 # Settings that may change between a run and its resumption.
-RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps")
+# Compared as resolved paths when resuming: lib.training.run.differing_settings.
+RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps", "jit_compile")
 # The TargetSpec fields a run's instance_options may set (the channels and weights have their own settings).
 INSTANCE_OPTIONS = ("contour_mode", "point_radius", "touch_width", "distance_loss")
 
@@ -57,6 +59,16 @@ class TrainingInterrupted(Resumable):
         self.step = step
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint written, rerun the same command "
                          "to resume")
+
+
+class WallTimeReached(Resumable):
+    """``max_minutes`` ran out; a checkpoint was written and the run state is "interrupted": rerun the
+    same command to continue (exit 3). ``step`` says where it stopped."""
+
+    def __init__(self, minutes: float, step: int):
+        self.step = step
+        super().__init__(f"stopped after --max_minutes {minutes:g} at step {step}; checkpoint written, rerun the same "
+                         "command to continue from it")
 
 
 def _default_augmentation() -> dict:
@@ -148,6 +160,8 @@ class TrainConfig:
         v = []
         if self.architecture not in ARCHITECTURES:
             v.append(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}")
+        else:
+            v.extend(self._model_option_problems())
         if self.number_classes is None:
             v.append("number_classes must be given for target 'semantic' (the classes of the database); got none")
         elif self.number_classes < 2:
@@ -196,6 +210,26 @@ class TrainConfig:
         if v:
             raise ConfigError(v)
         return self
+
+    def _model_option_problems(self) -> list[str]:
+        """What is wrong with ``model_options`` for the architecture (unknown keys, values, a missing weights file)."""
+        from ..models import default_options, model_geometry
+
+        known = default_options(self.architecture)
+        unknown = sorted(set(self.model_options) - set(known))
+        if unknown:
+            return [f"model_options of {self.architecture} must be among {', '.join(sorted(known))}; got "
+                    f"{', '.join(repr(k) for k in unknown)}"]
+        try:
+            model_geometry(self.architecture, **self.model_options)
+        except (TypeError, ValueError) as exc:
+            return [f"model_options are invalid for {self.architecture}: {exc}"]
+        weights = self.model_options.get("backbone_weights")
+        if weights is not None and not Path(weights).is_file():
+            return [f"model_options backbone_weights must be an existing weights file; got {str(weights)!r} (not "
+                    "found). Give the path of a local VGG16 .weights.h5 file (nothing is downloaded), or leave "
+                    "backbone_weights out to train from scratch"]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

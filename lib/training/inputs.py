@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,11 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
 
     problems = []
     metas = {}
+    if not config.folds and Path(config.train_database).resolve() == Path(config.test_database).resolve():
+        problems.append(f"test_database must differ from train_database; got {config.test_database} for both "
+                        "(resolved), so the test metrics would be measured on the training tiles. Give the "
+                        "test-NAME.lmdb that build_lmdb.py wrote beside train-NAME.lmdb, or use --folds K to "
+                        "validate on held-out source images of the training database")
     for name in ("train_database", "test_database"):
         path = getattr(config, name)
         try:
@@ -49,6 +55,13 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
     if problems:
         raise TrainingError("the databases cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
     train, test = metas["train_database"], metas["test_database"]
+    for name, meta in (("train_database", train), ("test_database", test)):
+        stats = [*(meta.get("channel_mean") or []), *(meta.get("channel_std") or [])]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats):
+            problems.append(f"{name} must hold finite pixel values; got channel mean {meta.get('channel_mean')}, std "
+                            f"{meta.get('channel_std')} in {getattr(config, name)} (its images hold NaN or Inf "
+                            "pixels). Rebuild it from images without them (replace them, e.g. by 0 or the image's "
+                            "median); training on them gives a NaN loss at the first step")
     if train["channels"] != test["channels"]:
         problems.append(f"train and test databases must have the same channels; got {train['channels']} and "
                         f"{test['channels']}")

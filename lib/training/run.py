@@ -5,22 +5,25 @@
 :class:`TrainingRun` holds the state of a run (config, databases, strategy, model, readers,
 the :class:`RunState` a checkpoint saves, the log). Its loop is::
 
-    while no stop rule fires:            stop_reason(): max_steps, max_minutes, signal
+    while no stop rule fires:            stop_reason(): max_steps, max_minutes (resumable), signal
         train_step()
         every test_every_n_steps:        evaluate() -> record() -> write_record() -> checkpoint() -> log
             early stopping?              stop_reason() after the evaluation
     final evaluation, post-processing tuning (instance models), finish(): SavedModel, run state
 
 Outputs go to ``output_dir``, the model folder of :mod:`lib.model_folder` (model.keras,
-model.json with its run state, saved_model/, train_config.json, checkpoint/) and the record of
-:mod:`lib.training.outputs` (log.csv, charts.png, tensorboard/). Rerunning the same settings
-into the same folder resumes from the checkpoint.
+model.json with its run state, saved_model/, train_config.json, checkpoint/ and
+checkpoint.previous/) and the record of :mod:`lib.training.outputs` (log.csv, charts.png,
+tensorboard/). Rerunning the settings that change the model (database paths compared
+resolved) into the same folder resumes from the checkpoint; a larger ``max_steps`` extends a
+finished run. ``max_minutes`` stops as resumable (:class:`WallTimeReached`, exit 3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -31,10 +34,18 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import model_folder
-from ..common.device import worker_info, bfloat16_is_native, select_strategy
+from ..common.device import bfloat16_is_native, select_strategy, worker_info
 from ..reader.imagereader import as_tf_dataset
-from ..store.lmdb_store import LmdbReader
-from .config import INSTANCE_CLASSES, RESUMABLE, TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
+from ..store.lmdb_store import LmdbReader, StoreError
+from .config import (
+    INSTANCE_CLASSES,
+    RESUMABLE,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingError,
+    TrainingInterrupted,
+    WallTimeReached,
+)
 from .evaluation import evaluate, postprocess_defaults, tune_postprocess
 from .inputs import (
     ReaderPlan,
@@ -144,25 +155,53 @@ class TrainingRun:
     # Setup
 
     def find_resume(self) -> RunState | None:
-        """The checkpoint state to resume from, or None for a new run; raises for a different run."""
+        """The checkpoint state to resume from, or None for a new run; raises for a different run.
+
+        Settings are compared as :func:`recorded_settings` writes them (database paths resolved,
+        the settings of :data:`RESUMABLE` left out). Settings recorded by a run that stopped before
+        its first checkpoint bind nothing: there is nothing to resume, the run starts over.
+        """
+        if self.out.exists() and not self.out.is_dir():
+            raise TrainingError(f"output_dir must be a folder (new, or holding this run); got the file {self.out}. "
+                                "Choose another --output_dir")
         previous = model_folder.read_train_config(self.out)
         if previous is None:
             if self.out.exists() and any(self.out.iterdir()):
                 raise TrainingError(f"output_dir must be empty or hold a run of the same settings; {self.out} holds "
                                     "other files. Choose another --output_dir")
             return None
-        current = self.config.to_dict()
-        differing = sorted(k for k in set(previous) | set(current)
-                           if k not in RESUMABLE and previous.get(k) != current.get(k))
-        if differing:
-            shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing[:6])
-            raise TrainingError(f"output_dir {self.out} holds a different run ({shown}). Choose another --output_dir, "
-                                "or rerun with the same settings to resume it")
+        differing = differing_settings(previous, recorded_settings(self.config))
+        shown = "; ".join(f"{k}: {previous.get(k)!r} -> {self.config.to_dict().get(k)!r}" for k in differing[:6])
         saved = model_folder.checkpoint_state(self.out)
-        return None if saved is None else RunState.from_dict(saved)
+        if saved is None:
+            if differing:
+                self.log(f"{self.out} holds the settings of a run that stopped before its first checkpoint (nothing "
+                         f"to resume); starting over with the new settings ({shown})")
+            return None
+        if differing:
+            raise TrainingError(
+                f"output_dir {self.out} holds a different run: the settings that change the model must match it to "
+                f"resume; got {shown} (recorded -> now). Rerun with the recorded settings (in "
+                f"{self.out / model_folder.TRAIN_CONFIG}) to resume from its checkpoint at step {saved.get('step')}, "
+                f"or choose another --output_dir for a new run. To start over here with the new settings, remove "
+                f"{self.out / model_folder.CHECKPOINT} and {self.out / model_folder.CHECKPOINT_PREVIOUS} first")
+        return RunState.from_dict(saved)
 
-    def _already_finished(self, saved: RunState) -> TrainResult:
-        self.log(f"{self.out} holds a finished run (step {saved.step}, {saved.stopped_because}); nothing to do")
+    def finished_reason(self, saved: RunState) -> str | None:
+        """Why a finished run stays finished under this config (None: the config extends it)."""
+        config = self.config
+        if saved.bad_evaluations >= config.early_stopping:
+            return (f"it stopped early after {saved.bad_evaluations} evaluations without improvement; a larger "
+                    "--early_stopping extends it")
+        if config.max_steps is not None and saved.step >= config.max_steps:
+            return f"it reached --max_steps {config.max_steps}; a larger --max_steps extends it"
+        if config.max_steps is None and config.max_minutes is None and saved.stopped_because == "max_steps":
+            return "give a larger --max_steps or a --max_minutes to extend it"
+        return None
+
+    def _already_finished(self, saved: RunState, reason: str) -> TrainResult:
+        self.log(f"{self.out} holds a finished run (step {saved.step}, {saved.stopped_because}); nothing to do: "
+                 f"{reason}")
         best = {}
         if (self.out / model_folder.MODEL_JSON).exists():
             best = model_folder.read_model_meta(self.out / model_folder.MODEL_JSON).get("best", {})
@@ -181,8 +220,12 @@ class TrainingRun:
         self.patch = train_patch(config, self.train_meta["tile_size"], self.geometry[0])
         self.global_batch = config.batch_size * self.strategy.num_replicas_in_sync
         with self.strategy.scope():
-            self.model = build_model(config.architecture, self.train_meta["channels"], config.output_channels,
-                                     **config.model_options)
+            try:
+                self.model = build_model(config.architecture, self.train_meta["channels"], config.output_channels,
+                                         **config.model_options)
+            except (OSError, ValueError) as exc:  # a backbone weights file that does not fit (checked to exist)
+                raise TrainingError(f"model_options must build a {config.architecture} model; got "
+                                    f"{type(exc).__name__}: {exc}") from None
             self.optimizer = make_optimizer(config, self.model)
         spec = config.target_spec()
         if spec is not None:
@@ -211,12 +254,16 @@ class TrainingRun:
     def _restore(self, saved: RunState | None) -> None:
         if saved is None:
             return
-        self.state = RunState.from_dict(model_folder.load_checkpoint(self.out, self.model, self.optimizer))
+        self.state = RunState.from_dict(model_folder.load_checkpoint(self.out, self.model, self.optimizer, self.log))
         self.resumed_from = self.state.step
+        if self.state.finished:
+            self.log(f"extending the finished run in {self.out} (it stopped at step {self.state.step}: "
+                     f"{self.state.stopped_because}) from its last checkpoint"
+                     + (f" to --max_steps {self.config.max_steps}" if self.config.max_steps is not None else "")
+                     + (f" for --max_minutes {self.config.max_minutes:g}" if self.config.max_minutes else ""))
+            self.state.finished, self.state.stopped_because = False, None
         self.log(f"resuming {self.out} from the checkpoint at step {self.state.step} (best test loss so far "
                  f"{self.state.best_test_loss})")
-        if self.chief:
-            model_folder.set_run_state(self.out, "running")
 
     def _make_readers(self) -> None:
         if self.config.folds:
@@ -285,13 +332,40 @@ class TrainingRun:
         self.lr = lr
         loss = float(self.train_step(iterator))
         if not math.isfinite(loss):
+            bad_input = self.non_finite_input(iterator)
             if self.chief:
-                model_folder.set_run_state(self.out, "failed", "non_finite_loss")
-            raise TrainingDiverged(f"the training loss became {loss} at step {self.state.step + 1}; lower "
-                                   "--learning_rate, check the data normalisation, or try --loss ce")
+                model_folder.set_run_state(self.out, "failed", "non_finite_input" if bad_input else "non_finite_loss")
+            step = self.state.step + 1
+            if bad_input:
+                raise TrainingDiverged(
+                    f"the training loss became {loss} at step {step} because the input is not finite: {bad_input}. "
+                    "Rebuild the database from images without NaN or Inf pixels (replace them, e.g. by 0 or the "
+                    "image's median); a lower --learning_rate will not help")
+            raise TrainingDiverged(
+                f"the training loss became {loss} at step {step}: the training diverged (the input statistics and "
+                f"a training batch checked now are finite). Lower --learning_rate (now {self.config.learning_rate:g}),"
+                " raise --warmup_steps, or try --loss ce")
         self.state.step += 1
         self.period.losses.append(loss)
         self.period.examples += self.global_batch
+
+    def non_finite_input(self, iterator) -> str | None:
+        """Where the input is not finite (the training database's statistics, then one batch), None if it is."""
+        meta = self.train_meta
+        stats = [*meta.get("channel_mean", []), *meta.get("channel_std", [])]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats):
+            return (f"{self.config.train_database} holds NaN or Inf pixels (its channel mean "
+                    f"{meta.get('channel_mean')}, std {meta.get('channel_std')})")
+        try:
+            images, labels = next(iterator)
+        except (StopIteration, RuntimeError, ValueError):
+            return None
+        for name, value in (("image", images), ("label", labels)):
+            for part in self.strategy.experimental_local_results(value):
+                array = np.asarray(part)
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    return f"a training batch of {self.config.train_database} holds NaN or Inf {name} values"
+        return None
 
     def evaluate(self) -> dict:
         """An exact pass over the test records: the log row of this evaluation."""
@@ -384,23 +458,34 @@ class TrainingRun:
         self.train_meta, self.test_meta = check_databases(self.config)
         saved = self.find_resume()
         if saved is not None and saved.finished:
-            return self._already_finished(saved)
-        self.out.mkdir(parents=True, exist_ok=True)
+            reason = self.finished_reason(saved)
+            if reason is not None:
+                return self._already_finished(saved, reason)
         self.strategy = self.strategy or select_strategy()
         self.worker_index, n_workers = worker_info(self.strategy)
         self.chief = self.worker_index == 0
-        if self.chief:
-            model_folder.write_train_config(self.out, self.config.to_dict())
         self.split = split_records(self.config, self.train_meta)
         with self._precision():
+            # Nothing is written until the model is built and the checkpoint restored: a bad
+            # backbone file or a damaged checkpoint leaves the folder as it was.
             self._build_model()
             self._restore(saved)
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.chief:
+                model_folder.write_train_config(self.out, recorded_settings(self.config))
+                if saved is not None:
+                    model_folder.set_run_state(self.out, "running")
             self._make_readers()
             self.training_log = TrainingLog(self.out)
             self.tensorboard = TensorBoard(self.out) if self.chief else None
             with self._signals(), self.train_reader, self.test_reader:
                 self._loop(n_workers)
-        return self.finish()
+        result = self.finish()
+        if self.stopped_because == "max_minutes":
+            # The folder is as usable as a finished one (best model, export, tuning), but the run is
+            # not over: "interrupted", and rerunning the same command continues from the checkpoint.
+            raise WallTimeReached(self.config.max_minutes, self.state.step)
+        return result
 
     def _loop(self, n_workers: int) -> None:
         config, state = self.config, self.state
@@ -431,17 +516,21 @@ class TrainingRun:
             tune_postprocess(self.out, self.test_reader, spec, self.log)
 
     def finish(self) -> TrainResult:
-        """SavedModel export, the final checkpoint, run state "finished" in model.json; the result."""
+        """SavedModel export, the final checkpoint, the run state in model.json; the result.
+
+        The state is "finished", except after ``max_minutes``: "interrupted" (a wall-time stop is resumable).
+        """
         state = self.state
-        state.finished = True
+        state.finished = self.stopped_because != "max_minutes"
         state.stopped_because = self.stopped_because
         if self.chief:
             model_folder.export_saved_model(self.out, self.log)
             model_folder.save_checkpoint(self.out, self.model, self.optimizer, state.to_dict())
-            model_folder.set_run_state(self.out, "finished", self.stopped_because)
+            model_folder.set_run_state(self.out, "finished" if state.finished else "interrupted",
+                                       self.stopped_because)
         seconds = time.perf_counter() - self.start_time
         best = state.best_metrics
-        self.log(f"done: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "
+        self.log(f"{'done' if state.finished else 'stopped, resumable'}: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "
                  f"{state.best_test_loss:.4f} at step {state.best_step}, mean IoU "
                  f"{best.get('mean_iou', float('nan')):.3f}, foreground IoU "
                  f"{best.get('mean_foreground_iou', float('nan')):.3f}"
@@ -451,12 +540,41 @@ class TrainingRun:
                            self.resumed_from, seconds)
 
 
+PATH_SETTINGS = ("train_database", "test_database")
+
+
+def recorded_settings(config: TrainConfig) -> dict:
+    """The settings written to train_config.json: :meth:`TrainConfig.to_dict` with the database paths resolved."""
+    settings = config.to_dict()
+    for key in PATH_SETTINGS:
+        settings[key] = str(Path(settings[key]).resolve())
+    return settings
+
+
+def differing_settings(previous: dict, current: dict) -> list[str]:
+    """The settings that change the model and differ between a recorded run and this one.
+
+    Database paths compare resolved (a relative and an absolute spelling of one file agree);
+    ``output_dir`` (the folder both were read from) and :data:`RESUMABLE` are left out.
+    """
+    previous = json.loads(json.dumps(previous))
+    current = json.loads(json.dumps(current))
+    for settings in (previous, current):
+        for key in PATH_SETTINGS:
+            if isinstance(settings.get(key), str):
+                settings[key] = str(Path(settings[key]).resolve())
+    ignored = set(RESUMABLE) | {"output_dir"}
+    return sorted(k for k in set(previous) | set(current) if k not in ignored and previous.get(k) != current.get(k))
+
+
 def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print) -> TrainResult:
     """Train a model as ``config`` says, resuming from ``output_dir`` when it holds the same run.
 
     Raises ``ConfigError`` for invalid settings, ``TrainingError`` for unusable databases or a
-    different run in ``output_dir``, ``TrainingDiverged`` for a non-finite loss,
-    ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint is written first).
+    different run in ``output_dir``, ``CheckpointError`` when no checkpoint restores,
+    ``TrainingDiverged`` for a non-finite loss (naming non-finite input when that is the cause),
+    ``TrainingInterrupted`` after SIGTERM/SIGINT and ``WallTimeReached`` after ``max_minutes``
+    (a checkpoint is written first: rerun to continue).
     """
     return TrainingRun(config, strategy, log).run()
 
@@ -469,9 +587,16 @@ def train_kfold(config: TrainConfig, log: Callable[[str], None] = print) -> list
     ``OUTPUT/ensemble/folds.csv`` compares the folds. Each fold resumes like a single run.
     """
     config.validate()
-    with LmdbReader(config.train_database) as reader:
-        per_fold = fold_records(reader.metadata, config.folds, config.seed)
-    ensemble = Path(config.output_dir) / model_folder.ENSEMBLE
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise TrainingError(f"output_dir must be a folder (new, or holding this k-fold run); got the file {output}. "
+                            "Choose another --output_dir")
+    try:
+        with LmdbReader(config.train_database) as reader:
+            per_fold = fold_records(reader.metadata, config.folds, config.seed)
+    except StoreError as exc:
+        raise TrainingError(f"the training database cannot be used for --folds {config.folds}: {exc}") from None
+    ensemble = output / model_folder.ENSEMBLE
     results = []
     for i in range(len(per_fold)):
         fold_config = dataclasses.replace(
