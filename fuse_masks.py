@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from lib.common.cli import make_parser, run_main
@@ -108,11 +106,6 @@ def _configure_logging(quiet: bool) -> None:
         log.addHandler(handler)
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    # SLURM pre-emption sends SIGTERM: exit through Python so that staged outputs are removed.
-    raise SystemExit(128 + signum)
-
-
 def _report(report: runner.FusionReport) -> None:
     print(f"fused {report.n_images} image(s) from {len(report.experts)} experts as {report.mask_type} masks "
           f"in {report.seconds:.1f} s -> {report.output_folder}")
@@ -127,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = _config(args)
     _configure_logging(args.quiet)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not args.quiet:
         print("fuse_masks settings:")
         for name, value in vars(args).items():

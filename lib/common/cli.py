@@ -9,10 +9,12 @@ message on stderr and its exit code. Anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable
 
-from .errors import ToolkitError
+from .errors import Resumable, ToolkitError
 
 
 def flag_bool(text: str) -> bool:
@@ -37,12 +39,26 @@ def report_error(error: BaseException, prog: str | None = None) -> None:
     print(f"{prog}: error: {error}", file=sys.stderr)
 
 
+class Terminated(Resumable):
+    """SIGTERM (SLURM's pre-emption and wall-time signal) reached a command: exit 3, rerun to continue."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated("stopped by SIGTERM (pre-emption or wall time); every output written so far is whole. "
+                     "Rerun the same command to continue")
+
+
 def run_main(body: Callable[[], int | None], prog: str | None = None) -> int:
     """Run a CLI's body; map :class:`ToolkitError` to its exit code and message.
 
-    ``body`` returns the exit code (``None`` means 0). ``KeyboardInterrupt`` exits 130 as a
-    shell would. Any other exception is a bug: it propagates with its traceback (exit 1).
+    ``body`` returns the exit code (``None`` means 0). SIGTERM raises :class:`Terminated`
+    (exit 3) in the main thread unless the body installs a handler of its own (training
+    checkpoints first; the build removes its temporary folder). ``KeyboardInterrupt`` exits
+    130 as a shell would. Any other exception is a bug: it propagates with its traceback (exit 1).
     """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = body()
     except ToolkitError as error:
@@ -51,4 +67,7 @@ def run_main(body: Callable[[], int | None], prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0 if code is None else int(code)

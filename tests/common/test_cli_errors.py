@@ -65,3 +65,23 @@ def test_flag_bool(text, value):
 def test_flag_bool_rejects_other_words():
     with pytest.raises(argparse.ArgumentTypeError, match="must be one of 1/0, true/false, yes/no; got 'maybe'"):
         cli.flag_bool("maybe")
+
+
+def test_sigterm_stops_a_command_as_resumable(capsys):
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def body():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
+        return 0
+
+    started = time.monotonic()
+    assert cli.run_main(body, prog="tool") == 3
+    assert time.monotonic() - started < 4
+    err = capsys.readouterr().err
+    assert err.startswith("tool: error: stopped by SIGTERM") and "Rerun the same command to continue" in err
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
