@@ -5,10 +5,11 @@
         --output_dir runs/cells --number_classes 2
 
 Rerunning the same command after the job was stopped or killed resumes from the last checkpoint;
-rerunning a finished run with a larger --max_steps extends it.
+rerunning a finished run with a larger --max_steps or --max_minutes (a training budget counted
+over every invocation) extends it.
 Exit codes: 0 done; 1 the training loss became non-finite; 2 bad settings or data, nothing
-trained; 3 stopped by a signal (pre-emption) or by --max_minutes, with a checkpoint written:
-rerun the same command to continue.
+trained; 3 stopped by a signal (SIGTERM, SIGINT, SIGUSR1: pre-emption, wall time) with a
+checkpoint written: rerun the same command to continue.
 
 This module also holds the command line shared with train_fcn.py (NIST's flags kept as users
 type them). Every flag's default is read from lib.training.TrainConfig, so the command line and

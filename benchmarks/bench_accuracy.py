@@ -85,7 +85,7 @@ def main() -> int:
                                    "--max_minutes", str(args.minutes)] + args.train_args.split(),
                                   capture_output=True, text=True)
             wall = time.perf_counter() - start
-            if proc.returncode not in (0, 3):  # 3: stopped by --max_minutes, the budget
+            if proc.returncode != 0:
                 print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
                 results["runs"][architecture] = {"error": f"exit {proc.returncode}"}
                 continue

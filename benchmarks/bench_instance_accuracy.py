@@ -120,7 +120,7 @@ def main() -> int:
                                "--output_dir", str(run), "--target", "instance", "--max_minutes", str(args.minutes)]
                               + args.train_args.split(), capture_output=True, text=True)
         wall = time.perf_counter() - start
-        if proc.returncode not in (0, 3):  # 3: stopped by --max_minutes, the budget
+        if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             results["error"] = f"train_unet.py exit {proc.returncode}"
             print(json.dumps(results))

@@ -13,8 +13,8 @@ The public entry points, re-exported here: ``train(config, strategy=None, log=pr
     run.py         TrainingRun: setup, loop, stop rules, signals, checkpoints; train, train_kfold
 """
 
-from .config import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted, WallTimeReached
+from .config import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
 from .run import TrainResult, train, train_kfold
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingError", "TrainingInterrupted", "WallTimeReached",
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingError", "TrainingInterrupted",
            "train", "train_kfold"]

@@ -61,16 +61,6 @@ class TrainingInterrupted(Resumable):
                          "to resume")
 
 
-class WallTimeReached(Resumable):
-    """``max_minutes`` ran out; a checkpoint was written and the run state is "interrupted": rerun the
-    same command to continue (exit 3). ``step`` says where it stopped."""
-
-    def __init__(self, minutes: float, step: int):
-        self.step = step
-        super().__init__(f"stopped after --max_minutes {minutes:g} at step {step}; checkpoint written, rerun the same "
-                         "command to continue from it")
-
-
 def _default_augmentation() -> dict:
     return dataclasses.asdict(AugmentParams())
 

@@ -5,7 +5,7 @@
 :class:`TrainingRun` holds the state of a run (config, databases, strategy, model, readers,
 the :class:`RunState` a checkpoint saves, the log). Its loop is::
 
-    while no stop rule fires:            stop_reason(): max_steps, max_minutes (resumable), signal
+    while no stop rule fires:            stop_reason(): max_steps, max_minutes (a budget), signal
         train_step()
         every test_every_n_steps:        evaluate() -> record() -> write_record() -> checkpoint() -> log
             early stopping?              stop_reason() after the evaluation
@@ -16,7 +16,7 @@ model.json with its run state, saved_model/, train_config.json, checkpoint/ and
 checkpoint.previous/) and the record of :mod:`lib.training.outputs` (log.csv, charts.png,
 tensorboard/). Rerunning the settings that change the model (database paths compared
 resolved) into the same folder resumes from the checkpoint; a larger ``max_steps`` extends a
-finished run. ``max_minutes`` stops as resumable (:class:`WallTimeReached`, exit 3).
+finished run, a larger ``max_minutes`` (training minutes over every invocation) too.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from .config import (
     TrainingDiverged,
     TrainingError,
     TrainingInterrupted,
-    WallTimeReached,
 )
 from .evaluation import evaluate, postprocess_defaults, tune_postprocess
 from .inputs import (
@@ -93,6 +92,7 @@ class RunState:
     epoch: int = 0
     finished: bool = False
     stopped_because: str | None = None
+    minutes: float = 0.0  # training minutes of the earlier invocations of this run (--max_minutes is a budget)
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunState":
@@ -145,6 +145,7 @@ class TrainingRun:
         self.strategy = strategy
         self.log = log
         self.start_time = time.perf_counter()
+        self.minutes_before = 0.0
         self.out = Path(config.output_dir)
         self.state = RunState()
         self.resumed_from: int | None = None
@@ -195,6 +196,9 @@ class TrainingRun:
                     "--early_stopping extends it")
         if config.max_steps is not None and saved.step >= config.max_steps:
             return f"it reached --max_steps {config.max_steps}; a larger --max_steps extends it"
+        if config.max_minutes is not None and saved.minutes >= config.max_minutes:
+            return (f"it used its --max_minutes {config.max_minutes:g} ({saved.minutes:.1f} min of training); a "
+                    "larger --max_minutes extends it")
         if config.max_steps is None and config.max_minutes is None and saved.stopped_because == "max_steps":
             return "give a larger --max_steps or a --max_minutes to extend it"
         return None
@@ -256,6 +260,7 @@ class TrainingRun:
             return
         self.state = RunState.from_dict(model_folder.load_checkpoint(self.out, self.model, self.optimizer, self.log))
         self.resumed_from = self.state.step
+        self.minutes_before = self.state.minutes
         if self.state.finished:
             self.log(f"extending the finished run in {self.out} (it stopped at step {self.state.step}: "
                      f"{self.state.stopped_because}) from its last checkpoint"
@@ -293,13 +298,14 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGTERM and SIGINT set :attr:`signum`; the loop checkpoints and stops at the next step."""
+        """SIGTERM, SIGINT and SIGUSR1 (SLURM's ``--signal=B:USR1@180`` before a wall time) set
+        :attr:`signum`; the loop checkpoints and stops at the next step (exit 3)."""
         def on_signal(signum, frame):
             self.signum = signum
 
         handlers = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 handlers[sig] = signal.signal(sig, on_signal)
         try:
             yield
@@ -316,7 +322,7 @@ class TrainingRun:
             return "early_stopping"
         if config.max_steps is not None and state.step >= config.max_steps:
             return "max_steps"
-        if config.max_minutes is not None and (time.perf_counter() - self.start_time) / 60 >= config.max_minutes:
+        if config.max_minutes is not None and self.minutes() >= config.max_minutes:
             return "max_minutes"
         if self.signum is not None:
             self.checkpoint()
@@ -400,9 +406,14 @@ class TrainingRun:
             draw_charts(self.training_log.rows, self.out)
             self.tensorboard.write(row)
 
+    def minutes(self) -> float:
+        """Training minutes of this run so far, earlier invocations included (what --max_minutes budgets)."""
+        return self.minutes_before + (time.perf_counter() - self.start_time) / 60
+
     def checkpoint(self) -> None:
         """Weights, optimizer and run state into checkpoint/ (chief only)."""
         self.state.epoch = math.ceil(self.state.step / self.train_reader.batches_per_epoch)
+        self.state.minutes = self.minutes()
         if self.chief:
             model_folder.save_checkpoint(self.out, self.model, self.optimizer, self.state.to_dict())
 
@@ -480,12 +491,7 @@ class TrainingRun:
             self.tensorboard = TensorBoard(self.out) if self.chief else None
             with self._signals(), self.train_reader, self.test_reader:
                 self._loop(n_workers)
-        result = self.finish()
-        if self.stopped_because == "max_minutes":
-            # The folder is as usable as a finished one (best model, export, tuning), but the run is
-            # not over: "interrupted", and rerunning the same command continues from the checkpoint.
-            raise WallTimeReached(self.config.max_minutes, self.state.step)
-        return result
+        return self.finish()
 
     def _loop(self, n_workers: int) -> None:
         config, state = self.config, self.state
@@ -518,11 +524,14 @@ class TrainingRun:
     def finish(self) -> TrainResult:
         """SavedModel export, the final checkpoint, the run state in model.json; the result.
 
-        The state is "finished", except after ``max_minutes``: "interrupted" (a wall-time stop is resumable).
+        ``max_minutes`` is a training budget (counted over every invocation of the run): it
+        finishes the run like ``max_steps``; a larger ``--max_minutes`` extends it. Wall times and
+        pre-emption are signals (SIGTERM, SIGINT, SIGUSR1): "interrupted", exit 3.
         """
         state = self.state
-        state.finished = self.stopped_because != "max_minutes"
+        state.finished = True
         state.stopped_because = self.stopped_because
+        state.minutes = self.minutes()
         if self.chief:
             model_folder.export_saved_model(self.out, self.log)
             model_folder.save_checkpoint(self.out, self.model, self.optimizer, state.to_dict())
@@ -573,8 +582,8 @@ def train(config: TrainConfig, strategy=None, log: Callable[[str], None] = print
     Raises ``ConfigError`` for invalid settings, ``TrainingError`` for unusable databases or a
     different run in ``output_dir``, ``CheckpointError`` when no checkpoint restores,
     ``TrainingDiverged`` for a non-finite loss (naming non-finite input when that is the cause),
-    ``TrainingInterrupted`` after SIGTERM/SIGINT and ``WallTimeReached`` after ``max_minutes``
-    (a checkpoint is written first: rerun to continue).
+    ``TrainingInterrupted`` after SIGTERM/SIGINT (a checkpoint is written first: rerun to continue).
+    ``max_minutes`` is a budget over every invocation of the run: it finishes the run.
     """
     return TrainingRun(config, strategy, log).run()
 

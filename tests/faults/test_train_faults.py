@@ -267,24 +267,28 @@ def test_a_finished_run_is_extended_by_a_larger_max_steps(finished_run, db, tmp_
     assert (info.run_state, info.stopped_because) == ("finished", "max_steps")
 
 
-# Case 7: the wall time is resumable
+# Case 7: --max_minutes is a training budget over every invocation; a larger one extends the run
 
 
-def test_max_minutes_stops_as_interrupted_and_a_rerun_continues(db, tmp_path, capsys):
+def test_max_minutes_is_a_budget_that_a_larger_one_extends(db, tmp_path, capsys):
     out = tmp_path / "run"
     code, text = run_unet(argv(db, out, "--max_minutes", "0.0001", "--max_steps", "4"), capsys)
-    assert code == 3, text
-    assert "--max_minutes 0.0001" in text and "rerun the same command to continue" in text
-    assert "stopped, resumable:" in text and "Traceback" not in text
+    assert code == 0, text
     info = model_folder.read_model_json(out / "model.json")
-    assert (info.run_state, info.stopped_because) == ("interrupted", "max_minutes")
-    assert (out / "model.keras").is_file() and (out / "saved_model").is_dir(), "the best model so far is usable"
+    assert (info.run_state, info.stopped_because) == ("finished", "max_minutes")
+    assert (out / "model.keras").is_file() and (out / "saved_model").is_dir()
     saved = json.loads((out / model_folder.CHECKPOINT / "state.json").read_text())
-    assert saved["finished"] is False and saved["stopped_because"] == "max_minutes"
+    assert saved["finished"] is True and saved["minutes"] >= 0.0001
     stopped = saved["step"]
+    assert stopped < 4, "the budget must stop it before --max_steps"
+    # The same command again: the budget is used up, nothing to do (a resubmitted job does not train twice).
+    code, text = run_unet(argv(db, out, "--max_minutes", "0.0001", "--max_steps", "4"), capsys)
+    assert code == 0 and "nothing to do" in text and "a larger --max_minutes extends it" in text
+    assert state_step(out / model_folder.CHECKPOINT) == stopped
+    # A larger budget extends it from its checkpoint.
     code, text = run_unet(argv(db, out, "--max_minutes", "10", "--max_steps", "4"), capsys)
     assert code == 0, text
-    assert f"from the checkpoint at step {stopped}" in text and "nothing to do" not in text
+    assert "extending the finished run" in text and f"from the checkpoint at step {stopped}" in text
     assert model_folder.read_model_json(out / "model.json").run_state == "finished"
     assert state_step(out / model_folder.CHECKPOINT) == 4
 

@@ -381,7 +381,8 @@ def test_two_multiworker_processes_end_with_identical_weights(tmp_path):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_model_json_records_the_run_state(tiny_db, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: SLURM's --signal=B:USR1@180
+def test_model_json_records_the_run_state(tiny_db, tmp_path, sig):
     import keras
 
     from lib.common.files import file_mode
@@ -395,15 +396,15 @@ def test_model_json_records_the_run_state(tiny_db, tmp_path):
     def log(message: str) -> None:
         if message.startswith("step 10:"):  # the first evaluation wrote a best model and its model.json
             seen["running"] = read_model_json(out / "model.json").run_state
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
     config = _tiny_config(tiny_db, out, max_steps=20)
     with pytest.raises(TrainingInterrupted) as info:
         train(config, log=log)
-    assert info.value.signum == signal.SIGTERM and info.value.exit_code == 3
+    assert info.value.signum == sig and info.value.exit_code == 3
     assert seen["running"] == "running"
     interrupted = read_model_json(out / "model.json")
-    assert (interrupted.run_state, interrupted.stopped_because) == ("interrupted", "signal SIGTERM")
+    assert (interrupted.run_state, interrupted.stopped_because) == ("interrupted", f"signal {sig.name}")
     result = train(config, log=lambda m: None)
     assert result.resumed_from == 10 and result.stopped_because == "max_steps"
     finished = read_model_json(out / "model.json")
