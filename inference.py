@@ -21,7 +21,7 @@ import re
 import sys
 
 from lib.common.cli import make_parser, run_main
-from lib.common.device import quiet_tensorflow_logs
+from lib.common.device import device_line, quiet_tensorflow_logs
 from lib.common.errors import SomeFailed
 
 
@@ -182,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = args.config
     print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+    print(device_line(), flush=True)
     try:
         result = run_inference(config, progress=not args.quiet)
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import json
 import sys
 
 from lib.common.cli import flag_bool, run_main
-from lib.common.device import quiet_tensorflow_logs
+from lib.common.device import device_line, quiet_tensorflow_logs
 from lib.common.settings import ConfigError
 from lib.reader.augment import AugmentParams
 from lib.reader.batches import NORMALIZATIONS, SAMPLINGS
@@ -246,6 +246,7 @@ def run_training(argv: list[str] | None, prog: str, description: str, architectu
     quiet_tensorflow_logs()
     config = config_from_args(args, parser, architectures)
     print("settings: " + json.dumps(config.to_dict()), flush=True)
+    print(device_line(), flush=True)
 
     def body() -> None:
         from lib.reader.samples import save_augmentation_samples

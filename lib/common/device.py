@@ -7,6 +7,9 @@ instant and CLIs answer ``--help`` at once.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import threading
 from pathlib import Path
 
 from .settings import ConfigError
@@ -84,11 +87,78 @@ def resolve_precision(precision: str) -> str:
 
 # TensorFlow's own log
 
+# What TensorFlow 2.21 writes to fd 2 while it is imported and probes for CUDA, before its
+# logging honours TF_CPP_MIN_LOG_LEVEL (absl writes these before InitializeLog): 7 lines on a
+# CPU node (oneDNN notice, "could not find cuda drivers", CPU-feature notice, cuInit failure),
+# a fifth of the demo's log. Any other line (a real error) is passed through.
+_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+                    r"|[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+\] "
+                    r"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit"
+                    r"|To enable the following instructions: .* rebuild TensorFlow)")
+
 
 def quiet_tensorflow_logs() -> None:
-    """Keep TensorFlow's C++ start-up chatter out of the job log (call before importing TensorFlow).
+    """Import TensorFlow (and Keras) with its C++ start-up chatter kept out of the job log.
 
-    CUDA probing on CPU nodes and CPU-feature notices bury the settings and progress lines in
-    batch logs; errors still show. A user's own ``TF_CPP_MIN_LOG_LEVEL`` wins.
+    Call it once at the start of a command that needs TensorFlow. ``TF_CPP_MIN_LOG_LEVEL`` is
+    set to 2 (a user's own value wins) and, while TensorFlow is imported and lists its devices,
+    file descriptor 2 goes through a filter that drops the lines of :data:`_NOISE` and passes
+    every other line on. Does nothing when TensorFlow is already imported.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        read_end, write_end = os.pipe()
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2: nothing to keep clean
+        import tensorflow  # noqa: F401
+        return
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")), daemon=True)
+    reader.start()
+    try:
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # the CUDA probe prints here
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        reader.join(timeout=5)
+        os.close(read_end)
+        kept = [line for line in b"".join(chunks).decode(errors="replace").splitlines()
+                if line and not _NOISE.match(line)]
+        if kept:
+            print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def device_line() -> str:
+    """One line naming the devices TensorFlow computes on, for the top of a job log.
+
+    ``"devices: 2 GPU(s): NVIDIA H100 80GB HBM3 (compute capability 9.0) x2"`` or
+    ``"devices: CPU only (Intel(R) Xeon(R) Processor, 2 cores; no GPU visible to TensorFlow)"``.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = []
+        for gpu in gpus:
+            details = tf.config.experimental.get_device_details(gpu)
+            capability = details.get("compute_capability")
+            names.append(details.get("device_name", gpu.name)
+                         + (f" (compute capability {capability[0]}.{capability[1]})" if capability else ""))
+        shown = ", ".join(f"{name} x{names.count(name)}" if names.count(name) > 1 else name
+                          for name in dict.fromkeys(names))
+        return f"devices: {len(gpus)} GPU(s): {shown}"
+    model = "CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"devices: CPU only ({model}, {os.cpu_count()} cores; no GPU visible to TensorFlow)"
