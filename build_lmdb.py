@@ -24,6 +24,7 @@ import shlex
 import sys
 
 from lib.common.cli import flag_bool, make_parser, run_main
+from lib.common.errors import EXIT_RESUMABLE
 from lib.common.settings import ConfigError
 
 PROG = "build_lmdb.py"
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from lib.store.build import build_databases
+    from lib.store.build import BuildTerminated, build_databases
     from lib.store.lmdb_store import summarize
 
     config = config_from_args(args)
@@ -101,6 +102,10 @@ def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
     print("build_lmdb settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
     try:
         result = build_databases(config, command=command, progress=not args.quiet)
+    except BuildTerminated:
+        print("error: stopped by SIGTERM (pre-emption or wall time); nothing was written. Rerun the same command",
+              file=sys.stderr)
+        return EXIT_RESUMABLE
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -135,6 +135,10 @@ class BuildConfig:
         return from_dict(cls, values)
 
 
+class BuildTerminated(KeyboardInterrupt):
+    """SIGTERM during a build: nothing published, the CLI exits 3 (a KeyboardInterrupt: never swallowed)."""
+
+
 class OutputExistsError(OutputError, FileExistsError):
     """An output database or split file exists and ``overwrite`` is false (exit 2, nothing written)."""
 
@@ -574,7 +578,7 @@ def _write_outputs(plan: _Plan, finals: dict[str, Path], split_csv: Path, progre
     in_main_thread = threading.current_thread() is threading.main_thread()
 
     def _on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise BuildTerminated(f"signal {signum}")
 
     try:
         if in_main_thread:
