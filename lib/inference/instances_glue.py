@@ -27,7 +27,10 @@ from .predictor import Predictor
 from .tiled import write_tiled_tiff
 
 if TYPE_CHECKING:
-    from .runner import ImageJob, RunContext
+    from .runner import ImageJob, InferenceConfig, RunContext
+
+# Settings that only instance models take; given with a semantic model they are refused.
+INSTANCE_SETTINGS = ("thresholds", "refinements", "pixel_size", "filter_rules", "save_intermediates")
 
 # Images whose height or width exceeds this are post-processed window by window.
 POSTPROCESS_WINDOW = 4096
@@ -241,3 +244,17 @@ def evaluate_instances_one(context: "RunContext", job: "ImageJob", image, labels
     return {"mask": str(mask_path), "confusion_matrix": cm.tolist(),
             "metrics": {k: v for k, v in row.items() if k != "image"},
             "instance_stats": {str(t): s.as_dict() for t, s in matching.stats.items()}}
+
+
+def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProcessConfig | None:
+    """The post-processing of an instance predictor (None for a semantic one, refusing instance-only settings)."""
+    if predictor.label_kind == "semantic":
+        given = [f"{name} applies to instance models only; got {getattr(config, name)!r} with a semantic model "
+                 f"({predictor.source})" for name in INSTANCE_SETTINGS if getattr(config, name) not in (None, False)]
+        if given:
+            raise ConfigError(given)
+        return None
+    if config.output_format != "tif":
+        raise ConfigError([f"output_format must be tif for an instance model (its labels may need uint32, which "
+                           f"PNG cannot hold); got {config.output_format!r}"])
+    return postprocess_settings(predictor, config.thresholds, config.refinements)

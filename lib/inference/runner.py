@@ -75,10 +75,11 @@ from .tiled import (
 STREAM_PIXELS = 2 ** 26
 # Images above this many pixels are memory-mapped when the file allows it.
 MEMMAP_PIXELS = 2 ** 24
+# Batch logs (stderr not a terminal, so no progress bars) get a progress line at least this often.
+HEARTBEAT_SECONDS = 60.0
 # Images of at least this many tiles get a progress bar of their own (over tiles).
 TILE_BAR_MIN_TILES = 4
 # Settings that only instance models use (refused for a semantic model rather than ignored).
-INSTANCE_SETTINGS = ("thresholds", "refinements", "pixel_size", "filter_rules", "save_intermediates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,12 +349,17 @@ class _Run:
     """The execution of a run's jobs: the 2D ones through one stream of tiles, stacks alone; outcomes reported
     to the image bar."""
 
-    def __init__(self, context: RunContext, image_bar):
+    def __init__(self, context: RunContext, image_bar, total: int = 0):
         self.context = context
         self.image_bar = image_bar
         self.predicted: list[str] = []
         self.failed: dict[str, str] = {}
         self.megapixels = 0.0
+        self.total, self.ticks = total, 0
+        self.started = self.last_heartbeat = time.perf_counter()
+        # With the bar off (stderr not a terminal: a batch log), a progress line at least this often.
+        quiet_bar = image_bar is not None and getattr(image_bar, "disable", False)
+        self.heartbeat_every = HEARTBEAT_SECONDS if quiet_bar else None
 
     def write(self, message: str) -> None:
         (self.image_bar.write if self.image_bar is not None else self.context.log)(message)
@@ -372,8 +378,17 @@ class _Run:
         self.tick()
 
     def tick(self) -> None:
+        self.ticks += 1
         if self.image_bar is not None:
             self.image_bar.update(1)
+        now = time.perf_counter()
+        if self.heartbeat_every is not None and (now - self.last_heartbeat >= self.heartbeat_every
+                                                 or self.ticks == self.total):
+            rate = self.ticks / max(now - self.started, 1e-9)
+            self.context.log(f"inference: {self.ticks}/{self.total} images ({len(self.failed)} failed), "
+                             f"{self.megapixels / max(now - self.started, 1e-9):.2f} Mpixel/s, about "
+                             f"{(self.total - self.ticks) / max(rate, 1e-9) / 60:.0f} min left")
+            self.last_heartbeat = now
 
     def tile_bar(self, job: ImageJob):
         """A progress bar over the tiles of one image when it has many (None otherwise)."""
@@ -579,20 +594,6 @@ def _evaluate_plane(job: ImageJob, image, labels: np.ndarray, classes: int) -> d
 # The run
 
 
-def _instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProcessConfig | None:
-    """The post-processing of an instance predictor (None for a semantic one, refusing instance-only settings)."""
-    if predictor.label_kind == "semantic":
-        given = [f"{name} applies to instance models only; got {getattr(config, name)!r} with a semantic model "
-                 f"({predictor.source})" for name in INSTANCE_SETTINGS if getattr(config, name) not in (None, False)]
-        if given:
-            raise ConfigError(given)
-        return None
-    if config.output_format != "tif":
-        raise ConfigError([f"output_format must be tif for an instance model (its labels may need uint32, which "
-                           f"PNG cannot hold); got {config.output_format!r}"])
-    return instances_glue.postprocess_settings(predictor, config.thresholds, config.refinements)
-
-
 def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, progress: bool = True,
                   predictor: Predictor | None = None) -> InferenceResult:
     """Predict every image of ``config.image_folder`` (or one shard of it) into ``config.output_folder``.
@@ -650,7 +651,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
     context = RunContext(config, predictor, Path(config.output_folder), halo,
-                         _instance_settings(predictor, config), log, progress)
+                         instances_glue.instance_settings(predictor, config), log, progress)
     check_settings(context.out, run_settings(context), config.overwrite)
     planned: dict[str, ImageJob | None | Exception] = {}
     for key in keys:  # every image planned up front, before anything is written
@@ -670,7 +671,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
         from tqdm import tqdm
 
         image_bar = tqdm(total=len(keys), unit="image", dynamic_ncols=True, disable=None)  # None: quiet off a TTY
-    execution = _Run(context, image_bar)
+    execution = _Run(context, image_bar, len(keys))
     try:
         for key, job in planned.items():
             if isinstance(job, Exception):

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -137,6 +138,11 @@ class Period:
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
 
+# Batch logs (stderr not a terminal) get a line at least this often between evaluations: with the
+# default --test_every_n_steps 1000 a CPU run would otherwise print nothing for hours.
+HEARTBEAT_SECONDS = 60.0
+
+
 class TrainingRun:
     """The state of one training run and the hooks its loop calls (see the module docstring)."""
 
@@ -146,6 +152,9 @@ class TrainingRun:
         self.log = log
         self.start_time = time.perf_counter()
         self.minutes_before = 0.0
+        self.last_heartbeat = self.start_time
+        # a terminal shows the evaluations as they come; a batch log also gets heartbeats
+        self.heartbeat_every = None if sys.stderr.isatty() else HEARTBEAT_SECONDS
         self.out = Path(config.output_dir)
         self.state = RunState()
         self.resumed_from: int | None = None
@@ -354,6 +363,25 @@ class TrainingRun:
         self.state.step += 1
         self.period.losses.append(loss)
         self.period.examples += self.global_batch
+        if self.heartbeat_every is not None and time.perf_counter() - self.last_heartbeat >= self.heartbeat_every:
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """One progress line for a batch log: step, recent loss, images/s, input-bound %, time left."""
+        now = time.perf_counter()
+        period, config, step = self.period, self.config, self.state.step
+        elapsed = max(now - period.start, 1e-9)
+        recent = period.losses[-50:]
+        stats = self.train_reader.input_stats(reset=False)
+        left = []
+        if config.max_steps is not None and period.losses:
+            left.append(f"{(config.max_steps - step) * elapsed / len(period.losses) / 60:.0f} min to --max_steps")
+        if config.max_minutes is not None:
+            left.append(f"{max(config.max_minutes - self.minutes(), 0):.0f} min of --max_minutes left")
+        self.log(f"step {step}: train loss {sum(recent) / max(len(recent), 1):.4f} (last {len(recent)} steps), "
+                 f"{period.examples / elapsed:.1f} img/s, input-bound {100 * stats.waiting_fraction:.0f}%"
+                 + (f", about {' / '.join(left)}" if left else ""))
+        self.last_heartbeat = now
 
     def non_finite_input(self, iterator) -> str | None:
         """Where the input is not finite (the training database's statistics, then one batch), None if it is."""

@@ -300,3 +300,21 @@ def test_a_bug_on_one_image_shows_its_traceback_and_a_bad_file_does_not(model_fo
     assert "img_01.tif: TypeError: a programming error (skipped)" in text
     assert "Traceback (most recent call last)" in text and "in faulty" in text
     assert "img_02.tif" in text and text.count("Traceback (most recent call last)") == 1
+
+
+def test_a_batch_log_gets_progress_lines_instead_of_bars(model_folder, data, tmp_path, monkeypatch, capsys):
+    import lib.inference.runner as runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.0)  # a line per image here; a real log: every 60 s
+    # stderr is not a terminal under pytest: tqdm's bars are off, as in a SLURM log
+    assert inference.main(["--model", str(model_folder), "--image_folder", str(data / "images"),
+                           "--output_folder", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("inference: ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all("Mpixel/s, about" in line and line.endswith("min left") for line in lines)
+
+
+def test_quiet_runs_print_no_progress_lines(model_folder, data, tmp_path, capsys):
+    assert run("--model", model_folder, "--image_folder", data / "images", "--output_folder", tmp_path / "out") == 0
+    assert "inference: " not in capsys.readouterr().out

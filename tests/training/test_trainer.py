@@ -412,3 +412,20 @@ def test_model_json_records_the_run_state(tiny_db, tmp_path, sig):
     for name in ("model.json", "model.keras", "log.csv", "charts.png", "train_config.json"):
         assert os.stat(out / name).st_mode & 0o777 == file_mode(), name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
+
+
+def test_a_batch_log_gets_heartbeats_between_evaluations(tiny_db, tmp_path, monkeypatch):
+    import keras
+
+    import lib.training.run as run_module
+    from lib.training import train
+
+    keras.backend.clear_session()
+    monkeypatch.setattr(run_module, "HEARTBEAT_SECONDS", 0.0)  # every step; a real log: every 60 s
+    monkeypatch.setattr(run_module.sys.stderr, "isatty", lambda: False, raising=False)
+    lines = []
+    train(_tiny_config(tiny_db, tmp_path / "run", max_steps=6, test_every_n_steps=100), log=lines.append)
+    beats = [line for line in lines if " img/s, input-bound " in line and line.startswith("step ")
+             and "(last " in line]
+    assert [int(line.split(":")[0].split()[1]) for line in beats] == [1, 2, 3, 4, 5, 6]
+    assert all("min to --max_steps" in line for line in beats)
