@@ -3,7 +3,6 @@ exit code, the message (what, which file, how to fix) and what is left on disk."
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -15,27 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import inference  # noqa: E402
 from lib.store.images import read_image, write_image  # noqa: E402
+from tests.conftest import unet_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory) -> Path:
     """A tiny semantic UNet (base 4, depth 1) taking float32 images."""
-    keras = pytest.importorskip("keras")
-    from lib.models import build_model, model_geometry
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    options = {"base_filters": 4, "depth": 1}
-    divisor, radius = model_geometry("unet", **options)
-    folder = tmp_path_factory.mktemp("model") / "run"
-    folder.mkdir()
-    build_model("unet", 1, 2, **options).save(folder / "model.keras")
-    meta = {"architecture": "unet", "model_options": options, "label_kind": "semantic", "number_classes": 2,
-            "input_channels": 1, "input_dtype": "float32",
-            "normalization": {"mode": "dataset", "mean": [0.0], "std": [1.0]},
-            "size_divisor": divisor, "receptive_field_radius": radius}
-    (folder / "model.json").write_text(json.dumps(meta))
-    return folder
+    pytest.importorskip("keras")
+    return unet_folder(tmp_path_factory.mktemp("model"), 2, "float32", 0.0, 1.0, depth=1)
 
 
 @pytest.fixture

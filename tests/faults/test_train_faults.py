@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lib import model_folder
+from tests.conftest import tiny_database
 
 TINY = {"base_filters": 4, "depth": 1, "batch_norm": False, "dropout": 0.0}
 
@@ -20,15 +21,7 @@ TINY = {"base_filters": 4, "depth": 1, "batch_norm": False, "dropout": 0.0}
 @pytest.fixture(scope="module")
 def db(tmp_path_factory) -> Path:
     """One tiny 3-class database pair for the module: six 64 x 64 images in 32-px tiles."""
-    from data.generate import generate_dataset
-    from lib.store.build import BuildConfig, build_databases
-
-    folder = tmp_path_factory.mktemp("faults")
-    generate_dataset(folder / "data", n_images=6, height=64, width=64, n_experts=0, seed=3)
-    build_databases(BuildConfig(image_folder=str(folder / "data/images"), mask_folder=str(folder / "data/masks"),
-                                output_folder=str(folder / "db"), dataset_name="t", tile_size=32,
-                                train_fraction=0.67, number_classes=3, workers=0), progress=False, log=lambda m: None)
-    return folder / "db"
+    return tiny_database(tmp_path_factory.mktemp("faults"))
 
 
 def argv(db: Path, out: Path, *extra: str, train: str | None = None, test: str | None = None) -> list[str]:

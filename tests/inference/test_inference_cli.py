@@ -17,27 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 import inference  # noqa: E402
 from lib.store.images import read_image, read_volume, write_image
-from tests.conftest import write_pairs  # noqa: E402
+from tests.conftest import unet_folder, write_pairs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    keras = pytest.importorskip("keras")
-    from lib.models import build_model, model_geometry
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    options = {"base_filters": 4, "depth": 2}
-    divisor, radius = model_geometry("unet", **options)
-    folder = tmp_path_factory.mktemp("model") / "run"
-    folder.mkdir()
-    build_model("unet", 1, 3, **options).save(folder / "model.keras")
-    meta = {"architecture": "unet", "model_options": options, "label_kind": "semantic", "number_classes": 3,
-            "input_channels": 1, "input_dtype": "uint16",
-            "normalization": {"mode": "dataset", "mean": [30000.0], "std": [17000.0]},
-            "size_divisor": divisor, "receptive_field_radius": radius}
-    (folder / "model.json").write_text(json.dumps(meta))
-    return folder
+    pytest.importorskip("keras")
+    return unet_folder(tmp_path_factory.mktemp("model"), 3, "uint16", 30000.0, 17000.0, depth=2)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from lib.training.inputs import check_databases
 from lib.training.losses import class_weights_from_counts
 from lib.training.run import RunState
 from lib.training.step import learning_rate_at
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_database
 
 TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
 
@@ -116,15 +116,7 @@ def test_config_collects_violations(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_db(tmp_path_factory) -> Path:
-    from data.generate import generate_dataset
-    from lib.store.build import BuildConfig, build_databases
-
-    folder = tmp_path_factory.mktemp("tiny")
-    generate_dataset(folder / "data", n_images=6, height=64, width=64, n_experts=0, seed=3)
-    build_databases(BuildConfig(image_folder=str(folder / "data/images"), mask_folder=str(folder / "data/masks"),
-                                output_folder=str(folder / "db"), dataset_name="t", tile_size=32,
-                                train_fraction=0.67, number_classes=3, workers=0), progress=False, log=lambda m: None)
-    return folder / "db"
+    return tiny_database(tmp_path_factory.mktemp("tiny"))
 
 
 def _tiny_config(db: Path, out: Path, **kw) -> TrainConfig:
