@@ -42,7 +42,6 @@ from ..scoring.reports import evaluate_labels, metrics_row
 from ..store.images import (
     TIFF_EXTENSIONS,
     ImageInfo,
-    ImageReadError,
     list_images,
     pair_images_masks,
     read_image,
@@ -321,9 +320,14 @@ def open_image(path: Path, info: ImageInfo):
     return read_image(path)
 
 
+# Failures a user's file or setting can cause (ImageReadError is a ToolkitError): told in one line.
+# Anything else is a bug: its traceback is shown too.
+USER_CAUSED = (ToolkitError, ValueError, OSError)
+
+
 def _failure_reason(exc: BaseException) -> str:
     # Our own errors carry a full sentence; anything else gets its type for a bug report.
-    message = str(exc) if isinstance(exc, (ToolkitError, ImageReadError, ValueError, OSError)) else \
+    message = str(exc) if isinstance(exc, USER_CAUSED) else \
         f"{type(exc).__name__}: {exc}"
     return message.splitlines()[0] if message else type(exc).__name__
 
@@ -367,8 +371,7 @@ class _Run:
     def fail(self, job: ImageJob, exc: BaseException) -> None:
         self.failed[job.key] = _failure_reason(exc)
         self.write(f"error: {job.image_path.name}: {self.failed[job.key]} (skipped)")
-        if not isinstance(exc, (ToolkitError, ImageReadError, ValueError, OSError)):
-            # not something a user's file or setting causes: a bug, so show where it happened
+        if not isinstance(exc, USER_CAUSED):
             self.write("".join(traceback.format_exception(exc)).rstrip())
         self.tick()
 
