@@ -28,7 +28,8 @@ th { background: #eee; }
 table.sortable th { cursor: pointer; }
 table.sortable th:hover { background: #ddd; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img.thumb { image-rendering: pixelated; display: block; }
+img.thumb { image-rendering: pixelated; display: inline-block; margin: 2px; }
+img.chart { max-width: 100%; }
 .note { color: #666; font-size: 0.9em; }
 """
 
