@@ -99,23 +99,24 @@ def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
             continue
         if name.startswith("probabilities_"):  # instance models: one map per channel
             title, colours, low, high = f"probability of {name[len('probabilities_'):]}", "viridis", 0.0, 1.0
-            values, _ = read_plane(path)
         elif name in MAPS:
             title, colours, low, high = MAPS[name]
-            values, axes = read_plane(path, plane=_background_plane(path) if name == "probabilities" else None)
-            if name == "probabilities":
-                if "C" not in axes and "S" not in axes:  # one channel: a binary map, P(foreground)
-                    title = "foreground probability"
-                else:
-                    values = 1.0 - values
         else:
             continue
+        target = out / PREVIEW_FOLDER / f"{key}_{name}.png"
+        written[name] = str(target.relative_to(out))
+        if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+            continue  # drawn by an earlier call from the same map
+        values, axes = read_plane(path, plane=_background_plane(path) if name == "probabilities" else None)
+        if name == "probabilities":
+            if "C" not in axes and "S" not in axes:  # one channel: a binary map, P(foreground)
+                title = "foreground probability"
+            else:
+                values = 1.0 - values
         if high is None:
             finite = values[np.isfinite(values)]
             high = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        target = out / PREVIEW_FOLDER / f"{key}_{name}.png"
         save_png(target, preview(values, f"{key}: {title}", low, high, colours=colours))
-        written[name] = str(target.relative_to(out))
     return written
 
 
