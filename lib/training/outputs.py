@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import model_folder
-from ..common.files import write_text, write_with
+from ..common.files import write_text
 from ..common.pictures import Panel, save_charts
 
 LOG_FIELDS = ["step", "epoch", "train_loss", "test_loss", "mean_iou", "mean_foreground_iou", "mean_dice",

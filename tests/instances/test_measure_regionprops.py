@@ -7,8 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from lib.instances.measure import (MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D_UM, feret_diameters, measure,
-                                   measure_3d, measurement_columns)
+from lib.instances.measure import (
+    MEASUREMENT_COLUMNS,
+    MEASUREMENT_COLUMNS_3D_UM,
+    feret_diameters,
+    measure,
+    measure_3d,
+    measurement_columns,
+)
 from tests.conftest import SHARED_DATA
 
 # our column (pixel units) -> regionprops property
