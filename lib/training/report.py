@@ -24,6 +24,8 @@ import numpy as np
 from .. import model_folder
 from ..common import html_report as page
 from ..common.files import write_text
+from ..reader.augment import AugmentParams
+from ..reader.samples import save_augmentation_samples
 
 REPORT_HTML = "report.html"
 SAMPLES_FOLDER = "samples"
@@ -55,9 +57,6 @@ def _value(value: Any) -> str:
 def make_samples(folder: Path, meta: dict, count: int = SAMPLES, log: Callable[[str], None] = print) -> list[Path]:
     """``folder/samples/aug_sample_XX.png`` from the run's training database, with its augmentation; [] when
     the run used none, the database is gone or ``count`` is 0 (a note through ``log``)."""
-    from ..reader.augment import AugmentParams
-    from ..reader.samples import save_augmentation_samples
-
     training = meta.get("training") or {}
     database = Path(str(training.get("train_database", "")))
     if count < 1 or not training.get("use_augmentation") or not database.is_dir():
