@@ -29,6 +29,7 @@ import numpy as np
 from ..common import files
 from ..common.errors import OutputError
 from ..common.files import folder_mode, write_json, write_text, write_with
+from ..common.pictures import preview, save_png
 from ..common.settings import ConfigError
 from ..store import images
 from .masks import IOU_THRESHOLD, MASK_TYPES, METHODS, check_values, decide_mask_type, fuse_masks
@@ -43,6 +44,7 @@ SUMMARY_CSV = "fusion_summary.csv"
 SETTINGS_JSON = "fusion.json"
 PROBABILITY_FOLDER = "probabilities"
 AGREEMENT_FOLDER = "agreement"
+PREVIEW_FOLDER = "previews"  # colour-mapped PNGs with a colour bar, for people (the maps above are data)
 LOSSY = (".jpg", ".jpeg")  # refused as masks: their codec changes label values
 METRIC_ORDER = ("dice", "f1_iou50", "sensitivity", "specificity")
 ROW_HEAD = ("image", "expert", "mask_file", "n_experts")
@@ -258,7 +260,9 @@ def fuse_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLik
     Writes ``<key>.<ext>`` fused masks (binary as 0/255 uint8, multi-class labels, instance
     ids), ``agreement/<key>.png`` (uint8 count of experts: binary and instance, how many
     marked the pixel as foreground; multi-class, how many gave the fused label),
-    ``probabilities/<key>.tif`` (float32, when ``config.save_probabilities``),
+    ``previews/<key>_agreement.png`` (the same counts in colours with a legend, for people),
+    ``probabilities/<key>.tif`` (float32, when ``config.save_probabilities``, with
+    ``previews/<key>_probabilities.png``, colour-mapped 0..1 with a colour bar),
     ``fusion_per_image.csv`` (one row per image and expert), ``fusion_summary.csv`` (per
     expert: mean and std over images) and ``fusion.json`` (settings and provenance). Every
     file goes through :mod:`lib.common.files` (atomic, mode from the umask).
@@ -367,17 +371,29 @@ def _write_image_outputs(staging: Path, job: ImageJob, mask_type: str, fused: np
         name = job.key + ".tif"
     _write_image(staging / name, mask)
     _write_image(staging / AGREEMENT_FOLDER / f"{job.key}.png", result.agreement)
+    experts = len(job.files)
+    what = "gave the fused label" if mask_type == "multiclass" else "marked foreground"
+    save_png(staging / PREVIEW_FOLDER / f"{job.key}_agreement.png",
+             preview(result.agreement, f"{job.key}: how many of the {experts} experts {what}",
+                     levels=[f"{k} of {experts}" for k in range(experts + 1)]))
     if result.probabilities is not None:
         _write_image(staging / PROBABILITY_FOLDER / f"{job.key}.tif", result.probabilities)
+        probabilities = result.probabilities
+        if probabilities.ndim == 3:  # (H, W, C): the probability of the fused label
+            title, probabilities = "probability of the fused label", probabilities.max(axis=2)
+        else:
+            title = "probability of foreground"
+        save_png(staging / PREVIEW_FOLDER / f"{job.key}_probabilities.png",
+                 preview(probabilities, f"{job.key}: {title}", 0.0, 1.0))
 
 
 def _image_outputs(job: ImageJob, config: FusionConfig) -> list[str]:
     """The files one image gets (relative to the output folder); a PNG name may also become ``KEY.tif``."""
-    names = [job.output_name, f"{AGREEMENT_FOLDER}/{job.key}.png"]
+    names = [job.output_name, f"{AGREEMENT_FOLDER}/{job.key}.png", f"{PREVIEW_FOLDER}/{job.key}_agreement.png"]
     if not job.output_name.lower().endswith((".tif", ".tiff")):
         names.append(f"{job.key}.tif")  # labels above uint16 (see _write_image_outputs)
     if config.save_probabilities:
-        names.append(f"{PROBABILITY_FOLDER}/{job.key}.tif")
+        names += [f"{PROBABILITY_FOLDER}/{job.key}.tif", f"{PREVIEW_FOLDER}/{job.key}_probabilities.png"]
     return names
 
 

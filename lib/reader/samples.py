@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..common.pictures import colour_labels, display_image, save_png
+from ..common.pictures import colour_labels, display_image, enlarge, save_png
 from ..store.lmdb_store import LmdbReader
 from .augment import AugmentParams, augment
 from .imagereader import ImageReader
@@ -16,8 +16,12 @@ from .imagereader import ImageReader
 
 def save_augmentation_samples(reader_or_db: ImageReader | LmdbReader | str | os.PathLike, out_dir: str | os.PathLike,
                               n: int = 8, params: AugmentParams | None = None, seed: int = 0,
-                              patch_shape: Sequence[int] | None = None) -> list[Path]:
+                              patch_shape: Sequence[int] | None = None, side: int | None = None) -> list[Path]:
     """Write ``n`` PNGs ``aug_sample_XX.png``: an augmented image beside its coloured label.
+
+    ``side``: patches shorter than this on their long side are enlarged by a whole factor
+    (nearest neighbour: every pixel a sharp square), so that a 32 px patch can be seen; None
+    keeps them at their size (a 4 px white gap between the two then).
 
     ``reader_or_db``: an ImageReader (its database, patch shape and augmentation are the
     defaults), an LmdbReader or a database path. Returns the paths written. Raises
@@ -42,7 +46,10 @@ def save_augmentation_samples(reader_or_db: ImageReader | LmdbReader | str | os.
             image, label = db[int(rng.integers(len(db)))]
             image, label = augment(image, label, rng, params, patch_shape)
             label = label if label.ndim == 2 else label[:, :, 0]
-            gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-            picture = np.concatenate([display_image(image), gap, colour_labels(label)], axis=1)
+            shown, coloured = display_image(image), colour_labels(label)
+            if side is not None:
+                shown, coloured = enlarge(shown, side), enlarge(coloured, side)
+            gap = np.full((shown.shape[0], 4 if side is None else 8, 3), 255, np.uint8)
+            picture = np.concatenate([shown, gap, coloured], axis=1)
             paths.append(save_png(out_dir / f"aug_sample_{i:02d}.png", picture))
     return paths

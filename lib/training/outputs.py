@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Sequence
 
 from .. import model_folder
-from ..common.files import write_text, write_with
+from ..common.files import write_text
 from ..common.pictures import Panel, save_charts
 
 LOG_FIELDS = ["step", "epoch", "train_loss", "test_loss", "mean_iou", "mean_foreground_iou", "mean_dice",
@@ -64,8 +65,18 @@ class TrainingLog:
             write_text(self.path, _csv_text(fields, self._written))
 
 
+def best_row(rows: list[dict]) -> dict | None:
+    """The evaluation with the lowest test loss (the first of equals, as the run keeps the model), or None."""
+    finite = [r for r in rows if isinstance(r.get("test_loss"), (int, float)) and math.isfinite(r["test_loss"])]
+    return min(finite, key=lambda r: r["test_loss"]) if finite else None
+
+
 def draw_charts(rows: list[dict], folder: str | Path) -> Path:
-    """Loss and quality curves of ``rows`` (log.csv) into ``folder/charts.png``."""
+    """Loss and quality curves of ``rows`` (log.csv) into ``folder/charts.png``.
+
+    Every evaluation is a marked point (one evaluation is one visible point); the step of the
+    lowest test loss (the kept model) is marked by a dashed line and stars and named in the title.
+    """
     steps = [r["step"] for r in rows]
 
     def series(*keys: tuple[str, str]) -> dict:
@@ -74,9 +85,15 @@ def draw_charts(rows: list[dict], folder: str | Path) -> Path:
     quality = [("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy")]
     if rows and "f1" in rows[0]:
         quality += [("f1", "matching F1 (IoU 0.5)"), ("panoptic_quality", "panoptic quality")]
-    panels = [Panel("loss", "loss", series(("train_loss", "train"), ("test_loss", "test")), log_scale=True),
-              Panel("test quality", "score", series(*quality), y_limits=(0, 1))]
-    return save_charts(Path(folder) / model_folder.CHARTS, panels)
+    best = best_row(rows)
+    best_x = None if best is None else best["step"]
+    panels = [Panel("loss (train and test)", "loss", series(("train_loss", "train"), ("test_loss", "test")),
+                    log_scale=True, best_x=best_x),
+              Panel("test quality", "score", series(*quality), y_limits=(0, 1), best_x=best_x)]
+    title = f"{Path(folder).name}: {len(rows)} evaluation{'s' if len(rows) != 1 else ''}"
+    if best is not None:
+        title += f", best at step {best['step']:g} (test loss {best['test_loss']:.4g})"
+    return save_charts(Path(folder) / model_folder.CHARTS, panels, title=title)
 
 
 class TensorBoard:
