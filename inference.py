@@ -116,11 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "(e.g. 'fill_holes,remove_small_objects 20'; also clear_border, remove_large_objects N, "
                            "dilation R, erosion R)")
     inst.add_argument("--pixel_size", type=_positive, default=None,
-                      help="side of a pixel in physical units (e.g. 0.65 for um): area, diameter and perimeter in "
-                           "those units (pixels when not given)")
+                      help="side of a pixel in micrometres (e.g. 0.65): measurement columns in um and um2 "
+                           "(area_um2, feret_max_um, ...) instead of px and px2")
     inst.add_argument("--filter_rules", default=None,
                       help="remove the instances matching these rules from the labels, e.g. 'npixels < 100 and "
-                           "circularity <= 0.7; area > 5000' (';' = or); KEY_instances.csv then lists every "
+                           "circularity <= 0.7; area_px2 > 5000' (';' = or; column names of docs/measurements.md); KEY_instances.csv then lists every "
                            "instance found with a status column (kept/removed)")
     inst.add_argument("--save_intermediates", action="store_true",
                       help="also write intermediates/KEY_seeds.tif (seed labels, uint32), KEY_surface.tif (the "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..common.settings import ConfigError
-from ..instances.measure import MEASUREMENT_COLUMNS, measure
+from ..instances.measure import measure, measurement_columns
 from ..instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed
 from ..instances.rules import filter_instances
 from ..model_folder import ModelError
@@ -199,7 +199,7 @@ def finish_instances(context: "RunContext", job: "ImageJob", prediction, image) 
             f"{config.postprocess_window} px); its intermediates are not written")
     labels = segmentation.labels
     rows = measure(labels, config.pixel_size)
-    columns = list(MEASUREMENT_COLUMNS)
+    columns = list(measurement_columns(config.pixel_size))
     found = len(rows)
     if config.filter_rules:
         labels, rows = filter_instances(labels, rows, config.filter_rules)
@@ -237,7 +237,8 @@ def evaluate_instances_one(context: "RunContext", job: "ImageJob", image, labels
     if "overlay" in paths:
         levels = matching.thresholds
         shown = 0.5 if 0.5 in levels else levels[len(levels) // 2]
-        save_png(paths["overlay"], matching_overlay(np.asarray(image), mask, labels, matching, threshold=shown))
+        save_png(paths["overlay"], matching_overlay(np.asarray(image), mask, labels, matching, threshold=shown,
+                                                    readable=True))
     else:
         context.log(f"note: {mask_path.name}: no overlay for an image of {labels.size / 1e6:.0f} Mpixel")
     row = metrics_row("", cm)

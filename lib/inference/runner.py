@@ -35,7 +35,7 @@ from ..common.errors import ToolkitError
 from ..common.pictures import OVERLAY_MAX_SIDE
 from ..common.pictures import semantic_overlay as overlay
 from ..common.settings import ConfigError
-from ..instances.measure import MEASUREMENT_COLUMNS
+from ..instances.measure import measurement_columns
 from ..instances.postprocess import PostProcessConfig, parse_refinement
 from ..instances.rules import parse_rules
 from ..scoring.reports import evaluate_labels, metrics_row
@@ -50,7 +50,7 @@ from ..store.images import (
     read_volume,
 )
 from ..store.tiling import TilePlan, check_tile_size
-from . import instances_glue, ownership
+from . import instances_glue, ownership, report
 from .folder_files import SETTINGS_FILE, announce, check_settings, run_settings, shard_suffix, summaries
 from .instances_glue import POSTPROCESS_OVERLAP, POSTPROCESS_WINDOW
 from .outputs import save_image, save_json
@@ -162,7 +162,7 @@ class InferenceConfig:
             v.append(f"pixel_size must be a positive number (physical units per pixel); got {self.pixel_size!r}")
         if self.filter_rules is not None:
             try:
-                parse_rules(self.filter_rules, MEASUREMENT_COLUMNS)  # the columns of lib.instances.measure.measure
+                parse_rules(self.filter_rules, measurement_columns(self.pixel_size))  # lib.instances.measure.measure's
             except ValueError as exc:
                 v.append(f"filter_rules must be valid rules; got {self.filter_rules!r}: {' '.join(str(exc).split())}")
         for step in self.refinements or ():
@@ -544,7 +544,7 @@ class _Run:
                 if result.confusion is not None:
                     step = state.step
                     save_image(job.paths["overlay"], overlay(np.asarray(state.image[::step, ::step]), result.overview,
-                                                             state.mask[::step, ::step]))
+                                                             state.mask[::step, ::step], readable=True))
                     record.update(_metrics_entries(job.mask_path, result.confusion))
             else:
                 prediction = Prediction.from_outputs(state.outputs)
@@ -590,7 +590,7 @@ def _evaluate_plane(job: ImageJob, image, labels: np.ndarray, classes: int) -> d
         cm = evaluate_labels(labels, mask, classes)
     except ValueError as exc:
         raise ValueError(f"{exc} in {job.mask_path}") from None
-    save_image(job.paths["overlay"], overlay(image, labels, mask))
+    save_image(job.paths["overlay"], overlay(image, labels, mask, readable=True))
     return _metrics_entries(job.mask_path, cm)
 
 
@@ -690,6 +690,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     failed = {key: execution.failed[key] for key in keys if key in execution.failed}
     predicted = [key for key in keys if key in set(execution.predicted)]
     found = summaries(context, keys, failed)
+    report.write_report(context.out, log)
     return InferenceResult(context.out, predicted, skipped, failed, found["overall"], found["metrics_csv"],
                            found["uncertainty_csv"], time.perf_counter() - started, execution.megapixels, halo,
                            halo >= predictor.receptive_field_radius, found["instance_overall"],

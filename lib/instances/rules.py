@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .measure import MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D
+from .measure import MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D, MEASUREMENT_COLUMNS_3D_UM, MEASUREMENT_COLUMNS_UM
 
 _OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
               "!=": operator.ne}
@@ -71,7 +71,8 @@ def parse_rules(text: str | Sequence[str], properties: Sequence[str] | None = No
     (with the known ones).
     """
     known = tuple(dict.fromkeys(properties if properties is not None
-                                else MEASUREMENT_COLUMNS + MEASUREMENT_COLUMNS_3D))
+                                else MEASUREMENT_COLUMNS + MEASUREMENT_COLUMNS_UM + MEASUREMENT_COLUMNS_3D
+                                + MEASUREMENT_COLUMNS_3D_UM))
     if isinstance(text, str):
         parts = text.split(";")
     elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):

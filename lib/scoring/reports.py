@@ -129,7 +129,7 @@ def associations_rows(matching: InstanceMatching, image_name: str,
 
 
 def matching_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, matching: InstanceMatching,
-                     threshold: float = 0.5) -> np.ndarray:
+                     threshold: float = 0.5, readable: bool = False) -> np.ndarray:
     """Picture of a matching on its image: (H, W, 3) uint8 (:func:`lib.common.pictures.instance_overlay`).
 
     Parameters
@@ -144,7 +144,7 @@ def matching_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, matc
     """
     t = matching.check_threshold(threshold)
     return instance_overlay(image, true, pred, matching.matched[t][:, 1], matching.unmatched_pred[t],
-                            matching.unmatched_true[t])
+                            matching.unmatched_true[t], readable=readable)
 
 
 # CSV

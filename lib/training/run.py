@@ -59,6 +59,7 @@ from .inputs import (
 )
 from .losses import class_weights_from_counts
 from .outputs import TensorBoard, TrainingLog, draw_charts, format_row, write_folds_table
+from .report import write_training_report
 from .step import learning_rate_at, make_eval_step, make_losses, make_optimizer, make_train_step
 
 IMPROVEMENT_TOLERANCE = 1e-4  # an evaluation within this of the best test loss counts as best (as NIST)
@@ -565,6 +566,7 @@ class TrainingRun:
             model_folder.save_checkpoint(self.out, self.model, self.optimizer, state.to_dict())
             model_folder.set_run_state(self.out, "finished" if state.finished else "interrupted",
                                        self.stopped_because)
+            write_training_report(self.out, log=self.log)
         seconds = time.perf_counter() - self.start_time
         best = state.best_metrics
         self.log(f"{'done' if state.finished else 'stopped, resumable'}: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "

@@ -57,7 +57,8 @@ def test_predicts_evaluates_and_writes_every_output(model_folder, data, tmp_path
     assert probabilities.shape == (70, 90, 3) and probabilities.dtype == np.float32
     assert np.array_equal(probabilities.argmax(-1), labels[..., 0])
     assert read_image(out / "uncertainty" / "img_03_entropy.tif").shape == (100, 50, 1)
-    assert read_image(out / "overlays" / "img_02.png").shape == (33, 80, 3)
+    overlay = read_image(out / "overlays" / "img_02.png")  # 33 x 80 enlarged 10x, legend strip below
+    assert overlay.shape[1] == 800 and overlay.shape[0] > 330 and (out / "report.html").is_file()
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("image,pixels,pixel_accuracy,mean_iou") and len(rows) == 6
     assert rows[-1].startswith("ALL,") and int(rows[-1].split(",")[1]) == 70 * 90 + 64 * 64 + 33 * 80 + 100 * 50

@@ -30,7 +30,8 @@ keras = pytest.importorskip("keras")
 from lib.inference.instances_glue import segment_instances
 from lib.inference.predictor import predictor_from_models
 from lib.inference.tiled import predict_image, predict_whole
-from lib.instances.measure import MEASUREMENT_COLUMNS
+from lib.common import pictures
+from lib.instances.measure import measurement_columns
 from lib.instances.postprocess import PostProcessConfig, postprocess
 from lib.model_folder import ModelError, ModelInfo, find_models
 from lib.models import build_model, model_geometry  # noqa: E402
@@ -243,10 +244,12 @@ def test_instance_outputs_and_evaluation(oracle_folder, instance_data, tmp_path,
         growth = read_image(out / "intermediates" / f"{key}_growth.tif")
         assert growth.dtype == np.uint8 and set(np.unique(growth)) <= {0, 1}
         assert read_image(out / "uncertainty" / f"{key}_entropy.tif").shape == shape + (1,)
-        assert read_image(out / "overlays" / f"{key}.png").shape == shape + (3,)
+        overlay = read_image(out / "overlays" / f"{key}.png")  # enlarged, a legend strip below
+        factor = min(pictures.MAX_ENLARGEMENT, -(-pictures.READABLE_SIDE // max(shape)))
+        assert overlay.shape[1] == max(shape[1] * factor, pictures.LEGEND_MIN_WIDTH) and overlay.shape[0] > shape[0] * factor
         rows = read_csv(out / f"{key}_instances.csv")
-        assert list(rows[0]) == list(MEASUREMENT_COLUMNS) and len(rows) == labels.max()
-        assert float(rows[0]["area"]) == pytest.approx(int(rows[0]["npixels"]) * 0.25)
+        assert list(rows[0]) == list(measurement_columns(0.5)) and len(rows) == labels.max()
+        assert float(rows[0]["area_um2"]) == pytest.approx(int(rows[0]["npixels"]) * 0.25)
         associations = read_csv(out / "associations" / f"{key}.csv")
         assert list(associations[0]) == ["image", "threshold", "true_id", "pred_id", "iou", "status"]
         assert {row["threshold"] for row in associations} == {"0.3", "0.5", "0.75"}

@@ -16,7 +16,7 @@ from skimage.segmentation import find_boundaries
 from lib.common.settings import ConfigError
 from lib.instances.classical import classical_baseline
 from lib.instances.labels import choose_label_dtype
-from lib.instances.measure import MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D, measure, measure_3d
+from lib.instances.measure import MEASUREMENT_COLUMNS, MEASUREMENT_COLUMNS_3D, measure, measure_3d, measurement_columns
 from lib.instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed, refine
 from lib.instances.rules import filter_instances, parse_rules
 
@@ -527,19 +527,19 @@ def test_windowed_rejects(window, overlap, message):
 
 
 def test_measure_disk():
+    # (every column against regionprops: tests/instances/test_measure_regionprops.py)
     r = 20
     yy, xx = np.mgrid[:50, :60]
     labels = (((yy - 24) ** 2 + (xx - 31) ** 2) <= r * r).astype(np.uint16) * 7
     row, = measure(labels)
-    assert set(row) == set(MEASUREMENT_COLUMNS)
+    assert list(row) == list(MEASUREMENT_COLUMNS)
     assert row["label"] == 7
     assert abs(row["npixels"] - math.pi * r * r) < 0.01 * math.pi * r * r
-    assert row["area"] == row["npixels"]
-    assert (row["centroid_y"], row["centroid_x"]) == (24.0, 31.0)
-    assert row["diameter"] == 2 * r + 1
-    assert abs(row["perimeter"] - 2 * math.pi * r) < 0.02 * 2 * math.pi * r
-    assert 0.97 <= row["circularity"] <= 1.0  # measured 0.982
-    assert row["elongation"] == pytest.approx(1 / row["circularity"])
+    assert row["area_px2"] == row["npixels"]
+    assert (row["centroid_y_px"], row["centroid_x_px"]) == (24.0, 31.0)
+    assert 2 * r <= row["feret_min_px"] <= 2 * r + 1 <= row["feret_max_px"] <= 2 * r + 2
+    assert abs(row["perimeter_px"] - 2 * math.pi * r) < 0.06 * 2 * math.pi * r  # the boundary-pixel estimate
+    assert 0.88 <= row["circularity"] <= 0.95  # measured 0.908
 
 
 def test_measure_square_with_pixel_size():
@@ -547,27 +547,27 @@ def test_measure_square_with_pixel_size():
     labels = np.zeros((40, 40), np.int32)
     labels[5:5 + s, 7:7 + s] = 1
     row, = measure(labels)
-    perimeter = 4 * math.sqrt((s - 0.5) ** 2 + 0.25)  # see measure(): about 4s - 2
+    perimeter = 4 * (s - 1)  # through the centres of the boundary pixels
     assert row["npixels"] == s * s
-    assert row["perimeter"] == pytest.approx(perimeter)
+    assert row["perimeter_px"] == pytest.approx(perimeter)
     assert row["circularity"] == pytest.approx(4 * math.pi * s * s / perimeter ** 2)
-    assert abs(row["circularity"] - math.pi / 4) < 0.03
-    assert (row["centroid_y"], row["centroid_x"], row["diameter"]) == (19.5, 21.5, 30.0)
+    assert (row["centroid_y_px"], row["centroid_x_px"], row["feret_min_px"]) == (19.5, 21.5, 30.0)
     scaled, = measure(labels, pixel_size=0.5)
-    assert scaled["area"] == s * s * 0.25
-    assert scaled["perimeter"] == pytest.approx(perimeter * 0.5)
-    assert scaled["diameter"] == 15.0
+    assert list(scaled) == list(measurement_columns(0.5))
+    assert scaled["area_um2"] == s * s * 0.25
+    assert scaled["perimeter_um"] == pytest.approx(perimeter * 0.5)
+    assert scaled["feret_min_um"] == 15.0
     assert scaled["circularity"] == pytest.approx(row["circularity"])
-    assert (scaled["centroid_y"], scaled["centroid_x"]) == (19.5, 21.5)  # pixels, always
+    assert (scaled["centroid_y_um"], scaled["centroid_x_um"]) == (19.5 * 0.5, 21.5 * 0.5)
 
 
-def test_measure_rows_per_label_and_clipped_circularity():
+def test_measure_rows_per_label_and_undefined_circularity():
     labels = grid("3000 0000 0055 0055")
     rows = measure(labels)
     assert [r["label"] for r in rows] == [3, 5]
     assert [r["npixels"] for r in rows] == [1, 4]
-    assert rows[0]["circularity"] == 1.0 and rows[0]["elongation"] == 1.0  # a pixel: 4 pi / 2**2, clipped
-    assert rows[1]["centroid_y"] == 2.5
+    assert math.isnan(rows[0]["circularity"])  # a pixel has perimeter 0: undefined, an empty CSV cell
+    assert rows[1]["centroid_y_px"] == 2.5
     assert measure(np.zeros((4, 4), np.uint8)) == []
 
 
@@ -576,14 +576,14 @@ def test_measure_3d_ball_and_cube():
     zz, yy, xx = np.mgrid[:25, :25, :25] - 12
     ball = ((zz ** 2 + yy ** 2 + xx ** 2) <= r * r).astype(np.uint16)
     row, = measure_3d(ball)
-    assert set(row) == set(MEASUREMENT_COLUMNS_3D)
+    assert list(row) == list(MEASUREMENT_COLUMNS_3D)
     assert abs(row["nvoxels"] - 4 / 3 * math.pi * r ** 3) < 0.01 * 4 / 3 * math.pi * r ** 3
-    assert (row["centroid_z"], row["centroid_y"], row["centroid_x"]) == (12.0, 12.0, 12.0)
-    assert row["diameter"] == 2 * r + 1
+    assert (row["centroid_z_px"], row["centroid_y_px"], row["centroid_x_px"]) == (12.0, 12.0, 12.0)
+    assert row["equivalent_diameter_px"] == pytest.approx(2 * r, rel=0.02)
     assert 0.88 <= row["sphericity"] <= 1.0  # measured 0.913: the mesh follows the voxel staircase
     stretched, = measure_3d(ball, voxel_size=(2.0, 1.0, 1.0))
-    assert stretched["volume"] == 2 * row["nvoxels"]
-    assert stretched["diameter"] == 2 * (2 * r + 1)
+    assert stretched["volume_um3"] == 2 * row["nvoxels"]
+    assert stretched["centroid_z_um"] == 24.0
 
     s = 10
     cube = np.zeros((s + 2, s + 2, s + 2), np.int32)
@@ -591,8 +591,8 @@ def test_measure_3d_ball_and_cube():
     row, = measure_3d(cube)
     # the 0.5 iso-surface: 6 faces (s-1)^2, 12 edge strips (s-1) x sqrt(2)/2, 8 corner triangles sqrt(3)/8
     area = 6 * (s - 1) ** 2 + 6 * math.sqrt(2) * (s - 1) + math.sqrt(3)
-    assert row["label"] == 4 and row["volume"] == s ** 3
-    assert row["surface_area"] == pytest.approx(area, rel=1e-5)
+    assert row["label"] == 4 and row["volume_px3"] == s ** 3
+    assert row["surface_area_px2"] == pytest.approx(area, rel=1e-5)
     assert row["sphericity"] == pytest.approx(math.pi ** (1 / 3) * (6 * s ** 3) ** (2 / 3) / area, rel=1e-5)
 
 
@@ -622,14 +622,17 @@ def test_measure_rejects(call, message):
 
 
 @pytest.mark.parametrize("text, expected, error", [
-    ("npixels < 100 and circularity <= 0.7; area > 5000", "npixels < 100 and circularity <= 0.7; area > 5000", None),
+    ("npixels < 100 and circularity <= 0.7; area_px2 > 5000", "npixels < 100 and circularity <= 0.7; area_px2 > 5000",
+     None),
     (["npixels >= 3", "label == 2"], "npixels >= 3; label == 2", None),
     ("npixels != 1e2", "npixels != 100", None),
     ("circularity>.5 AND npixels<-1", "circularity > 0.5 and npixels < -1", None),
     ("  sphericity >= 0.8  ", "sphericity >= 0.8", None),
-    ("npixel < 100", None, "property must be one of label, npixels, area, centroid_y, centroid_x, diameter, "
-                           "perimeter, circularity, elongation, nvoxels, volume, centroid_z, surface_area, "
-                           "sphericity; got 'npixel'"),
+    ("npixel < 100", None, "property must be one of label, npixels, area_px2, centroid_y_px, centroid_x_px, "
+                           "perimeter_px, equivalent_diameter_px, feret_max_px, feret_min_px, major_axis_px, "
+                           "minor_axis_px, eccentricity, solidity, circularity, area_um2, centroid_y_um, "
+                           "centroid_x_um, perimeter_um"),
+    ("npixel < 100", None, "sphericity, volume_um3, centroid_z_um, surface_area_um2; got 'npixel'"),
     ("npixels =< 100", None, "condition must be '<property> <op> <number>' with op one of < <= > >= == !=, joined by "
                              "'and' (groups by ';'); got 'npixels =< 100'"),
     ("npixels < ", None, "got 'npixels <'"),
@@ -664,17 +667,17 @@ def test_parse_rules_lists_every_problem_and_takes_property_names():
 
 
 @pytest.mark.parametrize("row, expected", [
-    ({"npixels": 50, "circularity": 0.5, "area": 50}, True),  # first group
-    ({"npixels": 50, "circularity": 0.9, "area": 50}, False),  # first group fails on circularity
-    ({"npixels": 6000, "circularity": 0.9, "area": 6000}, True),  # second group
-    ({"npixels": 100, "circularity": 0.7, "area": 5000}, False),  # both bounds exclusive where written so
-    ({"npixels": 99, "circularity": 0.7, "area": 0}, True),  # <= includes
-    ({"npixels": 50, "circularity": math.nan, "area": 50}, False),  # NaN satisfies no comparison
+    ({"npixels": 50, "circularity": 0.5, "area_px2": 50}, True),  # first group
+    ({"npixels": 50, "circularity": 0.9, "area_px2": 50}, False),  # first group fails on circularity
+    ({"npixels": 6000, "circularity": 0.9, "area_px2": 6000}, True),  # second group
+    ({"npixels": 100, "circularity": 0.7, "area_px2": 5000}, False),  # both bounds exclusive where written so
+    ({"npixels": 99, "circularity": 0.7, "area_px2": 0}, True),  # <= includes
+    ({"npixels": 50, "circularity": math.nan, "area_px2": 50}, False),  # NaN satisfies no comparison
 ])
 def test_rules_match(row, expected):
-    rules = parse_rules("npixels < 100 and circularity <= 0.7; area > 5000")
+    rules = parse_rules("npixels < 100 and circularity <= 0.7; area_px2 > 5000")
     assert rules.matches(row) is expected
-    assert rules.properties == ("npixels", "circularity", "area")
+    assert rules.properties == ("npixels", "circularity", "area_px2")
 
 
 # Filtering
@@ -717,8 +720,8 @@ def test_filter_instances_takes_parsed_rules():
     (lambda r: r[:2], "npixels < 5", "remove", "rows must have a row for every label in labels; missing rows for 3"),
     (lambda r: r + [{**r[0], "label": 9}], "npixels < 5", "remove", "got rows for absent labels 9"),
     (lambda r: r + [r[0]], "npixels < 5", "remove", "rows must have one row per label; got repeated labels 1"),
-    (lambda r: [{k: v for k, v in x.items() if k != "area"} for x in r], "area < 5", "remove",
-     "row 0 must have label, area; missing area (has label, npixels,"),
+    (lambda r: [{k: v for k, v in x.items() if k != "area_px2"} for x in r], "area_px2 < 5", "remove",
+     "row 0 must have label, area_px2; missing area_px2 (has label, npixels,"),
     (lambda r: r, "npixels < 5;", "remove", "group 2 must contain a condition"),
 ])
 def test_filter_instances_rejects(rows, rules, action, message):
