@@ -44,6 +44,7 @@ import numpy as np
 from . import __version__
 from .common.errors import BadInput
 from .common.files import write_json, write_with
+from .export.keras_standard import fast_model, save_standard, standard_model
 
 # File names of a model folder
 MODEL_FILE = "model.keras"
@@ -301,7 +302,10 @@ def load_model(model_path: Path):
     """The model at ``model_path``: a ``.keras`` file loaded in safe mode (no Python code from the
     file runs; the toolkit's layers registered first), or a SavedModel folder as a ``TFSMLayer``.
 
-    Raises :class:`ModelError` naming the file when it does not load.
+    A ``.keras`` file with Keras' own batch normalisation and dropout (how :func:`save_model`
+    writes it) gets the toolkit's speed layers back (:func:`lib.export.keras_standard.fast_model`);
+    one written by older versions holds them already. Raises :class:`ModelError` naming the file
+    when it does not load.
     """
     import keras
 
@@ -312,10 +316,11 @@ def load_model(model_path: Path):
         layer = keras.layers.TFSMLayer(str(model_path), call_endpoint="serving_default")
         return layer
     try:
-        return keras.models.load_model(model_path, safe_mode=True, compile=False)
+        model = keras.models.load_model(model_path, safe_mode=True, compile=False)
     except Exception as exc:  # a damaged or foreign file: say which one
         raise ModelError(f"model must load with Keras in safe mode; got {type(exc).__name__}: {exc} in "
                          f"{model_path}") from None
+    return fast_model(model)
 
 
 # Writing (training)
@@ -370,8 +375,13 @@ def set_run_state(folder: str | os.PathLike, run_state: str, stopped_because: st
 
 
 def save_model(folder: str | os.PathLike, model) -> Path:
-    """Save a Keras model as ``folder/model.keras``, atomically."""
-    return write_with(Path(folder) / MODEL_FILE, lambda tmp: model.save(tmp))
+    """Save a Keras model as ``folder/model.keras``, atomically, with Keras' own layers in float32.
+
+    The toolkit's speed layers are swapped for ``BatchNormalization`` / ``Dropout`` (same weights
+    and statistics) and every layer computes in float32, so the file loads with
+    ``keras.saving.load_model`` alone (:func:`lib.export.keras_standard.standard_model`).
+    """
+    return write_with(Path(folder) / MODEL_FILE, lambda tmp: save_standard(model, tmp))
 
 
 def read_train_config(folder: str | os.PathLike) -> dict | None:
@@ -401,13 +411,16 @@ def write_train_config(folder: str | os.PathLike, settings: dict) -> Path:
 def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = print) -> bool:
     """Export ``folder/model.keras`` as a TF SavedModel in ``folder/saved_model/``; return whether it worked.
 
-    The export is a folder: it is written beside under a temporary name, then swapped in.
+    The graph has Keras' own layers and computes in float32 whatever precision the model was
+    trained in (:func:`lib.export.keras_standard.standard_model`). The export is a folder: it is written beside under a temporary name, then swapped in.
     A failure is reported through ``log`` (model.keras stays the reference).
     """
     import keras
 
     folder = Path(folder)
-    model = keras.models.load_model(folder / MODEL_FILE, safe_mode=True, compile=False)
+    from . import models  # noqa: F401  (an older model.keras holds the toolkit's layers)
+
+    model = standard_model(keras.models.load_model(folder / MODEL_FILE, safe_mode=True, compile=False))
     tmp = folder / f".{SAVED_MODEL}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
