@@ -45,6 +45,8 @@ from . import __version__
 from .common.errors import BadInput
 from .common.files import write_json, write_with
 from .export.keras_standard import fast_model, save_standard, standard_model
+from .export.package_reader import extract_package
+from .export.savedmodel import write_savedmodel
 
 # File names of a model folder
 MODEL_FILE = "model.keras"
@@ -258,9 +260,13 @@ def find_models(path: str | os.PathLike) -> list[tuple[Path, ModelInfo]]:
     if not path.exists():
         raise ModelError(f"model must be an existing model folder, ensemble folder or .keras file; got {str(path)!r} "
                          "(not found)")
-    if path.is_file():
+    if path.is_file() and path.suffix == ".zip":
+        model_file, meta_file = extract_package(path)  # a bioimage.io package written by export_model.py
+        found = [(model_file, read_model_json(meta_file))]
+    elif path.is_file():
         if path.suffix != ".keras":
-            raise ModelError(f"model file must be a .keras file; got {str(path)!r}. Pass the model folder")
+            raise ModelError(f"model file must be a .keras file or a bioimage.io package (.zip) exported by "
+                             f"export_model.py; got {str(path)!r}. Pass the model folder")
         found = [(path, read_model_json(path.parent / MODEL_JSON))]
     elif (path / MODEL_FILE).is_file():
         found = [(path / MODEL_FILE, read_model_json(path / MODEL_JSON))]
@@ -412,7 +418,8 @@ def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = p
     """Export ``folder/model.keras`` as a TF SavedModel in ``folder/saved_model/``; return whether it worked.
 
     The graph has Keras' own layers and computes in float32 whatever precision the model was
-    trained in (:func:`lib.export.keras_standard.standard_model`). The export is a folder: it is written beside under a temporary name, then swapped in.
+    trained in (:func:`lib.export.keras_standard.standard_model`); its endpoints return
+    ``{"logits": ...}`` (:func:`lib.export.savedmodel.write_savedmodel`). The export is a folder: it is written beside under a temporary name, then swapped in.
     A failure is reported through ``log`` (model.keras stays the reference).
     """
     import keras
@@ -424,7 +431,7 @@ def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = p
     tmp = folder / f".{SAVED_MODEL}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        write_savedmodel(model, tmp)
     except Exception as exc:  # the Keras model stays the reference; say why the export is missing
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"warning: SavedModel export failed ({type(exc).__name__}: {exc}); {MODEL_FILE} is complete")

@@ -79,7 +79,9 @@ def in_precision(model, precision: str = "float32"):
     if precision == "float32":
         return model
     config = model.get_config()
-    heads = {entry[0] for entry in config["output_layers"]}
+    outputs = config["output_layers"]
+    outputs = [outputs] if outputs and isinstance(outputs[0], str) else outputs
+    heads = {entry[0] for entry in outputs}
     for layer in config["layers"]:
         inner = layer.get("config", {})
         if layer.get("class_name") != "InputLayer" and inner.get("name") not in heads \
@@ -88,6 +90,27 @@ def in_precision(model, precision: str = "float32"):
     rebuilt = keras.Model.from_config(config)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
+
+
+OUTPUT_KEY = "logits"
+
+
+def write_savedmodel(model, path: Path) -> None:
+    """Write ``model`` as a SavedModel folder ``path``: endpoints ``serve`` and ``serving_default`` both take
+    ``image`` (B, H, W, C) float32 and return ``{"logits": (B, H, W, K) float32}``.
+
+    A dict, not the bare tensor of ``model.export``: bioimage.io's TensorFlow 2 runner
+    (bioimageio.core 0.11) calls the ``serve`` endpoint and requires a dict of outputs.
+    """
+    import keras
+    import tensorflow as tf
+
+    channels = int(model.inputs[0].shape[-1])
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serve", fn=lambda image: {OUTPUT_KEY: model(image, training=False)},
+                         input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="image")])
+    archive.write_out(str(path), verbose=False)
 
 
 def export_savedmodel(model, output: Path, precision: str = "float32") -> Path:
@@ -100,7 +123,7 @@ def export_savedmodel(model, output: Path, precision: str = "float32") -> Path:
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        in_precision(model, precision).export(str(tmp), format="tf_saved_model", verbose=False)
+        write_savedmodel(in_precision(model, precision), tmp)
         old = output.with_name(f".{output.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if output.exists():
