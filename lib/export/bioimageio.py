@@ -37,12 +37,26 @@ import numpy as np
 
 from ..common.files import write_with
 from ..common.pictures import save_png
-from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, read_model_json
-from .model_card import (SAMPLE_SIDE, ExportError, card_text, cover_picture, output_names, paper, predict_maps,
-                         prediction_labels, sample_tile)
+from ..inference.predictor import normalize
+from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, load_model, read_model_json
+from .keras_standard import standard_model
+from .model_card import (
+    SAMPLE_SIDE,
+    ExportError,
+    card_text,
+    cover_picture,
+    output_names,
+    paper,
+    predict_maps,
+    prediction_labels,
+    sample_tile,
+)
+from .onnx_export import OnnxUnavailable, convert_checked
+from .savedmodel import export_savedmodel
 
 SPEC_VERSION = "0.5.4"
 from .package_reader import RDF  # noqa: E402  (the name the reader looks for)
+
 SAVED_MODEL_ZIP = "tf_saved_model.zip"
 ONNX_FILE = "model.onnx"
 INPUT_ID, OUTPUT_ID = "image", "prediction"
@@ -187,10 +201,6 @@ def _weights(folder: Path, scratch: Path, files: dict[str, bytes], sample: np.nd
     import keras
     import tensorflow as tf
 
-    from ..model_folder import load_model
-    from .keras_standard import standard_model
-    from .onnx_export import OnnxUnavailable, convert_checked
-    from .savedmodel import export_savedmodel
 
     model = standard_model(load_model(folder / MODEL_FILE))
     keras_path = scratch / MODEL_FILE
@@ -220,8 +230,6 @@ def build_package(folder: str | os.PathLike, output: str | os.PathLike, test_ima
     Raises :class:`ExportError` when the folder cannot be exported (no sample image, unknown
     normalisation).
     """
-    from ..inference.predictor import normalize
-
     folder = Path(folder)
     info = read_model_json(folder / MODEL_JSON)
     options = {"url": "https://bioimage.io", **(options or {})}
@@ -238,8 +246,6 @@ def build_package(folder: str | os.PathLike, output: str | os.PathLike, test_ima
     sample = normalize(image[None], info, statistics)
     if not post:  # no spec operation: the package's output is the logits
         import keras
-
-        from ..model_folder import load_model
 
         logits = load_model(folder / MODEL_FILE)(sample, training=False)
         maps = np.asarray(keras.ops.convert_to_numpy(logits), np.float32)[0]

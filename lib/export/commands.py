@@ -15,8 +15,13 @@ from typing import Callable
 
 from ..common.errors import OutputError
 from ..common.files import check_not_inside
+from ..inference.predictor import normalize
 from ..model_folder import MODEL_FILE, MODEL_JSON, ModelError, load_model, read_model_json
+from .bioimageio import build_package
+from .keras_standard import standard_model
 from .model_card import ExportError, sample_tile, write_model_card
+from .onnx_export import export_onnx
+from .savedmodel import export_savedmodel
 
 FORMATS = ("bioimageio", "onnx", "savedmodel")
 SUFFIXES = {"bioimageio": ".zip", "onnx": ".onnx", "savedmodel": ""}
@@ -68,27 +73,18 @@ def _check(request: ExportRequest) -> Path:
 
 def export(request: ExportRequest, log: Callable[[str], None] = print) -> Path:
     """Run one export; return the output path. Raises a :class:`lib.common.errors.ToolkitError` subclass."""
-    from .keras_standard import standard_model
-
     folder = _check(request)
     output = Path(request.output)
     if request.format == "bioimageio":
-        from .bioimageio import build_package
-
         options = {"name": request.name, "authors": request.authors, "license": request.license}
         build_package(folder, output, request.test_image, options, log)
     elif request.format == "onnx":
-        from ..inference.predictor import normalize
-        from .onnx_export import export_onnx
-
         info = read_model_json(folder / MODEL_JSON)
         image, _ = sample_tile(info, request.test_image)
         pixels = image.reshape(-1, image.shape[-1]).astype("float64")
         sample = normalize(image[None], info, (pixels.mean(0), pixels.std(0)))
         export_onnx(standard_model(load_model(folder / MODEL_FILE)), sample, output)
     else:
-        from .savedmodel import export_savedmodel
-
         export_savedmodel(load_model(folder / MODEL_FILE), output, request.precision)
     if request.model_card:
         try:

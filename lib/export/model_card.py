@@ -18,7 +18,10 @@ import numpy as np
 from ..common.errors import BadInput
 from ..common.files import write_text
 from ..common.pictures import OVERLAY_ALPHA, colour_labels, display_image, save_png
+from ..inference.predictor import load_predictor
 from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, read_model_json
+from ..store.images import read_image
+from ..store.lmdb_store import LmdbReader
 
 CARD = "model_card.md"
 COVER = "cover.png"
@@ -64,8 +67,6 @@ def sample_tile(info: ModelInfo, test_image: str | os.PathLike | None = None, si
     to the divisor) are kept. Raises :class:`ExportError` when there is no usable image.
     """
     if test_image is not None:
-        from ..store.images import read_image
-
         image, where = read_image(test_image), str(test_image)
     else:
         database = info.meta.get("data", {}).get("test_database")
@@ -73,8 +74,6 @@ def sample_tile(info: ModelInfo, test_image: str | os.PathLike | None = None, si
             raise ExportError(f"test image must be given when the test database recorded in {info.path} is gone; "
                               f"got {database!r}. Pass --test_image IMAGE (an image like those the model was "
                               "trained on)")
-        from ..store.lmdb_store import LmdbReader
-
         reader = LmdbReader(database)
         try:
             image, _ = reader[0]
@@ -185,8 +184,6 @@ def card_text(info: ModelInfo, sample_from: str | None = None) -> str:
 
 def predict_maps(folder: Path, image: np.ndarray) -> np.ndarray:
     """Our inference's maps (H, W, K) float32 for one raw tile, from the model folder's model.keras."""
-    from ..inference.predictor import load_predictor
-
     maps, _ = load_predictor(folder).predict_batch(image[None])
     return maps[0]
 
