@@ -159,12 +159,14 @@ def describe(info: ModelInfo, files: dict[str, bytes], weights: dict[str, dict],
             "axes": [{"type": "batch"}, *space,
                      {"type": "channel", "channel_names": [f"c{k}" for k in range(info.input_channels)]}],
             "test_tensor": _file("test_input.npy", files["test_input.npy"]),
+            "sample_tensor": _file("sample_input.tif", files["sample_input.tif"]),
             "data": {"type": np.dtype(info.input_dtype).name},
             "preprocessing": _preprocessing(info)}],
         "outputs": [{
             "id": OUTPUT_ID, "description": output_description[:128],
             "axes": [{"type": "batch"}, *out_space, {"type": "channel", "channel_names": output_names(info)}],
             "test_tensor": _file("test_output.npy", files["test_output.npy"]),
+            "sample_tensor": _file("sample_output.tif", files["sample_output.tif"]),
             "data": {"type": "float32"},
             "postprocessing": post}],
         "weights": weights,
@@ -250,6 +252,8 @@ def build_package(folder: str | os.PathLike, output: str | os.PathLike, test_ima
         logits = load_model(folder / MODEL_FILE)(sample, training=False)
         maps = np.asarray(keras.ops.convert_to_numpy(logits), np.float32)[0]
     files["test_output.npy"] = _npy(maps[None].astype(np.float32))
+    files["sample_input.tif"] = _tif(image[None])
+    files["sample_output.tif"] = _tif(maps[None].astype(np.float32))
     cover = cover_picture(image, prediction_labels(info, maps))
     with tempfile.TemporaryDirectory(prefix="bioimageio-export-") as scratch:
         scratch = Path(scratch)
@@ -281,6 +285,15 @@ def at_least(image: np.ndarray, size: int) -> np.ndarray:
         image = np.pad(image, step, mode="symmetric")
         pad = [(0, max(0, size - image.shape[0])), (0, max(0, size - image.shape[1])), (0, 0)]
     return np.ascontiguousarray(image)
+
+
+def _tif(array: np.ndarray) -> bytes:
+    """A TIFF of ``array`` (1, H, W, C): the sample tensors that bioimage.io tools display."""
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.ascontiguousarray(array))
+    return buffer.getvalue()
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -27,6 +27,8 @@ CARD = "model_card.md"
 COVER = "cover.png"
 # Side of the sample tile (rounded down to the size divisor; smaller images are used whole).
 SAMPLE_SIDE = 256
+# Records of the test database looked at for the sample (the one with the most labelled pixels wins).
+SAMPLE_CANDIDATES = 64
 PAPERS = {
     "unet": ("U-Net", "Ronneberger O, Fischer P, Brox T. U-Net: Convolutional Networks for Biomedical Image "
              "Segmentation. MICCAI 2015, LNCS 9351, 234-241", "10.1007/978-3-319-24574-4_28",
@@ -63,7 +65,8 @@ def sample_tile(info: ModelInfo, test_image: str | os.PathLike | None = None, si
     """A raw image tile (H, W, C) in the model's input dtype, H and W multiples of the divisor; and where it is from.
 
     From ``test_image`` (any image the toolkit reads) when given, else the first record of the
-    test database named in ``model.json``. The top-left ``side`` x ``side`` pixels (rounded down
+    test database named in ``model.json`` with the most labelled pixels (of its first
+    :data:`SAMPLE_CANDIDATES`). The top-left ``side`` x ``side`` pixels (rounded down
     to the divisor) are kept. Raises :class:`ExportError` when there is no usable image.
     """
     if test_image is not None:
@@ -76,9 +79,9 @@ def sample_tile(info: ModelInfo, test_image: str | os.PathLike | None = None, si
                               "trained on)")
         reader = LmdbReader(database)
         try:
-            image, _ = reader[0]
-            image = np.array(image)
-            where = f"{database} record 0 ({reader.tile_info(0)['key']})"
+            index = _busiest_record(reader)
+            image = np.array(reader[index][0])
+            where = f"{database} record {index} ({reader.tile_info(index)['key']})"
         finally:
             reader.close()
     divisor = info.size_divisor
@@ -94,6 +97,17 @@ def sample_tile(info: ModelInfo, test_image: str | os.PathLike | None = None, si
                               f"{image.dtype.name} in {where}. Pass an image like those the model was trained on")
         image = image.astype(dtype)
     return np.ascontiguousarray(image), where
+
+
+def _busiest_record(reader, candidates: int = SAMPLE_CANDIDATES) -> int:
+    """Index of the record with the most labelled (non-zero) pixels among the first ``candidates``."""
+    best, most = 0, -1.0
+    for index in range(min(candidates, len(reader))):
+        label = reader[index][1]
+        share = float(np.count_nonzero(label)) / max(1, np.size(label)) if label is not None else 0.0
+        if share > most:
+            best, most = index, share
+    return best
 
 
 def prediction_labels(info: ModelInfo, maps: np.ndarray) -> np.ndarray:
@@ -166,7 +180,8 @@ def card_text(info: ModelInfo, sample_from: str | None = None) -> str:
                  f"{meta.get('toolkit_version')}")
     best = _metrics_lines(meta.get("best", {}) or {})
     if best:
-        lines += ["", "## Best metrics (test database)", "", "| metric | value |", "| --- | --- |", *best]
+        lines += ["", "## Validation", "", "Best metrics on the test database during training (the model saved is the "
+                  "one of lowest test loss):", "", "| metric | value |", "| --- | --- |", *best]
     lines += ["", "## How to run it", "",
               "With this toolkit (exact tiled prediction, any image size):", "",
               "    python inference.py --model MODEL_FOLDER --image_folder IMAGES --output_folder PREDICTIONS", "",
