@@ -44,7 +44,7 @@ import numpy as np
 from . import __version__
 from .common.errors import BadInput
 from .common.files import write_json, write_with
-from .export.keras_standard import fast_model, save_standard, standard_model
+from .export.keras_standard import save_standard, standard_model
 from .export.package_reader import extract_package
 from .export.savedmodel import write_savedmodel
 
@@ -309,9 +309,10 @@ def load_model(model_path: Path):
     file runs; the toolkit's layers registered first), or a SavedModel folder as a ``TFSMLayer``.
 
     A ``.keras`` file with Keras' own batch normalisation and dropout (how :func:`save_model`
-    writes it) gets the toolkit's speed layers back (:func:`lib.export.keras_standard.fast_model`);
-    one written by older versions holds them already. Raises :class:`ModelError` naming the file
-    when it does not load.
+    writes it) loads with them: in float32 they are as fast as the toolkit's; a predictor in
+    bfloat16 swaps the toolkit's back in (:func:`lib.inference.predictor.with_precision`). One
+    written by older versions holds the toolkit's layers. Raises :class:`ModelError` naming
+    the file when it does not load.
     """
     import keras
 
@@ -326,7 +327,7 @@ def load_model(model_path: Path):
     except Exception as exc:  # a damaged or foreign file: say which one
         raise ModelError(f"model must load with Keras in safe mode; got {type(exc).__name__}: {exc} in "
                          f"{model_path}") from None
-    return fast_model(model)
+    return model
 
 
 # Writing (training)

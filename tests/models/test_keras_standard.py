@@ -74,6 +74,7 @@ def test_standard_model_has_only_keras_layers_and_the_same_outputs(architecture,
 def test_mixed_bfloat16_model_is_saved_computing_in_float32(tmp_path, image):
     from lib import model_folder
     from lib.export.savedmodel import keras_precision
+    from lib.inference.predictor import with_precision
 
     model = _build("unet", policy="mixed_bfloat16", base_filters=4, depth=1)
     assert keras_precision(model) == "bfloat16"
@@ -82,7 +83,30 @@ def test_mixed_bfloat16_model_is_saved_computing_in_float32(tmp_path, image):
     assert "mixed_bfloat16" not in json.dumps(config) and "segmentation>" not in json.dumps(config)
     loaded = model_folder.load_model(tmp_path / "model.keras")
     assert keras_precision(loaded) == "float32"
-    assert "FusedBatchNormalization" in {type(layer).__name__ for layer in loaded.layers}
+    assert "BatchNormalization" in {type(layer).__name__ for layer in loaded.layers}
+    fast = with_precision(loaded, "bfloat16")  # the predictor's bfloat16 gets our layers back
+    assert keras_precision(fast) == "bfloat16"
+    assert "FusedBatchNormalization" in {type(layer).__name__ for layer in fast.layers}
+    np.testing.assert_allclose(np.asarray(fast(image)), np.asarray(loaded(image)), atol=0.1)
+
+
+@pytest.mark.parametrize("architecture, options", [
+    ("unet", {"base_filters": 4, "depth": 2, "dropout": 0.5}),
+    ("fcn8", {"width": 0.0625, "fc_filters": 16, "fc6_kernel": 3, "batch_norm": True}),  # Keras' own BatchNormalization beside our FastDropout
+])
+def test_save_model_rewrites_the_archive_to_the_same_model(tmp_path, image, monkeypatch, architecture, options):
+    from lib import model_folder
+    from lib.export import keras_standard
+
+    model = _build(architecture, **options)
+    monkeypatch.setattr(keras_standard, "standard_model", None)  # the rebuild fallback must not be needed
+    model_folder.save_model(tmp_path, model)
+    monkeypatch.undo()
+    loaded = model_folder.load_model(tmp_path / "model.keras")
+    assert keras_standard.custom_classes(loaded.get_config()) == []
+    np.testing.assert_allclose(np.asarray(loaded(image)), np.asarray(model(image, training=False)), rtol=1e-4,
+                               atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]  # no scratch left behind
 
 
 _KERAS_ONLY = """
