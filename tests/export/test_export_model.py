@@ -213,3 +213,24 @@ def test_inference_refuses_a_foreign_package(tmp_path, capsys):
                            "--output_folder", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "exported by export_model.py" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_without_the_test_database_a_test_image_is_needed(run, tmp_path, capsys):
+    import shutil
+
+    import export_model
+    from lib.store.images import write_image
+
+    folder = tmp_path / "moved"
+    shutil.copytree(run, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["data"]["test_database"] = str(tmp_path / "gone.lmdb")
+    (folder / "model.json").write_text(json.dumps(meta))
+    out = tmp_path / "m.onnx"
+    assert export_model.main(["--model", str(folder), "--format", "onnx", "--output", str(out),
+                              "--no_model_card"]) == 2
+    assert "--test_image" in capsys.readouterr().err and not out.exists()
+    write_image(tmp_path / "img.tif", np.full((40, 36), 7, np.dtype(meta["input_dtype"])))
+    assert export_model.main(["--model", str(folder), "--format", "onnx", "--output", str(out), "--quiet",
+                              "--test_image", str(tmp_path / "img.tif")]) == 0
+    assert out.is_file() and (folder / "model_card.md").is_file() and (folder / "cover.png").is_file()
