@@ -85,6 +85,9 @@ def test_package_holds_the_spec_files_and_our_outputs(package, run):
 
 def test_bioimageio_core_validates_and_reproduces_the_test_outputs(package, tmp_path, monkeypatch):
     """The reference validator and runner: static validation, then its own run of every weight format."""
+    # bioimageio.core's Keras backend defaults to torch and it writes KERAS_BACKEND into os.environ (inherited by
+    # every later subprocess): name TensorFlow, and let monkeypatch restore the environment afterwards.
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     pytest.importorskip("bioimageio.core")
     from bioimageio.core import test_model
     from bioimageio.spec import load_description
