@@ -44,6 +44,9 @@ import numpy as np
 from . import __version__
 from .common.errors import BadInput
 from .common.files import write_json, write_with
+from .export.keras_standard import save_standard, standard_model
+from .export.package_reader import extract_package
+from .export.savedmodel import write_savedmodel
 
 # File names of a model folder
 MODEL_FILE = "model.keras"
@@ -257,9 +260,13 @@ def find_models(path: str | os.PathLike) -> list[tuple[Path, ModelInfo]]:
     if not path.exists():
         raise ModelError(f"model must be an existing model folder, ensemble folder or .keras file; got {str(path)!r} "
                          "(not found)")
-    if path.is_file():
+    if path.is_file() and path.suffix == ".zip":
+        model_file, meta_file = extract_package(path)  # a bioimage.io package written by export_model.py
+        found = [(model_file, read_model_json(meta_file))]
+    elif path.is_file():
         if path.suffix != ".keras":
-            raise ModelError(f"model file must be a .keras file; got {str(path)!r}. Pass the model folder")
+            raise ModelError(f"model file must be a .keras file or a bioimage.io package (.zip) exported by "
+                             f"export_model.py; got {str(path)!r}. Pass the model folder")
         found = [(path, read_model_json(path.parent / MODEL_JSON))]
     elif (path / MODEL_FILE).is_file():
         found = [(path / MODEL_FILE, read_model_json(path / MODEL_JSON))]
@@ -301,7 +308,11 @@ def load_model(model_path: Path):
     """The model at ``model_path``: a ``.keras`` file loaded in safe mode (no Python code from the
     file runs; the toolkit's layers registered first), or a SavedModel folder as a ``TFSMLayer``.
 
-    Raises :class:`ModelError` naming the file when it does not load.
+    A ``.keras`` file with Keras' own batch normalisation and dropout (how :func:`save_model`
+    writes it) loads with them: in float32 they are as fast as the toolkit's; a predictor in
+    bfloat16 swaps the toolkit's back in (:func:`lib.inference.predictor.with_precision`). One
+    written by older versions holds the toolkit's layers. Raises :class:`ModelError` naming
+    the file when it does not load.
     """
     import keras
 
@@ -312,10 +323,11 @@ def load_model(model_path: Path):
         layer = keras.layers.TFSMLayer(str(model_path), call_endpoint="serving_default")
         return layer
     try:
-        return keras.models.load_model(model_path, safe_mode=True, compile=False)
+        model = keras.models.load_model(model_path, safe_mode=True, compile=False)
     except Exception as exc:  # a damaged or foreign file: say which one
         raise ModelError(f"model must load with Keras in safe mode; got {type(exc).__name__}: {exc} in "
                          f"{model_path}") from None
+    return model
 
 
 # Writing (training)
@@ -370,8 +382,13 @@ def set_run_state(folder: str | os.PathLike, run_state: str, stopped_because: st
 
 
 def save_model(folder: str | os.PathLike, model) -> Path:
-    """Save a Keras model as ``folder/model.keras``, atomically."""
-    return write_with(Path(folder) / MODEL_FILE, lambda tmp: model.save(tmp))
+    """Save a Keras model as ``folder/model.keras``, atomically, with Keras' own layers in float32.
+
+    The toolkit's speed layers are swapped for ``BatchNormalization`` / ``Dropout`` (same weights
+    and statistics) and every layer computes in float32, so the file loads with
+    ``keras.saving.load_model`` alone (:func:`lib.export.keras_standard.standard_model`).
+    """
+    return write_with(Path(folder) / MODEL_FILE, lambda tmp: save_standard(model, tmp))
 
 
 def read_train_config(folder: str | os.PathLike) -> dict | None:
@@ -401,17 +418,21 @@ def write_train_config(folder: str | os.PathLike, settings: dict) -> Path:
 def export_saved_model(folder: str | os.PathLike, log: Callable[[str], None] = print) -> bool:
     """Export ``folder/model.keras`` as a TF SavedModel in ``folder/saved_model/``; return whether it worked.
 
-    The export is a folder: it is written beside under a temporary name, then swapped in.
+    The graph has Keras' own layers and computes in float32 whatever precision the model was
+    trained in (:func:`lib.export.keras_standard.standard_model`); its endpoints return
+    ``{"logits": ...}`` (:func:`lib.export.savedmodel.write_savedmodel`). The export is a folder: it is written beside under a temporary name, then swapped in.
     A failure is reported through ``log`` (model.keras stays the reference).
     """
     import keras
 
     folder = Path(folder)
-    model = keras.models.load_model(folder / MODEL_FILE, safe_mode=True, compile=False)
+    from . import models  # noqa: F401  (an older model.keras holds the toolkit's layers)
+
+    model = standard_model(keras.models.load_model(folder / MODEL_FILE, safe_mode=True, compile=False))
     tmp = folder / f".{SAVED_MODEL}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        write_savedmodel(model, tmp)
     except Exception as exc:  # the Keras model stays the reference; say why the export is missing
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"warning: SavedModel export failed ({type(exc).__name__}: {exc}); {MODEL_FILE} is complete")
