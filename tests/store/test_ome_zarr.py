@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.store import ome_zarr
-from lib.store.images import ImageReadError, list_images, pair_images_masks, pixel_size_of, read_image, read_info, \
-    read_mask, read_volume, write_image
+from lib.store.images import (
+    ImageReadError,
+    list_images,
+    pair_images_masks,
+    pixel_size_of,
+    read_image,
+    read_info,
+    read_mask,
+    read_volume,
+    write_image,
+)
 from lib.store.ome_pyramid import StripPyramid, downsample, level_count, level_shapes
 from lib.store.ome_zarr import OmeZarrView, open_ome_zarr, write_ome_zarr
 
