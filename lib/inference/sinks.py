@@ -8,8 +8,9 @@ tile row of each level, whatever the image height.
 
 TIFF pyramids (when the longest side exceeds ``lib.store.ome_tiff.PYRAMID_ABOVE``) go into
 SubIFDs of the first page, as OME-TIFF readers (QuPath, Fiji/Bio-Formats, napari, tifffile)
-expect; their levels are gathered in memory-mapped scratch files beside the output (a third of
-level 0's size) while level 0 is written, and copied into the file at the end. Labels
+expect; their levels are appended row strip by row strip to scratch files beside the output (a third
+of level 0's size) while level 0 is written, and copied into the file band by band at the end (no
+memory map: its dirty pages would count in the process's memory). Labels
 (integer dtypes) are downsampled by nearest neighbour, maps (floats) by the 2 x 2 mean.
 """
 
@@ -36,10 +37,34 @@ def pyramid_method(dtype) -> str:
     return "mean" if np.dtype(dtype).kind == "f" else "nearest"
 
 
-def _tiles_of(array, tile: int) -> Iterator[np.ndarray]:
-    for y in range(0, array.shape[0], tile):
-        for x in range(0, array.shape[1], tile):
-            yield np.asarray(array[y:y + tile, x:x + tile])
+class _ScratchLevel:
+    """One sub-resolution level of a TIFF pyramid in a scratch file: rows appended in order, read back in bands
+    of tiles."""
+
+    def __init__(self, beside: Path, shape: tuple[int, ...], dtype):
+        self.path = files.temporary_beside(beside, ".raw")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.handle = open(self.path, "wb")
+
+    def append(self, strip: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(strip, dtype=self.dtype).tobytes())
+
+    def finish(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+    def tiles(self, tile: int) -> Iterator[np.ndarray]:
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            for y in range(0, self.shape[0], tile):
+                rows = min(tile, self.shape[0] - y)
+                band = np.frombuffer(handle.read(rows * row), self.dtype).reshape((rows,) + self.shape[1:])
+                for x in range(0, self.shape[1], tile):
+                    yield band[:, x:x + tile]
+
+    def remove(self) -> None:
+        self.finish()
+        self.path.unlink(missing_ok=True)
 
 
 class _TiffWriter:
@@ -71,7 +96,7 @@ class _TiffWriter:
                           metadata=ome_metadata("YXS" if channels else "YX", self.pixel_size), **options)
                 self.levels_ready.wait()
                 for level in self.levels:
-                    tif.write(_tiles_of(level, self.tile), shape=level.shape, subfiletype=1, **options)
+                    tif.write(level.tiles(self.tile), shape=level.shape, subfiletype=1, **options)
         except BaseException as exc:  # reported to the producer by put/close
             self.error = exc
             while self.queue.get() is not None:  # drain so that the producer never blocks
@@ -128,18 +153,14 @@ class TiffSink(_RowSink):
                  pixel_size: tuple[float, float] | None = None, pyramid: bool = True, tile: int = TIFF_TILE):
         super().__init__(field, shape)
         levels = level_count(self.height, self.width) if pyramid and max(shape[:2]) > PYRAMID_ABOVE else 1
-        self.scratch: list[Path] = []
-        arrays = []
+        self.scratch: list[_ScratchLevel] = []
         try:
             for h, w in level_shapes(self.height, self.width, levels)[1:]:
-                self.scratch.append(files.temporary_beside(Path(path), ".npy"))
-                arrays.append(np.lib.format.open_memmap(self.scratch[-1], mode="w+", dtype=np.dtype(dtype),
-                                                        shape=(h, w) + tuple(shape[2:])))
-            self.writer = _TiffWriter(path, shape, dtype, tile, pixel_size=pixel_size, levels=arrays)
+                self.scratch.append(_ScratchLevel(Path(path), (h, w) + tuple(shape[2:]), dtype))
+            self.writer = _TiffWriter(path, shape, dtype, tile, pixel_size=pixel_size, levels=self.scratch)
         except BaseException:
             self._remove_scratch()
             raise
-        self.arrays = arrays
         self.pyramid = StripPyramid(self.height, levels, pyramid_method(dtype), self.writer.tile, self._emit)
 
     def _emit(self, level: int, y0: int, strip: np.ndarray) -> None:
@@ -149,18 +170,19 @@ class TiffSink(_RowSink):
                 for x in range(0, self.width, tile):
                     self.writer.put(strip[y:y + tile, x:x + tile])
         else:
-            self.arrays[level - 1][y0:y0 + strip.shape[0]] = strip
+            self.scratch[level - 1].append(strip)  # strips of a level come in row order
 
     def _strip(self, strip: np.ndarray) -> None:
         self.pyramid.put(strip)
 
     def _remove_scratch(self) -> None:
-        self.arrays = []
-        for path in self.scratch:
-            path.unlink(missing_ok=True)
+        for level in self.scratch:
+            level.remove()
 
     def close(self, ok: bool) -> None:
         try:
+            for level in self.scratch:
+                level.finish()  # written out before the writer reads them
             self.writer.close(ok)
         finally:
             self._remove_scratch()
