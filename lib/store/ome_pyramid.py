@@ -48,8 +48,8 @@ def downsample(strip: np.ndarray, method: str) -> np.ndarray:
     if h % 2 or w % 2:
         strip = np.pad(strip, [(0, h % 2), (0, w % 2)] + [(0, 0)] * (strip.ndim - 2), mode="edge")
     h2, w2 = strip.shape[0] // 2, strip.shape[1] // 2
-    blocks = strip.reshape((h2, 2, w2, 2) + strip.shape[2:]).astype(np.float32)
-    return blocks.mean(axis=(1, 3)).astype(strip.dtype)
+    blocks = strip.reshape((h2, 2, w2, 2) + strip.shape[2:])  # a view: no copy of the strip
+    return blocks.mean(axis=(1, 3), dtype=np.float32).astype(strip.dtype, copy=False)
 
 
 class StripPyramid:
@@ -88,8 +88,8 @@ class StripPyramid:
         self.buffered[level] = rest.shape[0]
         self.emit(level, self.written[level], done)
         self.written[level] += full
-        if level + 1 < len(self.shapes) and full:
-            self._put(level + 1, downsample(done, self.method))
+        for y in range(0, full if level + 1 < len(self.shapes) else 0, self.rows):  # bounded temporaries
+            self._put(level + 1, downsample(done[y:y + self.rows], self.method))
 
     @property
     def complete(self) -> bool:
