@@ -2,7 +2,7 @@
 and the pixel size read back from a TIFF's OME-XML.
 
 Pixel sizes are ``(y, x)`` in micrometres (the unit of ``inference.py --pixel_size``).
-Pyramids (SubIFDs) of large outputs are written by :class:`lib.inference.tiled.TiffSink`.
+Pyramids (SubIFDs) of large outputs are written by :class:`lib.inference.sinks.TiffSink`.
 """
 
 from __future__ import annotations
