@@ -4,7 +4,7 @@
     python inference.py --model runs/cells --image_folder new_imgs --output_folder preds [--mask_folder masks]
 
 Exact tiled prediction: tiles carry a halo of the model's receptive-field radius, so the
-labels equal whole-image prediction for images of any size. Writes KEY.tif|png label images,
+labels equal whole-image prediction for images of any size. Writes KEY.tif|png|ome.zarr label images,
 optional probabilities/ and uncertainty/ maps, records/KEY.json, uncertainty.csv and, with
 --mask_folder, metrics.csv and overlays/. Instance models (model.json label_kind "instance") get
 their channel maps post-processed on the whole image into KEY.tif instance labels and
@@ -64,8 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.prog = "inference.py"
     data = parser.add_argument_group("input")
-    data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp; 2D or ZYX stacks)")
-    data.add_argument("--image_format", default=None, help="only use images with this extension (e.g. tif)")
+    data.add_argument("--image_folder", required=True,
+                      help="folder of images (tif, png, jpg, bmp, OME-Zarr folders NAME.zarr / NAME.ome.zarr read "
+                           "chunk by chunk; 2D or ZYX stacks)")
+    data.add_argument("--image_format", default=None,
+                      help="only use images with this extension (e.g. tif; zarr for OME-Zarr folders)")
     data.add_argument("--mask_folder", default=None,
                       help="folder of true masks, paired with images by name: evaluate (metrics.csv, overlays/; "
                            "for instance models, instance label masks: also instance_metrics.csv, associations/)")
@@ -93,11 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiles.add_argument("--batch_size", type=int, default=None, help="tiles per model call (default: ~1 Mpixel per call)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_folder", required=True, help="folder for the predictions (created)")
-    out.add_argument("--output_format", choices=("tif", "png"), default="tif",
-                     help="label image format (stacks are always tif)")
+    out.add_argument("--output_format", choices=("tif", "png", "ome-zarr"), default="tif",
+                     help="tif: OME-TIFF labels (OME-XML axes and pixel size; above 8192 px a tiled BigTIFF with a "
+                          "pyramid); png: labels as PNG (stacks and huge images stay tif); ome-zarr: labels, "
+                          "probabilities and uncertainty as OME-Zarr folders KEY.ome.zarr (NGFF 0.4, pyramid; "
+                          "semantic models)")
     out.add_argument("--probabilities", action="store_true",
-                     help="also write probabilities/KEY.tif: (H, W, classes) float32; for instance models one "
-                          "(H, W) float32 map per channel, probabilities/KEY_<channel>.tif (e.g. KEY_F.tif)")
+                     help="also write probabilities/KEY.tif: float32, one plane per class, stored (classes, H, W) "
+                          "(OME axes CYX; images streamed above 67 Mpixel: (H, W, classes), axes YXS; ome-zarr: "
+                          "axes c, y, x); for instance models one (H, W) float32 map per channel, "
+                          "probabilities/KEY_<channel>.tif (e.g. KEY_F.tif)")
     out.add_argument("--uncertainty", action="store_true",
                      help="also write uncertainty/KEY_entropy.tif (normalised entropy of the mean probabilities) "
                           "and, for ensembles or --tta, KEY_spread.tif (spread of the members)")
@@ -117,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "dilation R, erosion R)")
     inst.add_argument("--pixel_size", type=_positive, default=None,
                       help="side of a pixel in micrometres (e.g. 0.65): measurement columns in um and um2 "
-                           "(area_um2, feret_max_um, ...) instead of px and px2")
+                           "(area_um2, feret_max_um, ...) instead of px and px2. Semantic models record the "
+                           "input's own pixel size (OME-TIFF / OME-Zarr metadata) in their OME outputs")
     inst.add_argument("--filter_rules", default=None,
                       help="remove the instances matching these rules from the labels, e.g. 'npixels < 100 and "
                            "circularity <= 0.7; area_px2 > 5000' (';' = or; column names of docs/measurements.md); KEY_instances.csv then lists every "

@@ -12,11 +12,23 @@ import numpy as np
 
 from ..common import files, pictures
 from ..scoring import reports
-from ..store.images import write_image
+from ..store.images import TIFF_EXTENSIONS, write_image
+from ..store.ome_zarr import is_zarr_path, write_ome_zarr
 
 
-def save_image(path: Path, array: np.ndarray) -> Path:
-    """An image (TIFF keeps any dtype; PNG uint8/uint16), atomically."""
+def save_image(path: Path, array: np.ndarray, pixel_size: tuple[float, float] | None = None,
+               volume: bool = False) -> Path:
+    """An image, atomically: an OME-TIFF (any dtype; OME-XML with its axes and ``pixel_size`` (y, x) in µm
+    when known), a PNG (uint8/uint16), or an OME-Zarr folder for a ``.zarr`` path (a pyramid: nearest
+    neighbour for integer labels, 2 x 2 mean for float maps). ``volume``: ``array`` is a stack
+    (Z, Y, X[, C]) (a trailing channel of 1 is dropped)."""
+    if is_zarr_path(path):
+        array = np.asarray(array)
+        if array.ndim == (4 if volume else 3) and array.shape[-1] == 1:
+            array = array[..., 0]
+        return write_ome_zarr(path, array, labels=array.dtype.kind != "f", pixel_size=pixel_size, volume=volume)
+    if Path(path).suffix.lower() in TIFF_EXTENSIONS:
+        return write_image(path, array, ome=True, pixel_size=pixel_size)
     return write_image(path, array)
 
 

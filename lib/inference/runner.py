@@ -39,22 +39,14 @@ from ..instances.measure import measurement_columns
 from ..instances.postprocess import PostProcessConfig, parse_refinement
 from ..instances.rules import parse_rules
 from ..scoring.reports import evaluate_labels, metrics_row
-from ..store.images import (
-    TIFF_EXTENSIONS,
-    ImageInfo,
-    list_images,
-    pair_images_masks,
-    read_image,
-    read_info,
-    read_mask,
-    read_volume,
-)
+from ..store.images import ImageInfo, list_images, pair_images_masks, read_info, read_mask, read_volume
 from ..store.tiling import TilePlan, check_tile_size
 from . import instances_glue, ownership, report
 from .folder_files import SETTINGS_FILE, announce, check_settings, run_settings, shard_suffix, summaries
 from .instances_glue import POSTPROCESS_OVERLAP, POSTPROCESS_WINDOW
 from .outputs import save_image, save_json
 from .predictor import InputMismatch, Predictor, check_finite, load_predictor
+from .sources import OUTPUT_FORMATS, open_image, output_pixel_size, semantic_paths
 from .tiled import (
     ArraySink,
     ImageOutputs,
@@ -72,8 +64,6 @@ from .tiled import (
 # Images above this many pixels are predicted zone row by zone row into tiled BigTIFFs
 # (instance models: into a memory-mapped scratch file of maps, post-processed window by window).
 STREAM_PIXELS = 2 ** 26
-# Images above this many pixels are memory-mapped when the file allows it.
-MEMMAP_PIXELS = 2 ** 24
 # Batch logs (stderr not a terminal, so no progress bars) get a progress line at least this often.
 HEARTBEAT_SECONDS = 60.0
 # Images of at least this many tiles get a progress bar of their own (over tiles).
@@ -142,8 +132,8 @@ class InferenceConfig:
                 v.append(f"{name} must be >= 1 (or left unset for automatic); got {value}")
         if self.halo is not None and self.halo < 0:
             v.append(f"halo must be >= 0 pixels; got {self.halo}")
-        if self.output_format not in ("tif", "png"):
-            v.append(f"output_format must be 'tif' or 'png'; got {self.output_format!r}")
+        if self.output_format not in OUTPUT_FORMATS:
+            v.append(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}")
         if self.z_filter < 0 or self.z_filter == 1 or (self.z_filter and self.z_filter % 2 == 0):
             v.append(f"z_filter must be 0 (off) or an odd size >= 3; got {self.z_filter}")
         if self.precision not in PRECISIONS:
@@ -233,6 +223,7 @@ class ImageJob:
     layout: str
     plan: TilePlan
     paths: dict[str, Path]
+    pixel_size: tuple[float, float] | None = None  # (y, x) in µm for the outputs' metadata
 
     @property
     def planes(self) -> int:
@@ -256,28 +247,11 @@ class ImageJob:
 
     def new_record(self, halo: int) -> dict[str, Any]:
         return {"image": str(self.image_path), "shape": list(self.info.shape), "dtype": self.info.dtype,
-                "halo": halo, "plan": self.plan_record()}
+                "halo": halo, "plan": self.plan_record(), "pixel_size": self.pixel_size}
 
 
 def _select(keys: list[str], shard: tuple[int, int] | None) -> list[str]:
     return keys if shard is None else keys[shard[0]::shard[1]]
-
-
-def semantic_paths(context: RunContext, key: str, layout: str, evaluate: bool) -> dict[str, Path]:
-    """Every file one image of a semantic model produces; the record is written last and marks the image done."""
-    config, out = context.config, context.out
-    fmt = "tif" if layout != "plane" else config.output_format  # stacks and streamed images: tif
-    paths = {"labels": out / f"{key}.{fmt}"}
-    if config.probabilities:
-        paths["probabilities"] = out / "probabilities" / f"{key}.tif"
-    if config.uncertainty:
-        paths["entropy"] = out / "uncertainty" / f"{key}_entropy.tif"
-        if context.predictor.samples > 1 and layout != "volume":
-            paths["spread"] = out / "uncertainty" / f"{key}_spread.tif"
-    if evaluate and layout != "volume":
-        paths["overlay"] = out / "overlays" / f"{key}.png"
-    paths["record"] = out / "records" / f"{key}.json"
-    return paths
 
 
 def plan_job(context: RunContext, key: str, image_path: Path, mask_path: Path | None) -> ImageJob | None:
@@ -294,30 +268,15 @@ def plan_job(context: RunContext, key: str, image_path: Path, mask_path: Path | 
     else:
         paths = instances_glue.instance_paths(context, key, (height, width), layout == "streamed",
                                               mask_path is not None)
-    if not context.config.overwrite and all(p.is_file() for p in paths.values()):
+    if not context.config.overwrite and all(p.exists() for p in paths.values()):  # .ome.zarr: folders
         return None
     context.predictor.check_image(info.shape, info.dtype, str(image_path))
     if context.post is not None and volume:
         raise InputMismatch(f"image must be 2D for an instance model (post-processing is 2D); got a stack of shape "
                             f"(Z, Y, X, C) = {info.shape} in {image_path}. Predict its planes as separate images")
     plan = plan_for(context.predictor, height, width, context.halo, context.config.tile_size)
-    return ImageJob(key, image_path, mask_path, info, layout, plan, paths)
-
-
-def open_image(path: Path, info: ImageInfo):
-    """The image as (H, W, C): memory-mapped when large and an uncompressed contiguous YX/YXC TIFF, else decoded."""
-    if path.suffix.lower() in TIFF_EXTENSIONS and info.axes in ("YX", "YXC") and \
-            info.shape[0] * info.shape[1] > MEMMAP_PIXELS:
-        import tifffile
-
-        try:
-            mapped = tifffile.memmap(path, mode="r")
-        except (ValueError, OSError, TypeError, IndexError):
-            mapped = None
-        if mapped is not None:
-            if mapped.size == int(np.prod(info.shape)):
-                return mapped.reshape(info.shape)
-    return read_image(path)
+    return ImageJob(key, image_path, mask_path, info, layout, plan, paths,
+                    output_pixel_size(context.config, image_path))
 
 
 # Failures a user's file or setting can cause (ImageReadError is a ToolkitError): told in one line.
@@ -425,11 +384,11 @@ class _Run:
             labels, probabilities, entropy, scores = predict_volume(
                 context.predictor, volume, config.z_filter, config.probabilities,
                 config.uncertainty, job.plan, config.batch_size)
-            save_image(paths["labels"], labels[..., np.newaxis])
+            save_image(paths["labels"], labels[..., np.newaxis], job.pixel_size, volume=True)
             if probabilities is not None:
-                save_image(paths["probabilities"], probabilities)
+                save_image(paths["probabilities"], probabilities, job.pixel_size, volume=True)
             if entropy is not None:
-                save_image(paths["entropy"], entropy[..., np.newaxis])
+                save_image(paths["entropy"], entropy[..., np.newaxis], job.pixel_size, volume=True)
             if job.mask_path is not None:
                 context.log(f"warning: {job.image_path.name} is a stack; evaluation takes 2D images only "
                             "(not evaluated)")
@@ -495,9 +454,9 @@ class _Run:
                                              shape=(plan.height, plan.width, predictor.output_channels))
             sinks = [ArraySink("probabilities", maps)]
         elif streamed:
-            if config.output_format != "tif":
+            if config.output_format == "png":
                 context.log(f"note: {job.image_path.name} has {job.pixels / 1e6:.0f} Mpixel; its labels are "
-                            "streamed to a tiled BigTIFF (.tif) whatever --output_format")
+                            "streamed to a tiled BigTIFF (.tif), not PNG")
             if job.mask_path is not None:
                 state.mask = read_mask(job.mask_path)
                 if state.mask.shape != (plan.height, plan.width):
@@ -506,7 +465,7 @@ class _Run:
             state.step = max(1, -(-max(plan.height, plan.width) // OVERLAY_MAX_SIDE))
             sinks = tiff_sinks(predictor, plan, TiffOutputs(
                 paths["labels"], paths.get("probabilities"), paths.get("entropy"), paths.get("spread"),
-                state.mask, state.step))
+                state.mask, state.step, job.pixel_size))
         else:
             keep_probabilities = config.probabilities or context.post is not None
             sinks = memory_sinks(predictor, plan, keep_probabilities, config.uncertainty)
@@ -563,11 +522,11 @@ class _Run:
 
     def _write_plane(self, job: ImageJob, prediction: Prediction) -> None:
         paths = job.paths
-        save_image(paths["labels"], prediction.labels)
+        save_image(paths["labels"], prediction.labels, job.pixel_size)
         for name in ("probabilities", "entropy", "spread"):
             array = getattr(prediction, name)
             if array is not None and name in paths:
-                save_image(paths[name], array)
+                save_image(paths[name], array, job.pixel_size)
 
     def _record(self, job: ImageJob, record: dict, scores: dict, started: float) -> None:
         record["scores"] = scores
@@ -601,7 +560,8 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
                   predictor: Predictor | None = None) -> InferenceResult:
     """Predict every image of ``config.image_folder`` (or one shard of it) into ``config.output_folder``.
 
-    Per image ``KEY``: ``KEY.tif|png`` labels (smallest integer dtype; stacks always tif),
+    Per image ``KEY``: ``KEY.tif|png|ome.zarr`` labels (smallest integer dtype; stacks never png; TIFFs with
+    OME-XML, see :mod:`lib.inference.sources`),
     ``probabilities/KEY.tif`` (H, W, K) float32, ``uncertainty/KEY_entropy.tif`` (and
     ``KEY_spread.tif`` for ensembles/TTA), ``overlays/KEY.png`` when evaluating, and
     ``records/KEY.json`` (plan, timings, uncertainty scores, confusion matrix), each written
@@ -634,7 +594,7 @@ def run_inference(config: InferenceConfig, log: Callable[[str], None] = print, p
     for problem in problems:
         log(f"warning: {problem}")
     if not image_files:
-        raise ConfigError([f"image_folder must hold images ({config.image_format or 'tif, png, jpg, bmp'}); "
+        raise ConfigError([f"image_folder must hold images ({config.image_format or 'tif, png, jpg, bmp, ome-zarr'}); "
                            f"got none in {config.image_folder}"])
     keys = _select(sorted(image_files), config.shard)
     masks: dict[str, Path] = {}

@@ -15,8 +15,8 @@ tiles of several small images share a model call (a folder of 256 x 256 images i
 case: one call per image wastes most of the device). Each zone goes to the
 :class:`ImageOutputs` of its image, which derives labels and uncertainty once, accumulates the
 per-image uncertainty scores once, and hands the results to its sinks: arrays in memory
-(:class:`ArraySink`, also over a ``.npy`` memory map), tiled BigTIFFs written while predicting
-(:class:`TiffSink`), a confusion matrix against a mask (:class:`ConfusionSink`).
+(:class:`ArraySink`, also over a ``.npy`` memory map), tiled OME BigTIFFs or OME-Zarr images written
+while predicting (:mod:`lib.inference.sinks`), a confusion matrix against a mask (:class:`ConfusionSink`).
 :func:`predict_image`, :func:`predict_to_tiff`, :func:`predict_maps_to_memmap` and
 :func:`predict_volume` are that loop with different sinks.
 
@@ -26,22 +26,20 @@ Axes: images ``(H, W, C)``, batches of tiles ``(B, T_y, T_x, C)``, maps ``(H, W,
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..common import files
 from ..scoring.metrics import confusion_matrix
 from ..store.images import smallest_uint
 from ..store.tiling import TilePlan, default_batch_size, inference_plan, read_window, round_up
 from .predictor import Predictor
+from .sinks import TiffSink, file_sink
 
 # Above this normalised entropy a pixel counts as uncertain in the per-image score.
 UNCERTAIN_ENTROPY = 0.5
-# Edge of the tiles of the BigTIFFs written while predicting (zlib-compressed).
+# Edge of the tiles of the BigTIFFs written while predicting (zlib-compressed; handed to the sinks).
 TIFF_TILE = 256
 
 
@@ -247,90 +245,10 @@ class ConfusionSink:
         pass
 
 
-class _TiffWriter:
-    """A tiled (Big)TIFF written by a thread from tiles put in row-major order; committed on close
-    through :mod:`lib.common.files` (unique temporary name beside it, fsync, umask mode, rename)."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype, tile: int | None = None):
-        self.path = Path(path)
-        self.tmp = files.temporary_beside(self.path, ".tif")
-        self.queue: queue.Queue = queue.Queue(maxsize=16)
-        self.error: BaseException | None = None
-        self.shape, self.dtype, self.tile = shape, np.dtype(dtype), tile or TIFF_TILE
-        self.thread = threading.Thread(target=self._write, daemon=True)
-        self.thread.start()
-
-    def _write(self) -> None:
-        import tifffile
-
-        try:
-            tifffile.imwrite(self.tmp, data=self._tiles(), shape=self.shape, dtype=self.dtype,
-                             tile=(self.tile, self.tile), bigtiff=True, compression="zlib",
-                             photometric="minisblack", planarconfig="contig" if len(self.shape) == 3 else None)
-        except BaseException as exc:  # reported to the producer by put/close
-            self.error = exc
-            while self.queue.get() is not None:  # drain so that the producer never blocks
-                pass
-
-    def _tiles(self) -> Iterator[np.ndarray]:
-        while (tile := self.queue.get()) is not None:
-            yield tile
-
-    def put(self, tile: np.ndarray) -> None:
-        if self.error is not None:
-            raise OSError(f"cannot write {self.path}: {self.error}")
-        self.queue.put(tile)
-
-    def close(self, ok: bool) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-        self.thread.join()
-        if ok and self.error is None:
-            files.commit(self.tmp, self.path)
-            return
-        self.tmp.unlink(missing_ok=True)
-        if ok:
-            raise OSError(f"cannot write {self.path}: {self.error}")
-
-
-class TiffSink:
-    """Streams one field of the zones into a tiled BigTIFF at ``path``: zones are gathered into full-width
-    row strips, cut into ``TIFF_TILE`` tiles and written by a thread. Memory: one row of zones."""
-
-    def __init__(self, field: str, path: Path, shape: tuple[int, ...], dtype):
-        self.field = field
-        self.writer = _TiffWriter(path, shape, dtype)
-        self.width = shape[1]
-        self.height = shape[0]
-        self.row: list[np.ndarray] = []
-        self.rows: list[np.ndarray] = []  # rows of pixels not yet a full row of TIFF tiles
-
-    def put(self, box: tuple[int, int, int, int], data: np.ndarray) -> None:
-        self.row.append(data)
-        if box[3] < self.width:
-            return
-        strip = np.concatenate(self.row, axis=1) if len(self.row) > 1 else self.row[0]
-        self.row = []
-        self._feed(strip, last=box[1] == self.height)
-
-    def _feed(self, strip: np.ndarray, last: bool) -> None:
-        self.rows.append(strip)
-        buffered = np.concatenate(self.rows) if len(self.rows) > 1 else self.rows[0]
-        tile = self.writer.tile
-        full = buffered.shape[0] if last else buffered.shape[0] // tile * tile
-        for y in range(0, full, tile):
-            for x in range(0, self.width, tile):
-                self.writer.put(buffered[y:y + tile, x:x + tile])
-        self.rows = [buffered[full:]] if full < buffered.shape[0] else []
-
-    def close(self, ok: bool) -> None:
-        self.writer.close(ok)
-
-
 def write_tiled_tiff(path: Path, array) -> None:
     """Write ``array`` (H, W) or (H, W, C) (a memory map is read strip by strip) as a tiled BigTIFF, atomically."""
     height, width = array.shape[:2]
-    sink = TiffSink("data", path, tuple(array.shape), array.dtype)
+    sink = TiffSink("data", path, tuple(array.shape), array.dtype, tile=TIFF_TILE)
     ok = False
     try:
         step = sink.writer.tile
@@ -547,8 +465,9 @@ def predict_whole(predictor: Predictor, image: np.ndarray, halo: int | None = No
 @dataclasses.dataclass(frozen=True)
 class TiffOutputs:
     """Where :func:`predict_to_tiff` writes: labels, and optionally probabilities, entropy and spread
-    (tiled BigTIFFs); ``mask`` (H, W) to count a confusion matrix; ``overview_step`` for the
-    subsampled labels returned (pictures of huge images)."""
+    (tiled OME BigTIFFs, or OME-Zarr images for paths ending in ``.zarr``); ``mask`` (H, W) to count a
+    confusion matrix; ``overview_step`` for the subsampled labels returned (pictures of huge images);
+    ``pixel_size`` (y, x) in µm for the files' metadata (None: unknown)."""
 
     labels: Path
     probabilities: Path | None = None
@@ -556,6 +475,7 @@ class TiffOutputs:
     spread: Path | None = None
     mask: np.ndarray | None = None
     overview_step: int = 1
+    pixel_size: tuple[float, float] | None = None
 
 
 @dataclasses.dataclass
@@ -569,7 +489,7 @@ class StreamedPrediction:
 
 
 def tiff_sinks(predictor: Predictor, plan: TilePlan, outputs: TiffOutputs) -> list:
-    """The sinks of a semantic image streamed to tiled BigTIFFs (see :class:`TiffOutputs`)."""
+    """The sinks of a semantic image streamed to tiled BigTIFFs or OME-Zarr images (see :class:`TiffOutputs`)."""
     if predictor.label_kind != "semantic":
         raise ValueError("predictor must be a semantic model to stream labels; got an instance model (use "
                          "predict_maps_to_memmap, then segment_instances)")
@@ -586,7 +506,7 @@ def tiff_sinks(predictor: Predictor, plan: TilePlan, outputs: TiffOutputs) -> li
     try:
         for field, path, field_shape, field_dtype in wanted:
             if path is not None:
-                sinks.append(TiffSink(field, path, field_shape, field_dtype))
+                sinks.append(file_sink(field, path, field_shape, field_dtype, outputs.pixel_size, TIFF_TILE))
     except BaseException:
         for sink in sinks:
             sink.close(False)
@@ -608,7 +528,8 @@ def predict_to_tiff(predictor: Predictor, image, outputs: TiffOutputs | Path, pl
     size; ``image`` should be memory-mapped for bounded memory (its rows are released as they
     are done). Outputs (``outputs``: a :class:`TiffOutputs`, or the labels' path alone): labels
     (H, W) in the smallest dtype, optional probabilities (H, W, K) float32, entropy and spread
-    (H, W) float32, zlib-compressed 256x256 tiles, each written atomically. ``plan`` defaults to
+    (H, W) float32, zlib-compressed 256x256 tiles with OME-XML and, above 8192 px, a SubIFD pyramid
+    (OME-Zarr images for ``.zarr`` paths), each written atomically. ``plan`` defaults to
     :func:`plan_for`. Raises ``ValueError`` for an instance model.
     """
     outputs = outputs if isinstance(outputs, TiffOutputs) else TiffOutputs(Path(outputs))

@@ -1,7 +1,9 @@
 """Reading and writing microscopy images, pairing images with masks, validating a dataset.
 
 Axes conventions: a 2D image is returned as ``(H, W, C)`` ("YXC"), a mask as ``(H, W)``,
-a 3D stack as ``(Z, Y, X, C)``. TIFF files are read with tifffile, PNG/JPEG/BMP with Pillow.
+a 3D stack as ``(Z, Y, X, C)``. TIFF files are read with tifffile, PNG/JPEG/BMP with Pillow,
+OME-Zarr folders (``NAME.zarr``, ``NAME.ome.zarr``: one image each) with zarr (:mod:`lib.store.ome_zarr`,
+full-resolution level).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import numpy as np
 
 from ..common.errors import BadInput
 from ..common.files import atomic_path
+from .ome_tiff import ome_metadata, tiff_pixel_size
+from .ome_zarr import OmeZarrError, is_zarr_path, open_ome_zarr, read_zarr_array, zarr_key, zarr_shape_axes
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+# --image_format values that select OME-Zarr folders (NAME.zarr, NAME.ome.zarr).
+ZARR_FORMATS = ("zarr", "ome.zarr", "ome-zarr", "ome_zarr")
 IMAGE_DTYPES = ("uint8", "uint16", "int32", "float32")
 MASK_DTYPES = ("uint8", "uint16", "int32", "uint32")
 # TIFF compressions that change pixel values (tag 259): JPEG (old and new), WebP, JPEG XL.
@@ -166,7 +172,9 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
     """
     path = Path(path)
     try:
-        if path.suffix.lower() in TIFF_EXTENSIONS:
+        if is_zarr_path(path):
+            shape, dtype, axes = zarr_shape_axes(path)
+        elif path.suffix.lower() in TIFF_EXTENSIONS:
             import tifffile
 
             with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
@@ -177,6 +185,8 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
                 shape, dtype, axes = _pil_shape_dtype(im)
     except ImageReadError:
         raise
+    except OmeZarrError as exc:
+        raise ImageReadError(str(exc)) from None
     except Exception as exc:  # any decoder failure means the same thing to the user
         raise _read_error(path, exc) from None
     shape, axes = _squeeze_axes(shape, axes)
@@ -237,6 +247,8 @@ def _pil_shape_dtype(im) -> tuple[tuple[int, ...], np.dtype, str]:
 
 def _read_raw(path: Path) -> tuple[np.ndarray, str | None]:
     """Decode the whole file: the array as stored and its axes (None when unknown)."""
+    if is_zarr_path(path):
+        return read_zarr_array(path)
     if path.suffix.lower() in TIFF_EXTENSIONS:
         import tifffile
 
@@ -264,11 +276,27 @@ def read_any(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     try:
         array, axes = _read_raw(path)
+    except OmeZarrError as exc:
+        raise ImageReadError(str(exc)) from None
     except Exception as exc:
         raise _read_error(path, exc) from None
     shape, axes = _squeeze_axes(array.shape, axes)
     array = array.reshape(shape)
     return _to_canonical(array, _canonical_axes(shape, axes, path))
+
+
+def pixel_size_of(path: str | os.PathLike) -> tuple[float, float] | None:
+    """The physical ``(y, x)`` size of a pixel in µm from the file's metadata (OME-Zarr ``scale`` with a
+    spatial unit, OME-TIFF ``PhysicalSizeY/X``), or None when the file does not say."""
+    path = Path(path)
+    if is_zarr_path(path):
+        try:
+            return open_ome_zarr(path).pixel_size
+        except OmeZarrError:
+            return None
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        return tiff_pixel_size(path)
+    return None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -350,8 +378,12 @@ def smallest_uint(max_value: int) -> np.dtype:
 # Writing
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray, compression: str | None = None) -> Path:
+def write_image(path: str | os.PathLike, array: np.ndarray, compression: str | None = None, ome: bool = False,
+                pixel_size: tuple[float, float] | None = None) -> Path:
     """Write a 2D image ``(H, W)`` / ``(H, W, C)`` or a stack ``(Z, Y, X[, C])`` atomically.
+
+    ``ome`` (TIFF only): an OME-TIFF whose OME-XML names the axes (``YX``, ``CYX`` for several channels,
+    ``YXS`` for RGB, ``ZYX``, ``ZCYX``) and, when ``pixel_size`` (y, x) in µm is given, ``PhysicalSizeY/X``.
 
     The file goes through :func:`lib.common.files.atomic_path`: a unique temporary name beside
     ``path``, fsync, mode ``0o666 & ~umask`` (0644 under umask 022), then a rename, so a reader
@@ -367,7 +399,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, compression: str | N
     pillow_data = None if suffix in TIFF_EXTENSIONS else _pillow_array(path, array)  # refuse before writing
     with atomic_path(path) as tmp:
         if pillow_data is None:
-            _write_tiff(tmp, array, compression)
+            _write_tiff(tmp, array, compression, pixel_size if ome else False)
         else:
             from PIL import Image
 
@@ -389,20 +421,30 @@ def _pillow_array(path: Path, array: np.ndarray) -> np.ndarray:
     return squeezed.astype(np.uint8) if squeezed.dtype == bool else squeezed
 
 
-def _write_tiff(path: Path, array: np.ndarray, compression: str | None) -> None:
+def _write_tiff(path: Path, array: np.ndarray, compression: str | None,
+                ome_pixel_size: tuple[float, float] | None | bool = False) -> None:
+    """``ome_pixel_size`` False: a plain TIFF; None or (y, x): an OME-TIFF (with that pixel size)."""
     import tifffile
 
-    data, options = array, {"photometric": "minisblack"}
+    ome = ome_pixel_size is not False
+    data, options, axes = array, {"photometric": "minisblack"}, "YX"
     if array.ndim == 3 and array.shape[2] == 1:
         data = array[..., 0]
     elif array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
-        options = {"photometric": "rgb"}
+        options, axes = {"photometric": "rgb"}, "YXS"
     elif array.ndim == 3:
         # Planes of a channel-first image, named so that readers do not take them for Z.
         data, options["metadata"] = np.moveaxis(array, -1, 0), {"axes": "CYX"}
+        axes = "CYX"
     elif array.ndim == 4:
         options["metadata"] = {"axes": "ZYXC"} if array.shape[3] > 1 else {"axes": "ZYX"}
         data = array if array.shape[3] > 1 else array[..., 0]
+        axes = "ZYX"
+        if ome and array.shape[3] > 1:  # OME orders channels before Y and X
+            data, axes = np.moveaxis(array, -1, 1), "ZCYX"
+    if ome:
+        options["metadata"] = ome_metadata(axes, ome_pixel_size or None)
+        options["ome"] = True
     tifffile.imwrite(path, data, compression=compression, bigtiff=array.nbytes > 2**31, **options)
 
 
@@ -412,28 +454,36 @@ def _write_tiff(path: Path, array: np.ndarray, compression: str | None) -> None:
 def list_images(folder: str | os.PathLike, image_format: str | None = None) -> tuple[dict[str, Path], list[str]]:
     """Image files of a folder by key (file stem).
 
-    ``image_format`` restricts the extension ("tif" also takes ".tiff"). Returns
+    ``image_format`` restricts the extension ("tif" also takes ".tiff"; "zarr" or "ome-zarr": OME-Zarr
+    folders only). An OME-Zarr folder ``NAME.zarr`` / ``NAME.ome.zarr`` is one image of key ``NAME``. Returns
     ``(files, problems)``; two files with the same stem are a problem (ambiguous key).
     Raises :class:`FolderNotFoundError` (a ``FileNotFoundError``) when the folder does not exist.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FolderNotFoundError(f"folder must exist; got {str(folder)!r} (not a directory)")
-    extensions = IMAGE_EXTENSIONS
+    extensions, zarr = IMAGE_EXTENSIONS, True
     if image_format:
+        zarr = image_format.lower().lstrip(".") in ZARR_FORMATS
         fmt = "." + image_format.lower().lstrip(".")
-        extensions = TIFF_EXTENSIONS if fmt in TIFF_EXTENSIONS else (".jpg", ".jpeg") if fmt in (".jpg", ".jpeg") \
-            else (fmt,)
+        extensions = () if zarr else TIFF_EXTENSIONS if fmt in TIFF_EXTENSIONS else (".jpg", ".jpeg") \
+            if fmt in (".jpg", ".jpeg") else (fmt,)
     files: dict[str, Path] = {}
     problems = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or not entry.is_file() or entry.suffix.lower() not in extensions:
+        if entry.name.startswith("."):
             continue
-        if entry.stem in files:
-            problems.append(f"two files share the key {entry.stem!r} in {folder}: {files[entry.stem].name} and "
+        if zarr and is_zarr_path(entry) and entry.is_dir():
+            key = zarr_key(entry)  # an OME-Zarr folder is one image
+        elif entry.is_file() and entry.suffix.lower() in extensions:
+            key = entry.stem
+        else:
+            continue
+        if key in files:
+            problems.append(f"two files share the key {key!r} in {folder}: {files[key].name} and "
                             f"{entry.name}; keep one")
             continue
-        files[entry.stem] = entry
+        files[key] = entry
     return files, problems
 
 
