@@ -290,8 +290,8 @@ class PostProcessConfig:
         if problems:
             raise ConfigError(problems)
         # Seed thresholds of the channels of issue 17: D > 0.75 is 2.75 px inside an object (with
-        # d_alpha 5); HV < 0.4 is HoVer-Net's marker rule; Dn < 0.5 is half dn_scale from neighbours.
-        defaults = {"F": 0.5, "Db": 0.5, "P": 0.5, "C": 0.5, "T": 0.5, "D": 0.75, "Dc": 0.5, "Dn": 0.5,
+        # d_alpha 5); HV < 0.4 is HoVer-Net's marker rule; Dn < 0.8 is a fifth of dn_scale from neighbours.
+        defaults = {"F": 0.5, "Db": 0.5, "P": 0.5, "C": 0.5, "T": 0.5, "D": 0.75, "Dc": 0.5, "Dn": 0.8,
                     "HV": 0.4, "Amin": 0.5}
         seed_channels = tuple(c for c in (*CHANNELS, "D", "Dc", "Dn", "HV", "Amin") if c in names)
         surface = next(c for c in ("C", "Db", "HV", "D", "Dc", "Amin", "F") if c in names)
@@ -565,6 +565,8 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
         seeds = (np.cumsum(keep) * keep).astype(np.int32)[seeds]
     if config.surface_channel in ("C", "HV"):
         surface = channel(config.surface_channel)
+    elif config.surface_channel == "Amin":  # flat inside and out: flood by the distance to the seed mask
+        surface = ndi.distance_transform_edt(channel("Amin") <= thresholds.get("Amin", 0.5)).astype(np.float32)
     elif config.surface_channel == "F":
         surface = -ndi.distance_transform_edt(channel("F") > thresholds["F"]).astype(np.float32)
     else:

@@ -20,7 +20,6 @@ other row and column only (StarDist's ``grid``), a quarter of the work.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 RAY_SCALE = 16.0  # px: a distance d is learnt as d / (d + RAY_SCALE)
