@@ -47,7 +47,11 @@ from scipy import ndimage as ndi
 from ..common.settings import ConfigError
 from ..reader.targets import channel_kind
 from ..reader.targets_stardist import ray_count
+from .affinities import aggregate
 from .labels import LABEL_DTYPES, check_labels, choose_label_dtype, is_int, renumber
+from .offsets import gradient_map
+from .refine import apply_step
+from .stardist import polygon_instances
 
 CHANNELS = ("F", "C", "Db", "P", "T")
 # Channels of issue 17 (lib/reader/targets.py): planes, and maps derived from several planes.
@@ -320,12 +324,8 @@ def _planes(maps: Any, channels: tuple[str, ...]) -> Callable[[str], np.ndarray]
             return np.asarray(maps[..., index[name]], dtype=np.float32)
         if name not in cache:
             if name == "HV":
-                from .offsets import gradient_map
-
                 cache[name] = gradient_map(plane("H"), plane("V"))
             else:
-                from .affinities import aggregate
-
                 cache["Amin"], cache["Amax"] = aggregate(np.asarray(maps, np.float32), channels)
         return cache[name]
 
@@ -538,8 +538,6 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
 
     channel = _planes(maps, config.channels)
     if config.method == "polygons":
-        from .stardist import polygon_instances
-
         first = config.channels.index("R0")
         labels, centres = polygon_instances(channel("F"), maps[..., first:first + ray_count(config.channels)],
                                             thresholds["F"], config.nms_threshold)
@@ -617,8 +615,6 @@ def refine(labels: np.ndarray, refinements: Sequence[str]) -> np.ndarray:
 def _refine(labels: np.ndarray, name: str, size: int | None, border: tuple[bool, bool, bool, bool],
             mask: np.ndarray | None = None) -> np.ndarray:
     """One refinement step on int labels (:func:`lib.instances.refine.apply_step`)."""
-    from .refine import apply_step
-
     return apply_step(labels, name, size, border, mask)
 
 

@@ -57,7 +57,9 @@ def polygon_instances(probability: np.ndarray, rays: np.ndarray, prob_threshold:
     candidates = np.flatnonzero(np.asarray(probability).ravel() > prob_threshold)
     if candidates.size == 0:
         return labels.reshape(h, w), np.zeros((0, 2), np.int64)
-    distances = decode_rays(np.asarray(rays).reshape(-1, n_rays)[candidates])
+    # a ray longer than the image is as good as the image's size (an encoded value near 1 decodes to
+    # millions of pixels)
+    distances = np.minimum(decode_rays(np.asarray(rays).reshape(-1, n_rays)[candidates]), float(h + w))
     shortest = distances.min(axis=1)
     inner = shortest >= MIN_SHORTEST_RAY
     candidates, distances, shortest = candidates[inner], distances[inner], shortest[inner]

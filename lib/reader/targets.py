@@ -232,8 +232,7 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
     **options : other :class:`TargetSpec` fields (``contour_mode``, ``point_radius``, ...).
 
     ``R`` stands for the ``n_rays`` ray planes ``R0..``, ``A`` for the affinity planes
-    ``A0_1,A1_0``; a weight given for a shorthand applies to each of its planes (a ray plane's loss
-    is already divided by the number of rays, so ``R``'s weight is that of all its rays together).
+    ``A0_1,A1_0``; a weight given for a shorthand applies to each of its planes.
 
     Raises
     ------

@@ -78,11 +78,12 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     the mean sigmoid cross-entropy of its logit; "distance" the mean absolute ("l1") or
     squared ("mse") error of the raw output; "ray" (a StarDist ray plane) the same error
     averaged over the object pixels only (those whose target is > 0: every object pixel has a
-    positive ray, background and pixels off the ray grid have 0), divided by the number of ray
-    planes: StarDist's polygon-distance loss, L1 on the distances weighted by the object mask
+    positive ray, background and pixels off the ray grid have 0): StarDist's polygon-distance loss, L1 on the distances weighted by the object mask
     (StarDist weights by its probability target, the normalised distance to the boundary; the
     mask weights every object pixel alike, and the loss is on the encoded distances
-    ``d / (d + 16)``, so a pixel of error counts more on small objects). Each column is
+    ``d / (d + 16)``, so a pixel of error counts more on small objects). Every ray plane is a
+    column of its own, so the rays together weigh N times one channel, as StarDist's summed
+    distance loss outweighs its probability loss. Each column is
     multiplied by its weight; the trainer's loss is the sum over channels. Raises
     ``ValueError`` for unknown kinds or losses.
     """
@@ -98,7 +99,6 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     n = len(kinds)
     binary = tf.constant([k == "binary" for k in kinds])
     ray = tf.constant([k == "ray" for k in kinds])
-    n_rays = max(1, sum(k == "ray" for k in kinds))
     weight = tf.constant(list(weights), tf.float32)
 
     def per_channel(targets, logits):
@@ -112,7 +112,7 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
         if any(k == "ray" for k in kinds):
             on_object = tf.cast(targets > 0, tf.float32)
             masked = tf.reduce_sum(regression * on_object, axis=[1, 2]) / tf.maximum(
-                tf.reduce_sum(on_object, axis=[1, 2]), 1.0) / n_rays
+                tf.reduce_sum(on_object, axis=[1, 2]), 1.0)
             mean = tf.where(ray, masked, mean)
         return mean * weight
 
