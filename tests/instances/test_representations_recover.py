@@ -125,3 +125,18 @@ def test_polygon_nms_keeps_the_best_of_overlapping_candidates():
     assert centres.tolist() == [[20, 18], [5, 5]] and labels.max() == 2
     # Below the probability threshold: nothing.
     assert polygon_instances(probability * 0.5, rays, 0.5, 0.4)[0].max() == 0
+
+
+def test_inference_threshold_override_sets_the_polygon_suppression():
+    from types import SimpleNamespace
+
+    from lib.common.settings import ConfigError
+    from lib.inference.instances_glue import parse_thresholds, postprocess_settings
+
+    channels = parse_instance_channels("F,R", n_rays=8).channels
+    info = SimpleNamespace(meta={"instance": {}}, channel_names=channels, path="model.json")
+    predictor = SimpleNamespace(members=[SimpleNamespace(info=info)])
+    config = postprocess_settings(predictor, parse_thresholds("F=0.6,nms=0.2"))
+    assert config.method == "polygons" and config.nms_threshold == 0.2 and config.thresholds == {"F": 0.6}
+    with pytest.raises(ConfigError, match="nms_threshold must be a number in"):
+        postprocess_settings(predictor, {"nms": "auto"})
