@@ -161,7 +161,7 @@ class ModelInfo:
 LABEL_KINDS = ("semantic", "instance")
 
 
-CHANNEL_KINDS = ("binary", "distance")
+CHANNEL_KINDS = ("binary", "distance", "ray")  # lib.reader.targets.channel_kind
 
 
 def _instance_channels(meta: dict, problems: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

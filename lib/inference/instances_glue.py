@@ -58,8 +58,9 @@ class InstanceSegmentation:
 def parse_thresholds(text: str) -> dict[str, float | str]:
     """``"F=0.5,Db=auto,growth=0.3"`` -> ``{"F": 0.5, "Db": "auto", "growth": 0.3}``.
 
-    Names are channel names (seed thresholds) or ``growth`` (the growth mask's threshold);
-    values are numbers in [0, 1] or ``auto`` (Otsu). Raises ``ValueError`` naming every bad item.
+    Names are channel names (seed thresholds), ``growth`` (the growth mask's threshold) or ``nms``
+    (the IoU of the polygon suppression of StarDist models); values are numbers in [0, 1] or
+    ``auto`` (Otsu; not for ``nms``). Raises ``ValueError`` naming every bad item.
     """
     out: dict[str, float | str] = {}
     problems = []
@@ -100,7 +101,7 @@ def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str
     The base is ``instance.postprocess`` of the first member's model.json
     (:meth:`lib.instances.postprocess.PostProcessConfig.default_for` its channels when absent).
     ``thresholds`` replace or add seed thresholds by channel name; the key ``growth`` sets the
-    growth mask's threshold. ``refinements`` replace the model's list.
+    growth mask's threshold, ``nms`` the IoU threshold of the polygon suppression (``F,R`` models). ``refinements`` replace the model's list.
 
     Returns a validated :class:`lib.instances.postprocess.PostProcessConfig`. Raises :class:`ModelError`
     for a bad block in model.json, ``lib.common.settings.ConfigError`` for overrides that do not fit.
@@ -118,10 +119,12 @@ def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str
                          f"got {list(base.channels)} in {info.path}")
     changes: dict[str, Any] = {}
     if thresholds:
-        seeds = {k: v for k, v in thresholds.items() if k != "growth"}
+        seeds = {k: v for k, v in thresholds.items() if k not in ("growth", "nms")}
         changes["thresholds"] = {**base.thresholds, **seeds}
         if "growth" in thresholds:
             changes["growth_threshold"] = thresholds["growth"]
+        if "nms" in thresholds:
+            changes["nms_threshold"] = thresholds["nms"]
     if refinements is not None:
         changes["refinements"] = tuple(refinements)
     config = dataclasses.replace(base, **changes)

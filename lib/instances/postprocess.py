@@ -45,13 +45,25 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..common.settings import ConfigError
+from ..reader.targets import channel_kind
+from ..reader.targets_stardist import ray_count
+from .affinities import aggregate
 from .labels import LABEL_DTYPES, check_labels, choose_label_dtype, is_int, renumber
+from .offsets import gradient_map
+from .refine import apply_step
+from .stardist import polygon_instances
 
 CHANNELS = ("F", "C", "Db", "P", "T")
-SEED_ABOVE = ("F", "Db", "P")  # seed where map > threshold
-SEED_BELOW = ("C", "T")  # seed where map < threshold
-SURFACE_CHANNELS = ("C", "Db", "F")  # in order of preference for default_for
-GROWTH_CHANNELS = ("F", "Db", "P")
+# Channels of issue 17 (lib/reader/targets.py): planes, and maps derived from several planes.
+MORE_CHANNELS = ("B", "H", "V", "D", "Dc", "Dn")
+DERIVED = {"HV": "HoVer-Net gradient of H and V (lib/instances/offsets.py)",
+           "Amin": "minimum of the affinities (lib/instances/affinities.py)",
+           "Amax": "maximum of the affinities"}
+SEED_ABOVE = ("F", "Db", "P", "D", "Dc", "Amin")  # seed where map > threshold
+SEED_BELOW = ("C", "T", "B", "Dn", "HV")  # seed where map < threshold
+SURFACE_CHANNELS = ("C", "Db", "F", "HV", "D", "Dc", "Amin")  # C, HV flooded as they are, the others negated
+GROWTH_CHANNELS = ("F", "Db", "P", "D", "Amax")
+METHODS = ("watershed", "polygons")  # polygons: StarDist non-maximum suppression (lib/instances/stardist.py)
 REFINEMENTS = {  # name -> whether it takes a positive integer argument
     "fill_holes": False,
     "clear_border": False,
@@ -59,6 +71,8 @@ REFINEMENTS = {  # name -> whether it takes a positive integer argument
     "remove_large_objects": True,
     "dilation": True,
     "erosion": True,
+    "voronoi": False,  # every growth-mask pixel to the nearest instance (lib/instances/refine.py)
+    "repair_blobs": True,  # merge fragments into instances larger than N px, fill their holes
 }
 OTSU_BINS = 256  # "auto" thresholds: Otsu on this many bins over [0, 1]
 
@@ -104,6 +118,17 @@ class PostProcessConfig:
         within r px, so touching instances never merge), ``"erosion r"`` (a pixel stays when
         every pixel within r px has its label; the image edge does not erode).
     label_dtype : ``"uint16"``, ``"uint32"`` or ``"auto"`` (uint16 when the count fits).
+    method : ``"watershed"`` (the above), or ``"polygons"`` for star-convex polygons (channels
+        ``F`` and ``R0..``): candidates ``F > thresholds["F"]``, non-maximum suppression at IoU
+        ``nms_threshold`` (:func:`lib.instances.stardist.polygon_instances`); seeds, surface and
+        growth are then unused, refinements apply.
+    nms_threshold : the IoU above which a candidate polygon is suppressed (method ``polygons``).
+
+    Besides the plane names, seed, surface and growth channels may name maps derived from
+    several planes (:data:`DERIVED`): ``HV`` from ``H`` and ``V``, ``Amin`` and ``Amax`` from the
+    affinity planes. ``B``, ``Dn`` and ``HV`` seed where they are low; ``voronoi`` (every
+    growth-mask pixel to the nearest instance) and ``repair_blobs N`` (:mod:`.refine`) are
+    refinements too.
     """
 
     channels: tuple[str, ...]
@@ -117,6 +142,8 @@ class PostProcessConfig:
     min_seed_size: int = 0
     refinements: tuple[str, ...] = ()
     label_dtype: str = "auto"
+    method: str = "watershed"
+    nms_threshold: float = 0.4
 
     def __post_init__(self):
         # JSON gives lists; the settings are tuples so that the object stays immutable
@@ -135,12 +162,13 @@ class PostProcessConfig:
         if not isinstance(self.channels, tuple) or not self.channels:
             v.append(f"channels must be a non-empty tuple of names from {known}; got {self.channels!r}")
         else:
-            bad = [c for c in channels if c not in CHANNELS]
+            bad = [c for c in channels if channel_kind(c) is None]
             if bad:
                 v.append(f"channels must be names from {known}; got {', '.join(map(repr, bad))} "
                          f"in {self.channels!r}. Names are case-sensitive")
             if len(set(channels)) != len(channels):
                 v.append(f"channels must not repeat a name; got {self.channels!r}")
+        channels = channels + _derived(channels)
         seed_channels = self.seed_channels if isinstance(self.seed_channels, tuple) else ()
         if not isinstance(self.seed_channels, tuple) or not self.seed_channels:
             v.append(f"seed_channels must be a non-empty tuple of channel names; got {self.seed_channels!r}")
@@ -149,10 +177,11 @@ class PostProcessConfig:
             if missing:
                 v.append(f"seed_channels must be among channels {channels!r}; got {', '.join(map(repr, missing))}")
             if not any(c in SEED_ABOVE for c in seed_channels):
-                v.append(f"seed_channels must include one of {', '.join(SEED_ABOVE)}; got {self.seed_channels!r}. "
-                         f"C and T seed where they are low, which includes the background")
+                v.append(f"seed_channels must include one of {', '.join(SEED_ABOVE[:3])}; got {self.seed_channels!r}. "
+                         f"C and T seed where they are low, which includes the background (D, Dc, Amin seed too)")
         if self.surface_channel not in SURFACE_CHANNELS:
-            v.append(f"surface_channel must be one of {', '.join(SURFACE_CHANNELS)}; got {self.surface_channel!r}")
+            v.append(f"surface_channel must be one of {', '.join(SURFACE_CHANNELS[:3])}; got {self.surface_channel!r} "
+                     f"(or {', '.join(SURFACE_CHANNELS[3:])} when predicted)")
         elif self.surface_channel not in channels:
             v.append(f"surface_channel must be one of the channels {channels!r}; got {self.surface_channel!r}")
         needed = set(seed_channels) | ({"F"} if self.surface_channel == "F" else set())
@@ -169,7 +198,8 @@ class PostProcessConfig:
                 if not _is_threshold(value):
                     v.append(f"thresholds[{name!r}] must be a number in [0, 1] or 'auto'; got {value!r}")
         if self.growth_channel not in GROWTH_CHANNELS:
-            v.append(f"growth_channel must be one of {', '.join(GROWTH_CHANNELS)}; got {self.growth_channel!r}")
+            v.append(f"growth_channel must be one of {', '.join(GROWTH_CHANNELS[:3])}; got {self.growth_channel!r} "
+                     f"(or {', '.join(GROWTH_CHANNELS[3:])} when predicted)")
         elif self.growth_channel not in channels:
             v.append(f"growth_channel must be one of the channels {channels!r}; got {self.growth_channel!r}")
         if not _is_threshold(self.growth_threshold):
@@ -188,6 +218,12 @@ class PostProcessConfig:
                     v.append(str(error))
         if self.label_dtype not in LABEL_DTYPES:
             v.append(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}; got {self.label_dtype!r}")
+        if self.method not in METHODS:
+            v.append(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        elif self.method == "polygons" and ("F" not in channels or not ray_count(channels)):
+            v.append(f"method 'polygons' needs channels F and R0..; got {self.channels!r}")
+        if not _is_threshold(self.nms_threshold) or isinstance(self.nms_threshold, str):
+            v.append(f"nms_threshold must be a number in [0, 1]; got {self.nms_threshold!r}")
         if v:
             raise ConfigError(v)
         return self
@@ -242,25 +278,58 @@ class PostProcessConfig:
         channels = tuple(channels)
         known = ", ".join(CHANNELS)
         problems = []
-        bad = [c for c in channels if c not in CHANNELS]
+        bad = [c for c in channels if channel_kind(c) is None]
         if bad:
             problems.append(f"channels must be names from {known}; got {', '.join(map(repr, bad))} in {channels!r}")
         if len(set(channels)) != len(channels):
             problems.append(f"channels must not repeat a name; got {channels!r}")
-        if not any(c in SEED_ABOVE for c in channels):
+        if not problems and ray_count(channels) and "F" in channels:
+            return cls(channels=channels, thresholds={"F": 0.5}, seed_channels=("F",), surface_channel="F",
+                       method="polygons").validate()
+        names = channels + _derived(channels)
+        if not any(c in SEED_ABOVE for c in names):
             problems.append(f"channels must include F, Db or P to build seeds from; got {channels!r}")
-        if "F" not in channels and "Db" not in channels:
+        if not any(c in ("F", "Db", "D", "Amax") for c in names):
             problems.append(f"channels must include F or Db to build the growth mask from; got {channels!r}")
         if problems:
             raise ConfigError(problems)
-        defaults = {"F": 0.5, "Db": 0.5, "P": 0.5, "C": 0.5, "T": 0.5}
-        seed_channels = tuple(c for c in CHANNELS if c in channels)
-        surface = next(c for c in SURFACE_CHANNELS if c in channels)
-        growth = "F" if "F" in channels else "Db"
+        # Seed thresholds of the channels of issue 17: D > 0.75 is 2.75 px inside an object (with
+        # d_alpha 5); HV < 0.4 is HoVer-Net's marker rule; Dn < 0.8 is a fifth of dn_scale from neighbours.
+        defaults = {"F": 0.5, "Db": 0.5, "P": 0.5, "C": 0.5, "T": 0.5, "D": 0.75, "Dc": 0.5, "Dn": 0.8,
+                    "HV": 0.4, "Amin": 0.5}
+        seed_channels = tuple(c for c in (*CHANNELS, "D", "Dc", "Dn", "HV", "Amin") if c in names)
+        surface = next(c for c in ("C", "Db", "HV", "D", "Dc", "Amin", "F") if c in names)
+        growth = next(c for c in ("F", "Db", "D", "Amax") if c in names)
         thresholds: dict[str, float | str] = {c: defaults[c] for c in seed_channels}
         return cls(channels=channels, thresholds=thresholds, seed_channels=seed_channels, surface_channel=surface,
-                   growth_channel=growth, growth_threshold=0.5 if growth == "F" else 0.02,
+                   growth_channel=growth, growth_threshold=0.02 if growth == "Db" else 0.5,
                    min_seed_size=5).validate()
+
+
+def _derived(channels: tuple[str, ...]) -> tuple[str, ...]:
+    """The derived maps (:data:`DERIVED`) that these planes give."""
+    out = ("HV",) if "H" in channels and "V" in channels else ()
+    if any(channel_kind(c) == "binary" and c.startswith("A") for c in channels):
+        out += ("Amin", "Amax")
+    return out
+
+
+def _planes(maps: Any, channels: tuple[str, ...]) -> Callable[[str], np.ndarray]:
+    """``plane(name) -> (h, w) float32`` of ``maps`` (a window or strip of them), derived maps included."""
+    index = {name: k for k, name in enumerate(channels)}
+    cache: dict[str, np.ndarray] = {}
+
+    def plane(name: str) -> np.ndarray:
+        if name in index:
+            return np.asarray(maps[..., index[name]], dtype=np.float32)
+        if name not in cache:
+            if name == "HV":
+                cache[name] = gradient_map(plane("H"), plane("V"))
+            else:
+                cache["Amin"], cache["Amax"] = aggregate(np.asarray(maps, np.float32), channels)
+        return cache[name]
+
+    return plane
 
 
 def parse_refinement(step: str) -> tuple[str, int | None]:
@@ -297,17 +366,16 @@ def resolve_thresholds(maps: Any, config: PostProcessConfig, rows_per_pass: int 
     Raises ``ValueError`` when an ``"auto"`` map has all its values in one bin.
     """
     config.validate()
-    index = {name: k for k, name in enumerate(config.channels)}
     wanted = {name: value for name, value in config.thresholds.items()}
     auto = sorted({name for name, value in wanted.items() if value == "auto"}
                   | ({config.growth_channel} if config.growth_threshold == "auto" else set()))
     counts = {name: np.zeros(OTSU_BINS, np.int64) for name in auto}
     for y0 in range(0, maps.shape[0] if auto else 0, rows_per_pass):
-        strip = maps[y0:y0 + rows_per_pass]
+        plane = _planes(maps[y0:y0 + rows_per_pass], config.channels)
         for name in auto:
             # bins closed on the right, (k/B, (k+1)/B], so "map > upper edge of bin k" is exactly
             # "bin > k": the thresholded mask splits the pixels where Otsu split the histogram
-            values = np.asarray(strip[..., index[name]], dtype=np.float32)
+            values = plane(name)
             bins = np.clip(np.ceil(values * OTSU_BINS) - 1, 0, OTSU_BINS - 1).astype(np.intp)
             counts[name] += np.bincount(bins.ravel(), minlength=OTSU_BINS)
     otsu = {name: _otsu(counts[name], name) for name in auto}
@@ -468,11 +536,17 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
     """Labels (not renumbered), seed labels, surface and growth mask of one image or window."""
     from skimage.segmentation import watershed
 
-    index = {name: k for k, name in enumerate(config.channels)}
-
-    def channel(name: str) -> np.ndarray:
-        return np.asarray(maps[..., index[name]], dtype=np.float32)
-
+    channel = _planes(maps, config.channels)
+    if config.method == "polygons":
+        first = config.channels.index("R0")
+        labels, centres = polygon_instances(channel("F"), maps[..., first:first + ray_count(config.channels)],
+                                            thresholds["F"], config.nms_threshold)
+        seeds = np.zeros(labels.shape, np.int32)
+        seeds[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
+        growth = channel("F") > thresholds["F"]
+        for step in config.refinements:
+            labels = _refine(labels, *parse_refinement(step), border, growth)
+        return labels, seeds, channel("F"), growth
     growth = channel(config.growth_channel) > thresholds["growth"]
     seed_mask = growth.copy()
     for name in config.seed_channels:
@@ -487,15 +561,17 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
         keep = np.bincount(seeds.ravel(), minlength=n_seeds + 1) >= config.min_seed_size
         keep[0] = False
         seeds = (np.cumsum(keep) * keep).astype(np.int32)[seeds]
-    if config.surface_channel == "C":
-        surface = channel("C")
-    elif config.surface_channel == "Db":
-        surface = -channel("Db")
-    else:
+    if config.surface_channel in ("C", "HV"):
+        surface = channel(config.surface_channel)
+    elif config.surface_channel == "Amin":  # flat inside and out: flood by the distance to the seed mask
+        surface = ndi.distance_transform_edt(channel("Amin") <= thresholds.get("Amin", 0.5)).astype(np.float32)
+    elif config.surface_channel == "F":
         surface = -ndi.distance_transform_edt(channel("F") > thresholds["F"]).astype(np.float32)
+    else:
+        surface = -channel(config.surface_channel)
     labels = watershed(_ranks(surface), seeds, mask=growth, connectivity=1).astype(np.int32, copy=False)
     for step in config.refinements:
-        labels = _refine(labels, *parse_refinement(step), border)
+        labels = _refine(labels, *parse_refinement(step), border, growth)
     return labels, seeds, surface, growth
 
 
@@ -536,41 +612,10 @@ def refine(labels: np.ndarray, refinements: Sequence[str]) -> np.ndarray:
     return out.astype(labels.dtype, copy=out is labels)
 
 
-def _refine(labels: np.ndarray, name: str, size: int | None, border: tuple[bool, bool, bool, bool]) -> np.ndarray:
-    """One refinement step on int labels; ``border`` says which edges (top, bottom, left, right) are the image's."""
-    if name == "fill_holes":
-        labels = labels.copy()
-        for label, box in enumerate(ndi.find_objects(labels), 1):
-            if box is None:
-                continue
-            crop = labels[box]
-            own = crop == label
-            holes, n_holes = ndi.label(ndi.binary_fill_holes(own) & ~own)
-            if n_holes:
-                # a hole is filled only when it is all background: an object inside a ring stays
-                foreign = np.bincount(holes.ravel(), weights=(crop != 0).ravel(), minlength=n_holes + 1)
-                fill = foreign == 0
-                fill[0] = False
-                crop[fill[holes]] = label
-        return labels
-    if name == "clear_border":
-        edges = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
-        touching = np.unique(np.concatenate([e for e, on in zip(edges, border) if on] or [np.zeros(0, labels.dtype)]))
-        return np.where(np.isin(labels, touching[touching > 0]), 0, labels).astype(labels.dtype)
-    if name in ("remove_small_objects", "remove_large_objects"):
-        sizes = np.bincount(labels.ravel())
-        drop = sizes < size if name == "remove_small_objects" else sizes > size
-        drop[0] = False
-        return np.where(drop[labels], 0, labels).astype(labels.dtype)
-    if name == "dilation":
-        from skimage.segmentation import expand_labels
-
-        return expand_labels(labels, distance=size)
-    # erosion: per label, so that touching labels both give up their shared seam
-    footprint = _disk(size)
-    low = ndi.grey_erosion(labels, footprint=footprint, mode="nearest")
-    high = ndi.grey_dilation(labels, footprint=footprint, mode="nearest")
-    return np.where((low == labels) & (high == labels), labels, 0).astype(labels.dtype)
+def _refine(labels: np.ndarray, name: str, size: int | None, border: tuple[bool, bool, bool, bool],
+            mask: np.ndarray | None = None) -> np.ndarray:
+    """One refinement step on int labels (:func:`lib.instances.refine.apply_step`)."""
+    return apply_step(labels, name, size, border, mask)
 
 
 def _windows(n: int, window: int, overlap: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

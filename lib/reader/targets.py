@@ -20,10 +20,31 @@ name      kind       meaning
 ``T``     binary     touching areas: foreground pixels closer than ``touch_width`` px to a
                      contact pixel, i.e. a pixel with an 8-neighbour of a different non-zero id.
                      Along a straight seam this is a band ``touch_width`` px wide on each side.
+``B``     binary     background: 1 where the label is 0.
+``R``     ray        StarDist star-convex polygons: ``R`` stands for ``n_rays`` planes ``R0`` ..
+                     ``R<n-1>``, the distance from each object pixel to its object's boundary
+                     along ray k (angle 2 pi k / n), learnt as ``d / (d + 16 px)``
+                     (:mod:`.targets_stardist`). Needs ``F``: the object probability.
+``H, V``  distance   HoVer-Net offsets to the object's centre of mass, per object in [-1, 1],
+                     stored as ``(offset + 1) / 2`` (:mod:`.targets_fields`). Need ``F``.
+``D``     distance   signed distance to the boundary, tanh-scaled: ``0.5 + 0.5 tanh(d / d_alpha)``
+                     inside, ``0.5 - 0.5 tanh(d / d_beta)`` outside.
+``Dc``    distance   closeness to the object's centre (the ``P`` centre): 1 there, falling
+                     linearly to 0 at the object's farthest pixel; 0 on background.
+``Dn``    distance   closeness to the neighbouring objects: ``1 - d / dn_scale`` clipped to [0, 1]
+                     inside objects, ``d`` the distance to the nearest pixel of another object.
+``A``     binary     affinities: ``A`` stands for ``A0_1, A1_0``; ``A<dy>_<dx>`` (any offsets,
+                     e.g. ``A0_4,A4_0`` for long range) is 1 where a pixel and the one at
+                     ``(y + dy, x + dx)`` belong to the same object.
 ========  =========  ==========================================================================
 
+The shorthands ``R`` and ``A`` are expanded by :func:`parse_instance_channels`: a spec always
+lists one name per plane, so ``len(spec.channels)`` is the number of output planes.
+
 Binary channels are trained with sigmoid cross-entropy, distance channels with L1 or MSE
-(:attr:`TargetSpec.distance_loss`); :data:`CHANNELS` gives each name's kind.
+(:attr:`TargetSpec.distance_loss`), ray planes with the same loss on object pixels only (the
+StarDist polygon-distance loss: see ``lib/training/losses.py``); :func:`channel_kind` gives each
+name's kind.
 
 The patch edge is not an object boundary: an object cut by the crop continues outside it, so
 the distance transform only looks for non-object pixels inside the patch (the same result as
@@ -48,8 +69,18 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..common.settings import ConfigError
+from . import targets_fields as fields
+from .targets_stardist import encode_rays, is_ray_name, ray_count, ray_names, star_distances
 
 CHANNELS: dict[str, str] = {"F": "binary", "C": "binary", "Db": "distance", "P": "binary", "T": "binary"}
+# The channels of issue 17 (one plane each; R and A are shorthands for several planes, below).
+MORE_CHANNELS: dict[str, str] = {"B": "binary", "H": "distance", "V": "distance", "D": "distance",
+                                 "Dc": "distance", "Dn": "distance"}
+# Shorthands that stand for several planes (expanded by parse_instance_channels).
+SHORTHANDS = ("R", "A")
+# Channel sets whose maps the post-processing turns into instances (lib/instances/postprocess.py).
+WORKING_COMBINATIONS = ("F,C,Db (the default)", "F", "F,C", "F,Db", "F,P", "F,C,T", "Db", "F,R", "F,H,V", "F,D",
+                        "D", "F,Dc", "F,Dn", "F,B", "A", "F,A")
 CONTOUR_MODES = ("thick", "inner", "outer")
 DISTANCE_LOSSES = ("l1", "mse")
 
@@ -71,6 +102,10 @@ class TargetSpec:
     point_radius : radius in pixels of the ``P`` disks (0 = the centre pixel only).
     touch_width : width in pixels of the ``T`` band on each side of a contact (>= 1).
     distance_loss : loss of the distance channels: ``"l1"`` or ``"mse"``.
+    n_rays : number of ``R`` planes (>= 3); ray_grid : compute rays on every ray_grid-th row and
+        column only (StarDist's grid; 1 = every pixel, 2 = 4 times faster).
+    d_alpha, d_beta : tanh scales (px) of ``D`` inside and outside objects (> 0).
+    dn_scale : distance (px) over which ``Dn`` falls from 1 (touching) to 0 (> 0).
 
     Lists given for ``channels`` or ``weights`` (as read from JSON) are stored as tuples.
     """
@@ -81,6 +116,11 @@ class TargetSpec:
     point_radius: int = 3
     touch_width: int = 2
     distance_loss: str = "l1"
+    n_rays: int = 32
+    ray_grid: int = 2
+    d_alpha: float = 5.0
+    d_beta: float = 5.0
+    dn_scale: float = 10.0
 
     def __post_init__(self):
         if isinstance(self.channels, list):
@@ -91,7 +131,7 @@ class TargetSpec:
     def validate(self) -> "TargetSpec":
         """Return self, or raise ``ConfigError`` (a ``ValueError``) listing every invalid field."""
         v = []
-        known = ", ".join(CHANNELS)
+        known = ", ".join([*CHANNELS, *MORE_CHANNELS, *SHORTHANDS])
         if isinstance(self.channels, str) or not isinstance(self.channels, tuple):
             v.append(f"channels must be a tuple of channel names from {known}; got {self.channels!r}. "
                      f"Use parse_instance_channels('F,C,Db') to read a comma-separated text")
@@ -99,9 +139,14 @@ class TargetSpec:
             v.append(f"channels must name at least one channel from {known}; got ()")
         else:
             for name in self.channels:
-                if name not in CHANNELS:
-                    v.append(f"channels must be names from {known} (case-sensitive); got {name!r}."
-                             + _did_you_mean(name))
+                if channel_kind(name) is None:
+                    v.append(f"channels must be names from {', '.join(CHANNELS)} (case-sensitive); got {name!r}."
+                             + _did_you_mean(name) + f" Also valid: {', '.join(MORE_CHANNELS)}, R0.. (rays), "
+                             "A<dy>_<dx> (affinities)")
+            rays = [c for c in self.channels if is_ray_name(c)]
+            if rays and _is_int(self.n_rays) and tuple(rays) != ray_names(self.n_rays):
+                v.append(f"channels must hold the n_rays={self.n_rays} ray planes R0..R{self.n_rays - 1} in order; "
+                         f"got {','.join(rays)}. Write R in --instance_channels to get them all")
             repeated = sorted({c for c in self.channels if isinstance(c, str) and self.channels.count(c) > 1})
             if repeated:
                 v.append(f"channels must not repeat a name; got {', '.join(repeated)} more than once "
@@ -126,6 +171,14 @@ class TargetSpec:
         if not _is_int(self.touch_width) or self.touch_width < 1:
             v.append(f"touch_width must be an integer >= 1 (pixels on each side of a contact); "
                      f"got {self.touch_width!r}")
+        if not _is_int(self.n_rays) or not 3 <= self.n_rays <= 256:
+            v.append(f"n_rays must be an integer in [3, 256]; got {self.n_rays!r}")
+        if not _is_int(self.ray_grid) or not 1 <= self.ray_grid <= 8:
+            v.append(f"ray_grid must be an integer in [1, 8] (1 = rays at every pixel); got {self.ray_grid!r}")
+        for name in ("d_alpha", "d_beta", "dn_scale"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                v.append(f"{name} must be a number > 0 (pixels); got {value!r}")
         if self.distance_loss not in DISTANCE_LOSSES:
             v.append(f"distance_loss must be one of {', '.join(DISTANCE_LOSSES)}; got {self.distance_loss!r}")
         if v:
@@ -134,8 +187,9 @@ class TargetSpec:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Per channel ``"binary"`` (sigmoid cross-entropy) or ``"distance"`` (L1 / MSE)."""
-        return tuple(CHANNELS[name] for name in self.channels)
+        """Per plane ``"binary"`` (sigmoid cross-entropy), ``"distance"`` (L1 / MSE) or ``"ray"``
+        (L1 / MSE on object pixels only)."""
+        return tuple(channel_kind(name) for name in self.channels)
 
     @property
     def loss_weights(self) -> tuple[float, ...]:
@@ -177,16 +231,30 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
     weights : comma-separated loss weights, one per channel, e.g. ``"1,1,0.5"``; ``None`` = all 1.
     **options : other :class:`TargetSpec` fields (``contour_mode``, ``point_radius``, ...).
 
+    ``R`` stands for the ``n_rays`` ray planes ``R0..``, ``A`` for the affinity planes
+    ``A0_1,A1_0``; a weight given for a shorthand applies to each of its planes.
+
     Raises
     ------
     ConfigError (a ValueError)
         listing every problem: an empty name, an unknown name or option, a weight that is not a
-        number, a weight count that differs from the channel count, and so on.
+        number, a weight count that differs from the channel count, a set of channels the
+        post-processing cannot turn into instances (the message lists the sets that work), and so on.
     """
     problems = []
-    names = tuple(part.strip() for part in str(text).split(","))
+    given = tuple(part.strip() for part in str(text).split(","))
+    names: list[str] = []
+    for name in given:
+        if name == "R":
+            n_rays = options.get("n_rays", TargetSpec.n_rays)
+            names += ray_names(n_rays) if _is_int(n_rays) and 3 <= n_rays <= 256 else ["R0"]
+        elif name == "A":
+            names += [fields.affinity_name(*offset) for offset in fields.DEFAULT_AFFINITIES]
+        else:
+            names.append(name)
     if any(not name for name in names):
-        problems.append(f"instance channels must be comma-separated names from {', '.join(CHANNELS)} "
+        problems.append(f"instance channels must be comma-separated names from "
+                        f"{', '.join([*CHANNELS, *MORE_CHANNELS, *SHORTHANDS])} "
                         f"with none empty; got {text!r}")
     parsed_weights = None
     if weights is not None:
@@ -194,13 +262,58 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
             parsed_weights = tuple(float(part) for part in str(weights).split(","))
         except ValueError:
             problems.append(f"instance weights must be comma-separated numbers, e.g. '1,1,0.5'; got {weights!r}")
-    fields = [f.name for f in dataclasses.fields(TargetSpec) if f.name not in ("channels", "weights")]
-    unknown = sorted(set(options) - set(fields))
-    problems += [f"unknown option {k!r} for instance targets; known: {', '.join(fields)}" for k in unknown]
+    option_names = [f.name for f in dataclasses.fields(TargetSpec) if f.name not in ("channels", "weights")]
+    unknown = sorted(set(options) - set(option_names))
+    problems += [f"unknown option {k!r} for instance targets; known: {', '.join(option_names)}" for k in unknown]
+    if parsed_weights is not None and len(parsed_weights) == len(given) != len(names):
+        parsed_weights = tuple(w for name, w in zip(given, parsed_weights) for _ in range(_planes(name, options)))
+    if all(channel_kind(name) is not None for name in names):
+        problems += combination_problems(tuple(names))
     if problems:
         raise ConfigError(problems)
-    spec = TargetSpec(channels=names, weights=parsed_weights, **options)
+    spec = TargetSpec(channels=tuple(names), weights=parsed_weights, **options)
     return spec.validate()
+
+
+def _planes(name: str, options: dict) -> int:
+    if name == "R":
+        return int(options.get("n_rays", TargetSpec.n_rays))
+    return len(fields.DEFAULT_AFFINITIES) if name == "A" else 1
+
+
+def channel_kind(name: Any) -> str | None:
+    """``"binary"``, ``"distance"`` or ``"ray"`` for a plane name; None for an unknown one."""
+    if not isinstance(name, str):
+        return None
+    if name in CHANNELS or name in MORE_CHANNELS:
+        return CHANNELS.get(name) or MORE_CHANNELS[name]
+    if is_ray_name(name):
+        return "ray"
+    offset = fields.affinity_offset(name)
+    if offset is not None and offset != (0, 0) and max(map(abs, offset)) <= fields.MAX_AFFINITY_OFFSET:
+        return "binary"
+    return None
+
+
+def combination_problems(names: tuple[str, ...]) -> list[str]:
+    """Why the post-processing could not make instances from these planes ([] when it can)."""
+    present = set(names)
+    affinity = any(fields.affinity_offset(n) is not None for n in names)
+    problems = []
+    if ray_count(names) and "F" not in present:
+        problems.append("channels with R (star-convex polygons) need F, the object probability of each polygon")
+    if ("H" in present) != ("V" in present) or (("H" in present) and "F" not in present):
+        problems.append("channels H and V (HoVer-Net offsets) go together and need F")
+    if not affinity and not present & {"F", "Db", "P", "D", "Dc"}:
+        problems.append("channels must include F, Db, P, D, Dc or affinities to build seeds from")
+    if not affinity and not present & {"F", "Db", "D"}:
+        problems.append("channels must include F, Db, D or affinities to build the growth mask from")
+    if problems:
+        got = ",".join("R" if n == "R0" else n for n in names if not is_ray_name(n) or n == "R0")
+        problems = [f"instance channels {got} cannot be post-processed: " + "; ".join(problems)
+                    + ". Sets that work: " + "; ".join(WORKING_COMBINATIONS)
+                    + " (other channels may be added to any of them)"]
+    return problems
 
 
 def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None = None) -> np.ndarray:
@@ -237,20 +350,38 @@ def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None
                          f"(instances (H, W) + one plane per channel of {','.join(spec.channels)}); got {got}")
 
     foreground = labels != 0
+    index = {name: k for k, name in enumerate(spec.channels)}
     for k, name in enumerate(spec.channels):
         if name == "F":
             out[..., k] = foreground
+        elif name == "B":
+            out[..., k] = ~foreground
         elif name == "C":
             out[..., k] = contours(labels, spec.contour_mode)
         elif name == "T":
             out[..., k] = touching_areas(labels, spec.touch_width, foreground)
-        else:  # Db and P come from one distance transform per object, below
+        elif name == "Dn":
+            out[..., k] = fields.neighbour_distance(labels, spec.dn_scale)
+        else:  # the others below, several planes at a time
             out[..., k] = 0
-    if "Db" in spec.channels or "P" in spec.channels:
-        _object_channels(labels, out,
-                         spec.channels.index("Db") if "Db" in spec.channels else None,
-                         spec.channels.index("P") if "P" in spec.channels else None,
-                         spec.point_radius)
+    per_object = {name: index[name] for name in ("Db", "P", "Dc") if name in index}
+    inside = np.zeros(labels.shape, np.float32) if "D" in index else None
+    if per_object or inside is not None:
+        _object_channels(labels, out, per_object, spec.point_radius, inside)
+    if inside is not None:
+        out[..., index["D"]] = fields.signed_distance(labels, inside, spec.d_alpha, spec.d_beta)
+    if "H" in index:
+        out[..., index["H"]], out[..., index["V"]] = fields.centre_offsets(labels)
+    n_rays = ray_count(spec.channels)
+    if n_rays:
+        first = index["R0"]
+        out[..., first:first + n_rays] = encode_rays(star_distances(labels, n_rays, spec.ray_grid))
+    planes = [(k, fields.affinity_offset(name)) for k, name in enumerate(spec.channels)]
+    planes = [(k, offset) for k, offset in planes if offset is not None]
+    if planes:
+        maps = fields.affinities(labels, [offset for _, offset in planes])
+        for j, (k, _) in enumerate(planes):
+            out[..., k] = maps[..., j]
     return out
 
 
@@ -312,10 +443,11 @@ def touching_areas(labels: np.ndarray, touch_width: int = 2, foreground: np.ndar
     return band & (labels != 0 if foreground is None else foreground)
 
 
-def _object_channels(labels: np.ndarray, out: np.ndarray, k_distance: int | None, k_point: int | None,
-                     point_radius: int) -> None:
-    """Write ``Db`` (plane ``k_distance``) and ``P`` (plane ``k_point``) of every object into ``out``
-    (those planes are zero on entry)."""
+def _object_channels(labels: np.ndarray, out: np.ndarray, planes: dict[str, int], point_radius: int,
+                     inside: np.ndarray | None = None) -> None:
+    """Write ``Db``, ``P`` and ``Dc`` (planes ``planes[name]``) of every object into ``out`` (those
+    planes are zero on entry), and the unnormalised distance to the boundary into ``inside``."""
+    k_distance, k_point, k_centre = planes.get("Db"), planes.get("P"), planes.get("Dc")
     h, w = labels.shape
     max_id = int(labels.max()) if labels.size else 0
     if max_id == 0:
@@ -352,8 +484,17 @@ def _object_channels(labels: np.ndarray, out: np.ndarray, k_distance: int | None
         peak = distance.max()
         if k_distance is not None:
             np.copyto(out[r0:r1, c0:c1, k_distance], distance / peak, where=mask)
+        if inside is not None:
+            np.copyto(inside[r0:r1, c0:c1], distance, where=mask)
+        if k_point is None and k_centre is None:
+            continue
+        cy, cx = _centre(np.flatnonzero(distance.ravel() == peak), c1 - c0)
+        if k_centre is not None:
+            yy_box, xx_box = np.nonzero(mask)
+            far = np.hypot(yy_box - cy, xx_box - cx)
+            top = far.max()
+            out[r0 + yy_box, c0 + xx_box, k_centre] = 1.0 - far / top if top > 0 else 1.0
         if k_point is not None:
-            cy, cx = _centre(np.flatnonzero(distance.ravel() == peak), c1 - c0)
             y0, y1 = max(cy - r, 0), min(cy + r + 1, r1 - r0)
             x0, x1 = max(cx - r, 0), min(cx + r + 1, c1 - c0)
             disk = stencil[y0 - cy + r:y1 - cy + r, x0 - cx + r:x1 - cx + r] & mask[y0:y1, x0:x1]
@@ -426,6 +567,7 @@ def _is_real(value: Any) -> bool:
 def _did_you_mean(name: Any) -> str:
     if not isinstance(name, str):
         return ""
-    exact = [known for known in CHANNELS if known.lower() == name.lower()]
-    close = exact or difflib.get_close_matches(name, list(CHANNELS), n=1)
+    names = [*CHANNELS, *MORE_CHANNELS, *SHORTHANDS]
+    exact = [known for known in names if known.lower() == name.lower()]
+    close = exact or difflib.get_close_matches(name, names, n=1)
     return f" Did you mean {close[0]!r}?" if close else ""

@@ -36,7 +36,8 @@ INSTANCE_CLASSES = 2
 # Compared as resolved paths when resuming: lib.training.run.differing_settings.
 RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps", "jit_compile")
 # The TargetSpec fields a run's instance_options may set (the channels and weights have their own settings).
-INSTANCE_OPTIONS = ("contour_mode", "point_radius", "touch_width", "distance_loss")
+INSTANCE_OPTIONS = ("contour_mode", "point_radius", "touch_width", "distance_loss", "n_rays", "ray_grid", "d_alpha",
+                    "d_beta", "dn_scale")
 
 
 class TrainingError(BadInput):

@@ -66,6 +66,7 @@ def make_loss(name: str, n_classes: int, class_weights: Sequence[float] | None =
 
 
 INSTANCE_DISTANCE_LOSSES = ("l1", "mse")
+INSTANCE_KINDS = ("binary", "distance", "ray")
 
 
 def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_loss: str = "l1"
@@ -75,20 +76,29 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     ``targets (B, H, W, >= K)`` float32 (channels beyond K, such as the instance ids the
     reader appends, are ignored), ``logits (B, H, W, K)``. Channel ``k`` of kind "binary" is
     the mean sigmoid cross-entropy of its logit; "distance" the mean absolute ("l1") or
-    squared ("mse") error of the raw output. Each column is multiplied by its weight; the
-    trainer's loss is the sum over channels. Raises ``ValueError`` for unknown kinds or losses.
+    squared ("mse") error of the raw output; "ray" (a StarDist ray plane) the same error
+    averaged over the object pixels only (those whose target is > 0: every object pixel has a
+    positive ray, background and pixels off the ray grid have 0): StarDist's polygon-distance loss, L1 on the distances weighted by the object mask
+    (StarDist weights by its probability target, the normalised distance to the boundary; the
+    mask weights every object pixel alike, and the loss is on the encoded distances
+    ``d / (d + 16)``, so a pixel of error counts more on small objects). Every ray plane is a
+    column of its own, so the rays together weigh N times one channel, as StarDist's summed
+    distance loss outweighs its probability loss. Each column is
+    multiplied by its weight; the trainer's loss is the sum over channels. Raises
+    ``ValueError`` for unknown kinds or losses.
     """
     import tensorflow as tf
 
     kinds = tuple(kinds)
-    if any(k not in ("binary", "distance") for k in kinds):
-        raise ValueError(f"channel kinds must be 'binary' or 'distance'; got {kinds}")
+    if any(k not in INSTANCE_KINDS for k in kinds):
+        raise ValueError(f"channel kinds must be one of {', '.join(INSTANCE_KINDS)}; got {kinds}")
     if len(weights) != len(kinds):
         raise ValueError(f"weights must have one value per channel ({len(kinds)}); got {list(weights)}")
     if distance_loss not in INSTANCE_DISTANCE_LOSSES:
         raise ValueError(f"distance_loss must be one of {', '.join(INSTANCE_DISTANCE_LOSSES)}; got {distance_loss!r}")
     n = len(kinds)
     binary = tf.constant([k == "binary" for k in kinds])
+    ray = tf.constant([k == "ray" for k in kinds])
     weight = tf.constant(list(weights), tf.float32)
 
     def per_channel(targets, logits):
@@ -98,13 +108,20 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
         error = logits - targets
         regression = tf.abs(error) if distance_loss == "l1" else tf.square(error)
         per_pixel = tf.where(binary, bce, regression)
-        return tf.reduce_mean(per_pixel, axis=[1, 2]) * weight
+        mean = tf.reduce_mean(per_pixel, axis=[1, 2])
+        if any(k == "ray" for k in kinds):
+            on_object = tf.cast(targets > 0, tf.float32)
+            masked = tf.reduce_sum(regression * on_object, axis=[1, 2]) / tf.maximum(
+                tf.reduce_sum(on_object, axis=[1, 2]), 1.0)
+            mean = tf.where(ray, masked, mean)
+        return mean * weight
 
     return per_channel
 
 
 def instance_activations(kinds: Sequence[str]) -> Callable[[object], object]:
-    """``f(logits (B, H, W, K)) -> maps`` float32: sigmoid for binary channels, clip to [0, 1] for distances."""
+    """``f(logits (B, H, W, K)) -> maps`` float32: sigmoid for binary channels, clip to [0, 1] for the
+    others (distances and rays: every regression target is encoded in [0, 1])."""
     import tensorflow as tf
 
     binary = tf.constant([k == "binary" for k in kinds])

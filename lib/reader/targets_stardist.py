@@ -1,0 +1,122 @@
+"""Star-convex polygon targets (StarDist): per pixel, the distance to its object's boundary along
+N evenly spaced rays.
+
+Ray ``k`` of ``N`` points at angle ``2 pi k / N`` measured from the +x axis (column) towards +y
+(row, downwards): direction ``(dy, dx) = (sin, cos)``. From an object pixel, the ray is sampled at
+``t = 1, 2, ...`` pixels, each sample rounded to the nearest pixel (halves up). The first sample
+that falls on another id (background, another object, or outside the patch) ends the ray at
+step ``t``; the distance is ``t - 1 + 0.5 / max(|dy|, |dx|)``: the last sample inside plus half a
+pixel along the dominant axis (so along an axis the ray ends on the edge of the last pixel, a
+square of side ``2a + 1`` has distance ``a + 0.5`` from its centre). Background pixels have 0.
+
+The network learns the distances encoded into [0, 1) as ``d / (d + RAY_SCALE)`` (one fixed scale,
+so that post-processing can decode them without knowing the run: inference clips non-binary
+channels to [0, 1]); :func:`decode_rays` is the inverse. Rays in pixels are not capped.
+
+Vectorised: all (pixel, ray) pairs step together, a pair leaving the active set at its first
+sample off its object, so the work is the sum of the ray lengths. ``grid`` 2 computes every
+other row and column only (StarDist's ``grid``), a quarter of the work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RAY_SCALE = 16.0  # px: a distance d is learnt as d / (d + RAY_SCALE)
+RAY_PREFIX = "R"
+
+
+def ray_directions(n_rays: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(dy, dx)``, each ``(n_rays,)`` float64: unit vectors at angles ``2 pi k / n_rays``."""
+    angles = 2.0 * np.pi * np.arange(n_rays) / n_rays
+    dy, dx = np.sin(angles), np.cos(angles)
+    # exact zeros and ones on the axes (sin(pi) is 1.2e-16, which would round differently)
+    dy[np.abs(dy) < 1e-12] = 0.0
+    dx[np.abs(dx) < 1e-12] = 0.0
+    return dy, dx
+
+
+def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1) -> np.ndarray:
+    """Distances in pixels from every object pixel to its object's boundary along ``n_rays`` rays.
+
+    Parameters
+    ----------
+    labels : (H, W) integer labels, 0 = background (any non-negative ids; objects may touch).
+    n_rays : number of rays (>= 3).
+    grid : compute the rays of every ``grid``-th pixel along each axis only (rows and columns
+        0, grid, 2 grid, ...), as StarDist's ``grid`` option; the others stay 0 and the ray loss
+        ignores them (it weights by ``distance > 0``). 2 makes this 4 times faster.
+
+    Returns
+    -------
+    (H, W, n_rays) float32, 0 on background.
+    """
+    h, w = labels.shape
+    out = np.zeros((h, w, n_rays), np.float32)
+    on_grid = np.zeros((h, w), bool)
+    on_grid[::grid, ::grid] = True
+    ys, xs = np.nonzero((labels != 0) & on_grid)
+    if ys.size == 0:
+        return out
+    # A one-pixel sentinel ring around the patch: each step moves at most one pixel per axis,
+    # so a ray that leaves the patch ends on the ring.
+    padded = np.full((h + 2, w + 2), -1, np.int64 if labels.max() >= 2 ** 31 else np.int32)
+    padded[1:-1, 1:-1] = labels
+    flat = padded.ravel()
+    wp = w + 2
+    dy, dx = ray_directions(n_rays)
+    max_steps = h + w + 2
+    t = np.arange(1, max_steps + 1)[None, :]
+    offsets = (np.floor(t * dy[:, None] + 0.5).astype(np.int64) * wp
+               + np.floor(t * dx[:, None] + 0.5).astype(np.int64))  # (n_rays, max_steps), flat in padded
+
+    # every (pixel, ray) pair steps together; a pair leaves the active set at its first sample
+    # off its object, so the work is the sum of the ray lengths
+    n = ys.size
+    pair_at = np.repeat(((ys + 1) * wp + xs + 1).astype(np.int64), n_rays)
+    pair_ray = np.tile(np.arange(n_rays), n)
+    pair_own = flat[pair_at]
+    pair_index = np.arange(n * n_rays)
+    survived = np.zeros(n * n_rays, np.float32)
+    offsets = np.ascontiguousarray(offsets.T)  # (max_steps, n_rays): one small row per step
+    for step in range(max_steps):
+        inside = np.take(flat, pair_at + np.take(offsets[step], pair_ray)) == pair_own
+        if not inside.all():
+            survived[pair_index[~inside]] = step
+            pair_at, pair_ray, pair_own, pair_index = (a[inside] for a in (pair_at, pair_ray, pair_own, pair_index))
+            if pair_index.size == 0:
+                break
+    # the ray left at step survived + 1; the boundary is taken half a pixel (along the dominant
+    # axis) beyond the last sample inside
+    correction = (0.5 / np.maximum(np.abs(dy), np.abs(dx))).astype(np.float32)
+    out[ys, xs] = survived.reshape(n, n_rays) + correction[None, :]
+    return out
+
+
+def encode_rays(distances: np.ndarray) -> np.ndarray:
+    """Distances in px -> the learnt values ``d / (d + RAY_SCALE)`` in [0, 1)."""
+    distances = np.asarray(distances, np.float32)
+    return distances / (distances + np.float32(RAY_SCALE))
+
+
+def decode_rays(values: np.ndarray) -> np.ndarray:
+    """Learnt values in [0, 1] -> distances in px (values are clipped to [0, 1 - 1e-6] first)."""
+    values = np.clip(np.asarray(values, np.float32), 0.0, 1.0 - 1e-6)
+    return np.float32(RAY_SCALE) * values / (1.0 - values)
+
+
+def ray_names(n_rays: int) -> tuple[str, ...]:
+    """The plane names of ``n_rays`` rays: ``R0``, ``R1``, ..."""
+    return tuple(f"{RAY_PREFIX}{k}" for k in range(n_rays))
+
+
+def ray_count(names) -> int:
+    """How many ray planes ``R0``.. ``names`` holds (0 when none)."""
+    return sum(1 for name in names if is_ray_name(name))
+
+
+def is_ray_name(name) -> bool:
+    return isinstance(name, str) and len(name) > 1 and name[0] == RAY_PREFIX and name[1:].isdigit() \
+        and (name[1:] == "0" or name[1] != "0")
+
+
