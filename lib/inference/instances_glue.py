@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .runner import ImageJob, InferenceConfig, RunContext
 
 # Settings that only instance models take; given with a semantic model they are refused.
-INSTANCE_SETTINGS = ("thresholds", "refinements", "pixel_size", "filter_rules", "save_intermediates")
+# --pixel_size is not among them: every model records it in its OME-TIFF / OME-Zarr outputs.
+INSTANCE_SETTINGS = ("thresholds", "refinements", "filter_rules", "save_intermediates")
 
 # Images whose height or width exceeds this are post-processed window by window.
 POSTPROCESS_WINDOW = 4096
