@@ -32,10 +32,11 @@ DEFAULT_LEARNING_RATE = 1e-3
 INSTANCE_UNET_FILTERS = 32
 # An instance model's database has two classes: background and object.
 INSTANCE_CLASSES = 2
-# Settings that may change between a run and its resumption.
+# Settings that may change between a run and its resumption (weights are float32 in every
+# precision: a run started in float16 on a V100 goes on in bfloat16 on an A100).
 # Compared as resolved paths when resuming: lib.training.run.differing_settings.
 RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps", "jit_compile",
-             "collective_timeout", "keep_checkpoints")
+             "collective_timeout", "keep_checkpoints", "mixed_precision")
 # The TargetSpec fields a run's instance_options may set (the channels and weights have their own settings).
 INSTANCE_OPTIONS = ("contour_mode", "point_radius", "touch_width", "distance_loss")
 
