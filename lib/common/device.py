@@ -7,6 +7,7 @@ instant and CLIs answer ``--help`` at once.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import sys
@@ -220,8 +221,8 @@ def quiet_tensorflow_logs(verbose: bool = False) -> None:
     (``--verbose``): TensorFlow is imported as it is, every line of its own log shown.
     """
     if verbose:
-        import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+        for name in ("keras", "tensorflow"):
+            importlib.import_module(name)
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:

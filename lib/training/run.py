@@ -38,6 +38,7 @@ from .. import model_folder
 from ..common.device import select_strategy, worker_info
 from ..reader.imagereader import as_tf_dataset
 from ..store.lmdb_store import LmdbReader, StoreError
+from .agreement import SIGNALS, Agreement, peer_errors
 from .config import (
     INSTANCE_CLASSES,
     RESUMABLE,
@@ -46,8 +47,8 @@ from .config import (
     TrainingError,
     TrainingInterrupted,
 )
-from .agreement import SIGNALS, Agreement, peer_errors
 from .evaluation import evaluate, postprocess_defaults, tune_postprocess
+from .housekeeping import prune_checkpoints
 from .inputs import (
     ReaderPlan,
     channel_priors,
@@ -60,7 +61,6 @@ from .inputs import (
 )
 from .losses import class_weights_from_counts
 from .outputs import TensorBoard, TrainingLog, draw_charts, format_row, write_folds_table
-from .housekeeping import prune_checkpoints
 from .precision import precision_policy
 from .step import learning_rate_at, make_eval_step, make_losses, make_optimizer, make_train_step, saved_optimizer
 

@@ -1,5 +1,5 @@
-"""The training precision per device (decision table with faked device facts), and float16
-training with dynamic loss scaling for real on the CPU."""
+"""The training precision per device (decision table with faked device facts), float16 training
+with dynamic loss scaling for real on the CPU, and what a finished run folder keeps."""
 
 from __future__ import annotations
 
@@ -128,9 +128,15 @@ def test_a_float16_run_records_its_precision_and_resumes_in_float32(tmp_path):
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["precision"]["compute"] == "float16" and meta["precision"]["loss_scaling"] is True
     assert meta["precision"]["reason"].startswith("asked for")
+    # the finished run keeps only the checkpoint that extending it needs
+    assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
+    assert not (tmp_path / "run" / "checkpoint.previous").exists()
+    assert any(line.startswith("removed checkpoint.previous/ (") for line in lines)
     # the checkpoint holds AdamW's variables without the loss scale: the run goes on in another precision
     # (weights are float32 in all), as a run moved from a V100 to a CPU node with "auto" does
     lines.clear()
-    result = train(TrainConfig(**settings, max_steps=8, mixed_precision=False), log=lines.append)
+    result = train(TrainConfig(**settings, max_steps=8, mixed_precision=False, keep_checkpoints=True),
+                   log=lines.append)
     assert result.steps == 8 and result.resumed_from == 4
+    assert json.loads((tmp_path / "run" / "checkpoint.previous" / "state.json").read_text())["step"] == 8
     assert json.loads((tmp_path / "run" / "model.json").read_text())["precision"]["compute"] == "float32"
