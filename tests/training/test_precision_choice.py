@@ -4,13 +4,16 @@ with dynamic loss scaling for real on the CPU, and what a finished run folder ke
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from lib.common.device import DeviceFacts, bfloat16_is_native, choose_precision
 from lib.common.settings import ConfigError
-from tests.conftest import tiny_database
+from tests.conftest import ROOT, tiny_database
 
 A100, H100, V100, T4, P100 = (8, 0), (9, 0), (7, 0), (7, 5), (6, 0)
 
@@ -140,3 +143,54 @@ def test_a_float16_run_records_its_precision_and_resumes_in_float32(tmp_path):
     assert result.steps == 8 and result.resumed_from == 4
     assert json.loads((tmp_path / "run" / "checkpoint.previous" / "state.json").read_text())["step"] == 8
     assert json.loads((tmp_path / "run" / "model.json").read_text())["precision"]["compute"] == "float32"
+
+
+MIRRORED_FLOAT16 = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+sys.path.insert(0, sys.argv[1])
+from lib.models import build_model
+from lib.training.config import TrainConfig
+from lib.training.losses import make_loss
+from lib.training.step import make_optimizer, make_train_step
+
+keras.mixed_precision.set_global_policy("mixed_float16")
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+config = TrainConfig(train_database="-", test_database="-", output_dir="-", number_classes=2, learning_rate=1e-2)
+with strategy.scope():
+    model = build_model("unet", 1, 2, base_filters=4, depth=1, batch_norm=False, dropout=0.0)
+    optimizer = make_optimizer(config, model, "float16")
+rng = np.random.default_rng(0)
+images = rng.standard_normal((8, 16, 16, 1)).astype("float32")
+labels = (images[..., 0] > 0).astype("uint8")
+dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2).repeat()
+iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: dataset))
+step = make_train_step(strategy, model, optimizer, make_loss("ce", 2), global_batch=4)
+start = [np.array(w.numpy()) for w in model.trainable_weights]
+losses = [float(step(iterator)) for _ in range(4)]
+trained = [np.array(w.numpy()) for w in model.trainable_weights]
+copies = max(float(np.abs(a - b).max()) for w in model.trainable_weights
+             for a, b in [[v.numpy() for v in w.value.values]])
+optimizer.dynamic_scale.assign(2.0 ** 40)
+skipped_loss = float(step(iterator))
+after = [np.array(w.numpy()) for w in model.trainable_weights]
+print(json.dumps({"losses": losses, "moved": max(float(np.abs(a - b).max()) for a, b in zip(trained, start)),
+                  "replica_difference": copies, "skipped_loss": skipped_loss,
+                  "unchanged": all(np.array_equal(a, b) for a, b in zip(after, trained)),
+                  "scale": float(optimizer.dynamic_scale.numpy())}))
+"""
+
+
+def test_float16_with_two_replicas_skips_an_overflowing_step_on_both():
+    done = subprocess.run([sys.executable, "-c", MIRRORED_FLOAT16, str(ROOT)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(np.isfinite(figures["losses"])) and figures["moved"] > 1e-3
+    assert figures["replica_difference"] == 0.0  # both replicas applied the same steps
+    assert np.isfinite(figures["skipped_loss"]) and figures["unchanged"] and figures["scale"] == 2.0 ** 39
