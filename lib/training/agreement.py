@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import model_folder
 from ..common.errors import Resumable
+from .config import TrainingError
 
 # The stop rules, in the order they are reported when several fire at the same step.
 STOP_FLAGS = ("early_stopping", "max_steps", "max_minutes", "SIGTERM", "SIGINT", "SIGUSR1")
@@ -141,11 +142,9 @@ class Agreement:
         self._functions[key]()
 
     def check_same_step(self, step: int) -> None:
-        """Raise :class:`~lib.training.config.TrainingError` when the workers resumed from different steps."""
+        """Raise :class:`TrainingError` (exit 2) when the workers resumed from different steps."""
         if not self.multi_worker:
             return
-        from .config import TrainingError
-
         chief_step = int(round(float(self._all_reduce_sum(np.array([step], np.float64), first_only=True)[0])))
         if chief_step != step:
             raise TrainingError(
