@@ -119,16 +119,20 @@ def choose_precision(requested: bool | str | None, facts: DeviceFacts) -> tuple[
         raise ConfigError([f"mixed_precision must be one of {', '.join(TRAINING_PRECISIONS)}, 1 or 0; got "
                            f"{requested!r}"])
     gpus = facts.gpu_capabilities
+    why = "asked for mixed precision (--mixed_precision 1)" if requested is True else "auto"
     if gpus:
         lowest = min(gpus)
         shown = f"compute capability {lowest[0]}.{lowest[1]}"
         if lowest >= (8, 0):
-            return "bfloat16", f"auto: GPU of {shown} computes bfloat16 natively"
-        if lowest >= (7, 0) or requested is True:
-            return "float16", f"auto: GPU of {shown} has float16 tensor cores, not bfloat16 (dynamic loss scaling)"
+            return "bfloat16", f"{why}: GPU of {shown} computes bfloat16 natively"
+        if lowest >= (7, 0):
+            return "float16", f"{why}: GPU of {shown} has float16 tensor cores, not bfloat16 (dynamic loss scaling)"
+        if requested is True:
+            return "float16", f"{why}: GPU of {shown} computes float16 (dynamic loss scaling)"
+        # Pascal and older: no tensor cores, and float16 runs at 1/64 of float32 on the GTX 10xx (6.1)
         return "float32", f"auto: GPU of {shown} has no tensor cores"
     if facts.cpu_bfloat16:
-        return "bfloat16", "auto: this CPU computes bfloat16 natively (AVX512_BF16/AMX)"
+        return "bfloat16", f"{why}: this CPU computes bfloat16 natively (AVX512_BF16/AMX)"
     if requested is True:
         return "bfloat16", "asked for (--mixed_precision 1): bfloat16 on a CPU without native bfloat16 (emulated)"
     return "float32", "auto: no GPU and no native bfloat16 on this CPU"
