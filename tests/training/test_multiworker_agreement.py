@@ -152,14 +152,14 @@ def test_max_minutes_measured_by_the_chief_stops_both_workers_at_one_step(databa
 
 
 def test_sigterm_to_one_worker_stops_both_with_exit_3_and_the_same_command_resumes(database, tmp_path):
-    settings = _settings(database, tmp_path / "run", max_steps=60)
+    settings = _settings(database, tmp_path / "run", max_steps=30, test_every_n_steps=5)
     workers = Workers(tmp_path, settings, tag="a")
-    workers.wait_for("step 10: train loss", 90)
+    workers.wait_for("step 5: train loss", 90)
     workers.procs[1].send_signal(signal.SIGTERM)  # the non-chief: the chief learns it through the agreement
     codes = workers.wait(60)
     assert codes == [3, 3], workers.text(0)[-2000:] + workers.text(1)[-2000:]
     stopped = [workers.final(i)["step"] for i in range(2)]
-    assert stopped[0] == stopped[1] and 10 <= stopped[0] < 60
+    assert stopped[0] == stopped[1] and 5 <= stopped[0] < 30
     assert "stopped by signal 15" in workers.text(0)  # the chief names the signal its peer got
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == stopped[0]
@@ -167,7 +167,7 @@ def test_sigterm_to_one_worker_stops_both_with_exit_3_and_the_same_command_resum
     again = Workers(tmp_path, settings, tag="b")
     assert again.wait(100) == [0, 0], again.text(0)[-2000:] + again.text(1)[-2000:]
     assert f"resuming {tmp_path / 'run'} from the checkpoint at step {stopped[0]}" in again.text(1)
-    assert again.final(0) == again.final(1) == {"step": 60, "stopped": "max_steps"}
+    assert again.final(0) == again.final(1) == {"step": 30, "stopped": "max_steps"}
     _assert_same_weights(tmp_path, "b")
 
 
