@@ -5,11 +5,12 @@ gradient all-reduce waits for every worker. A worker that leaves the loop alone 
 saying ``--max_minutes`` is over, a signal only it received, an early-stopping decision from a
 test loss that differs in the last bit) leaves the others waiting in that all-reduce. So:
 
-- :meth:`Agreement.stop_flags`: before every step, each worker's stop wishes are summed over
-  all replicas (one all-reduce of a vector of :data:`STOP_FLAGS`): the rules that depend on the
-  run's progress (early stopping, ``--max_steps``, ``--max_minutes``) count only from the chief,
-  whose clock measures the budget; a signal counts from any worker. Every worker then stops at
-  the same step for the same reason.
+- :meth:`Agreement.stop_reason`: at every step, each worker's stop wishes (:data:`STEP_FLAGS`:
+  the ``--max_minutes`` budget, counted only from the chief, whose clock measures it; a signal,
+  from any worker) are summed over all replicas together with the loss, in the step's own
+  all-reduce; after each evaluation the chief's early-stopping decision is shared (one small
+  all-reduce); ``--max_steps`` needs nothing (every worker runs the same steps). Every worker
+  then stops at the same step for the same reason.
 - :meth:`Agreement.average_local_copies`: Keras 3 keeps a copy of each non-trainable variable
   (batch-norm moving mean and variance) per replica, updated from that replica's batch only, so
   the copies drift apart. Before every evaluation and checkpoint they are replaced by their mean
@@ -43,7 +44,10 @@ from ..common.errors import Resumable
 from .config import TrainingError
 
 # The stop rules, in the order they are reported when several fire at the same step.
-STOP_FLAGS = ("early_stopping", "max_steps", "max_minutes", "SIGTERM", "SIGINT", "SIGUSR1")
+STOP_RULES = ("early_stopping", "max_steps", "max_minutes", "SIGTERM", "SIGINT", "SIGUSR1")
+# The rules that can differ between workers at a step, agreed at every step: they ride on the
+# loss's all-reduce (lib.training.step.make_train_step), no collective of their own.
+STEP_FLAGS = ("max_minutes", "SIGTERM", "SIGINT", "SIGUSR1")
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGUSR1": signal.SIGUSR1}
 
 
@@ -64,6 +68,8 @@ class Agreement:
         self.multi_worker = n_workers > 1
         self.replicated = strategy.num_replicas_in_sync > 1
         self._functions: dict = {}
+        self.agreed: dict[str, bool] = {}  # STEP_FLAGS summed by the last step
+        self.early_stop: bool | None = None  # the chief's decision at the last evaluation
 
     def _all_reduce_sum(self, vector: np.ndarray, first_only: bool = False) -> np.ndarray:
         """The sum of ``vector`` over every replica of every worker (each local replica adds it
@@ -85,23 +91,40 @@ class Agreement:
                 lambda values: strategy.experimental_local_results(strategy.run(replica_fn, args=(values,)))[0])
         return self._functions[key](tf.constant(vector, tf.float64)).numpy()
 
-    def stop_flags(self, progress: dict[str, bool], signum: int | None) -> str | None:
-        """The stop reason every worker agrees on now, or None to go on.
+    def step_flags(self, minutes_over: bool, signum: int | None) -> np.ndarray | None:
+        """This worker's stop wishes to send with the next step (:data:`STEP_FLAGS`), None for a
+        single worker (nothing to agree on). The budget counts from the chief's clock only."""
+        if not self.multi_worker:
+            return None
+        wishes = [minutes_over and self.chief] + [signum == SIGNALS[name] for name in STEP_FLAGS[1:]]
+        return np.array(wishes, np.float32)
 
-        ``progress``: this worker's view of early_stopping / max_steps / max_minutes (used from
-        the chief only when there are several workers); ``signum``: a signal this worker got.
+    def record_step(self, summed: Sequence[float]) -> None:
+        """The flags summed over every replica by the step just run (:func:`make_train_step`)."""
+        self.agreed = {name: float(value) > 0 for name, value in zip(STEP_FLAGS, summed)}
+
+    def agree_on_evaluation(self, early_stop: bool) -> None:
+        """After an evaluation (every worker evaluates at the same step): the chief's
+        early-stopping decision becomes every worker's (one all-reduce per evaluation)."""
+        if self.multi_worker:
+            summed = self._all_reduce_sum(np.array([float(early_stop and self.chief)], np.float64))
+            self.early_stop = bool(summed[0] > 0)
+
+    def stop_reason(self, progress: dict[str, bool], signum: int | None) -> str | None:
+        """The stop rule that fires now (a name of :data:`STOP_RULES`), or None to go on.
+
+        One worker: ``progress`` (its early_stopping / max_steps / max_minutes) and ``signum``
+        (a signal it got). Several: early stopping as agreed at the last evaluation (before the
+        first, as restored from the checkpoint they share), ``max_steps`` from the step count
+        (every worker runs the same steps), the budget and signals as agreed with the last step.
         """
-        local = np.zeros(len(STOP_FLAGS), np.float32)
-        for i, name in enumerate(STOP_FLAGS):
-            if name in SIGNALS:
-                local[i] = float(signum == SIGNALS[name])
-            elif self.chief or not self.multi_worker:
-                local[i] = float(bool(progress.get(name)))
-        agreed = self._all_reduce_sum(local) if self.multi_worker else local
-        for name, value in zip(STOP_FLAGS, agreed):
-            if value > 0:
-                return name
-        return None
+        if self.multi_worker:
+            fired = dict(self.agreed, max_steps=progress.get("max_steps", False),
+                         early_stopping=progress.get("early_stopping", False) if self.early_stop is None
+                         else self.early_stop)
+        else:
+            fired = dict(progress, **{name: signum == number for name, number in SIGNALS.items()})
+        return next((name for name in STOP_RULES if fired.get(name)), None)
 
     def average_local_copies(self, variables: Sequence) -> None:
         """Replace each replica's copy of ``variables`` (non-trainable: batch-norm statistics) by

@@ -314,14 +314,14 @@ class TrainingRun:
     def stop_reason(self) -> str | None:
         """The stop rule that fires now, if any (a signal raises :class:`TrainingInterrupted` after a checkpoint).
 
-        Several workers agree (:meth:`Agreement.stop_flags`): the chief's progress rules, any
-        worker's signal; every worker stops at the same step for the same reason.
+        Several workers agree (:meth:`Agreement.stop_reason`): the chief's budget and
+        early-stopping decision, any worker's signal; every worker stops at the same step.
         """
         config, state = self.config, self.state
         progress = {"early_stopping": state.bad_evaluations >= config.early_stopping,
                     "max_steps": config.max_steps is not None and state.step >= config.max_steps,
-                    "max_minutes": config.max_minutes is not None and self.minutes() >= config.max_minutes}
-        reason = self.agreement.stop_flags(progress, self.signum)
+                    "max_minutes": self.budget_spent()}
+        reason = self.agreement.stop_reason(progress, self.signum)
         if reason in SIGNALS:
             signum = self.signum if self.signum is not None else int(SIGNALS[reason])
             self.checkpoint()
@@ -335,7 +335,13 @@ class TrainingRun:
         lr = learning_rate_at(self.state.step, self.config, self.state.plateau_factor)
         self.optimizer.learning_rate.assign(lr)
         self.lr = lr
-        loss = float(self.train_step(iterator))
+        flags = self.agreement.step_flags(self.budget_spent(), self.signum)
+        if flags is None:
+            loss = float(self.train_step(iterator))
+        else:  # several workers: the stop wishes ride on the loss's all-reduce
+            summed = self.train_step(iterator, flags).numpy()
+            loss = float(summed[0])
+            self.agreement.record_step(summed[1:])
         if not math.isfinite(loss):
             bad_input = self.non_finite_input(iterator)
             if self.chief:
@@ -425,6 +431,10 @@ class TrainingRun:
             draw_charts(self.training_log.rows, self.out)
             self.tensorboard.write(row)
 
+    def budget_spent(self) -> bool:
+        """Whether --max_minutes is used up (on this worker's clock)."""
+        return self.config.max_minutes is not None and self.minutes() >= self.config.max_minutes
+
     def minutes(self) -> float:
         """Training minutes of this run so far, earlier invocations included (what --max_minutes budgets)."""
         return self.minutes_before + (time.perf_counter() - self.start_time) / 60
@@ -441,6 +451,7 @@ class TrainingRun:
         """Evaluate, record, write the record, checkpoint, log; start a new period."""
         row = self.evaluate()
         improved = self.record(row)
+        self.agreement.agree_on_evaluation(self.state.bad_evaluations >= self.config.early_stopping)
         self.write_record(row)
         self.checkpoint()
         self.log(format_row(row, improved))

@@ -83,6 +83,9 @@ def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit_
     any replica's are not finite every replica's are made so: Keras' ``LossScaleOptimizer``
     decides to skip a step from the gradients of its own replica, and replicas (workers) that
     decide differently would leave one waiting in the others' all-reduce.
+
+    ``step(iterator, flags)`` with a float32 vector ``flags`` returns ``[loss, *flags summed over
+    every replica]``: how the workers of a multi-worker run agree on stopping at no extra cost.
     """
     import tensorflow as tf
 
@@ -107,9 +110,17 @@ def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit_
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
+    def replica_step_with_flags(images, labels, flags):
+        loss = replica_step(images, labels)
+        return tf.concat([tf.reshape(tf.cast(loss, tf.float32), [1]), tf.identity(flags)], axis=0)
+
     @tf.function
-    def step(iterator):
-        per_replica = strategy.run(replica_step, args=next(iterator))
+    def step(iterator, flags=None):
+        if flags is None:
+            per_replica = strategy.run(replica_step, args=next(iterator))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        # the stop flags of lib.training.agreement ride on the loss's all-reduce: no extra collective
+        per_replica = strategy.run(replica_step_with_flags, args=(*next(iterator), flags))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return step
