@@ -21,7 +21,7 @@ import re
 import sys
 
 from lib.common.cli import make_parser, run_main
-from lib.common.device import device_line, quiet_tensorflow_logs
+from lib.common.device import check_allocated_gpus, device_line, quiet_tensorflow_logs
 from lib.common.errors import SomeFailed
 
 
@@ -147,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--quiet", action="store_true",
                      help="no progress bars (over images, and over the tiles of large images); they are also off "
                           "when stderr is not a terminal")
+    run.add_argument("--allow_cpu", action="store_true",
+                     help="run on the CPU even when the job was given GPUs that TensorFlow cannot use")
+    run.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines (C++ start-up notices)")
     args = parser.parse_args(argv)
     # The settings' rules live in InferenceConfig (imported after parsing: no TensorFlow);
     # misuse of flags exits 2 through parser.error, the folders are checked when the run starts.
@@ -182,7 +185,7 @@ def _config(args: argparse.Namespace, config_class):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_tensorflow_logs()
+    quiet_tensorflow_logs(args.verbose)
     return run_main(lambda: _run(args), prog="inference.py")
 
 
@@ -192,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     config = args.config
     print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
     print(device_line(), flush=True)
+    check_allocated_gpus(args.allow_cpu, prog="inference.py")
     try:
         result = run_inference(config, progress=not args.quiet)
     except KeyboardInterrupt:

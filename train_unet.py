@@ -24,7 +24,7 @@ import json
 import sys
 
 from lib.common.cli import flag_bool, run_main
-from lib.common.device import device_line, quiet_tensorflow_logs
+from lib.common.device import check_allocated_gpus, device_line, quiet_tensorflow_logs
 from lib.common.settings import ConfigError
 from lib.reader.augment import AugmentParams
 from lib.reader.batches import NORMALIZATIONS, SAMPLINGS
@@ -35,8 +35,11 @@ ARCHITECTURES = {"unet": "unet", "fc-densenet56": "fc-densenet56", "fc-densenet6
                  "fc-densenet103": "fc-densenet103"}
 
 
-def _auto_or_bool(text: str) -> bool | None:
-    return None if str(text).strip().lower() == "auto" else flag_bool(text)
+def _auto_or_bool(text: str) -> bool | str | None:
+    word = str(text).strip().lower()
+    if word in ("bfloat16", "float16", "float32"):
+        return word
+    return None if word == "auto" else flag_bool(text)
 
 
 # Reader and augmentation flags
@@ -185,8 +188,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                           "e.g. before a wall time")
     run.add_argument("--mixed_precision", type=_auto_or_bool, nargs="?", const=True,
                      default=default_of("mixed_precision"),
-                     help="bfloat16 compute with float32 weights: 1, 0, or auto (default: on where the GPU or "
-                          "CPU computes bfloat16 natively)")
+                     help="compute precision (weights stay float32): auto (bfloat16 on GPUs of compute capability "
+                          ">= 8.0 and CPUs with native bfloat16, float16 with loss scaling on older GPUs, else "
+                          "float32), bfloat16, float16, float32; 1: the device's half type, 0: float32")
     run.add_argument("--jit_compile", type=flag_bool, nargs="?", const=True, default=default_of("jit_compile"),
                      help="compile the forward/backward pass with XLA")
     run.add_argument("--folds", type=int, default=default_of("folds"),
@@ -194,10 +198,19 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                           "the training database, into OUTPUT/ensemble/ (0 = one model)")
     run.add_argument("--use_augmentation", type=flag_bool, nargs="?", const=True,
                      default=default_of("use_augmentation"), help="augment training examples (1/0)")
+    run.add_argument("--collective_timeout", type=float, default=default_of("collective_timeout"),
+                     help="multi-worker runs: seconds a collective waits for the other workers before this worker "
+                          "stops (exit 3, resumable); 0 waits for ever")
+    run.add_argument("--allow_cpu", action="store_true",
+                     help="run on the CPU even when the job was given GPUs that TensorFlow cannot use")
+    run.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines (C++ start-up notices)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", required=True,
                      help="model folder; rerunning the same command resumes it (a larger --max_steps extends a "
                           "finished run)")
+    out.add_argument("--keep_checkpoints", action="store_true",
+                     help="keep checkpoint.previous/ when the run finishes (by default only checkpoint/, what "
+                          "resuming or extending needs, is kept)")
     add_reader_arguments(parser)
     add_augmentation_arguments(parser)
     return parser
@@ -231,7 +244,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         jit_compile=args.jit_compile, folds=args.folds, target=args.target,
         instance_channels=args.instance_channels, instance_weights=args.instance_weights,
         instance_options={"contour_mode": args.contour_mode, "point_radius": args.point_radius,
-                          "touch_width": args.touch_width, "distance_loss": args.distance_loss}, **reader)
+                          "touch_width": args.touch_width, "distance_loss": args.distance_loss},
+        collective_timeout=args.collective_timeout, keep_checkpoints=args.keep_checkpoints, **reader)
     try:
         return config.validate()
     except ConfigError as exc:
@@ -243,7 +257,7 @@ def run_training(argv: list[str] | None, prog: str, description: str, architectu
     """Parse, validate, train; return the exit code (:func:`lib.common.cli.run_main` maps errors by class)."""
     parser = build_parser(prog, description, architectures, default_architecture, architecture_flag)
     args = parser.parse_args(argv)
-    quiet_tensorflow_logs()
+    quiet_tensorflow_logs(args.verbose)
     config = config_from_args(args, parser, architectures)
     print("settings: " + json.dumps(config.to_dict()), flush=True)
     print(device_line(), flush=True)
@@ -252,6 +266,7 @@ def run_training(argv: list[str] | None, prog: str, description: str, architectu
         from lib.reader.samples import save_augmentation_samples
         from lib.training import train, train_kfold
 
+        check_allocated_gpus(args.allow_cpu, prog=prog)
         if args.save_aug_samples:
             paths = save_augmentation_samples(config.train_database, args.save_aug_samples,
                                               params=config.augment_params(), seed=config.seed,

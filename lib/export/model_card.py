@@ -204,14 +204,17 @@ def predict_maps(folder: Path, image: np.ndarray) -> np.ndarray:
 
 
 def write_model_card(folder: str | os.PathLike, test_image: str | os.PathLike | None = None,
-                     log: Callable[[str], None] = print) -> Path | None:
-    """Write ``model_card.md`` and ``cover.png`` into a model folder; return the card's path.
+                     log: Callable[[str], None] = print, cover: bool = True) -> Path | None:
+    """Write ``model_card.md`` and (``cover``) ``cover.png`` into a model folder; return the card's path.
 
     The cover is computed on :func:`sample_tile`; when no sample image can be found the card
-    is written without a cover and ``log`` says why. Atomic writes.
+    is written without a cover and ``log`` says why. The trainer writes the card alone (no
+    prediction at the end of every run); the exports add the cover. Atomic writes.
     """
     folder = Path(folder)
     info = read_model_json(folder / MODEL_JSON)
+    if not cover:
+        return write_text(folder / CARD, card_text(info, None))
     try:
         image, where = sample_tile(info, test_image)
     except ExportError as exc:

@@ -11,6 +11,10 @@ The public entry points, re-exported here: ``train(config, strategy=None, log=pr
     evaluation.py  evaluation passes, post-processing tuning
     outputs.py     log.csv, charts.png, TensorBoard, log lines
     run.py         TrainingRun: setup, loop, stop rules, signals, checkpoints; train, train_kfold
+    agreement.py   multi-worker stop agreement, batch-norm averaging, lost peers
+    precision.py   the precision policy per device (bfloat16, float16 with loss scaling, float32)
+    housekeeping.py  checkpoint pruning at the end of a run
+    report.py      report.html of a run folder
 """
 
 from .config import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted

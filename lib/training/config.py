@@ -32,9 +32,11 @@ DEFAULT_LEARNING_RATE = 1e-3
 INSTANCE_UNET_FILTERS = 32
 # An instance model's database has two classes: background and object.
 INSTANCE_CLASSES = 2
-# Settings that may change between a run and its resumption.
+# Settings that may change between a run and its resumption (weights are float32 in every
+# precision: a run started in float16 on a V100 goes on in bfloat16 on an A100).
 # Compared as resolved paths when resuming: lib.training.run.differing_settings.
-RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps", "jit_compile")
+RESUMABLE = ("max_steps", "max_minutes", "early_stopping", "reader_count", "test_every_n_steps", "jit_compile",
+             "collective_timeout", "keep_checkpoints", "mixed_precision")
 # The TargetSpec fields a run's instance_options may set (the channels and weights have their own settings).
 INSTANCE_OPTIONS = ("contour_mode", "point_radius", "touch_width", "distance_loss", "n_rays", "ray_grid", "d_alpha",
                     "d_beta", "dn_scale")
@@ -104,7 +106,8 @@ class TrainConfig:
     normalization: str = "dataset"
     reader_count: int = 2
     seed: int = 0
-    mixed_precision: bool | None = None  # None: bfloat16 where the hardware runs it natively
+    # None/"auto": per device (lib.common.device.choose_precision); True, False, "bfloat16", "float16", "float32"
+    mixed_precision: bool | str | None = None
     jit_compile: bool = False
     folds: int = 0  # k-fold run: this model validates on fold `fold` of the training database
     fold: int | None = None
@@ -112,6 +115,8 @@ class TrainConfig:
     instance_channels: str = "F,C,Db"
     instance_weights: str | None = None
     instance_options: dict = dataclasses.field(default_factory=_default_instance_options)
+    collective_timeout: float = 300.0  # seconds a multi-worker collective waits for its peers (0: for ever)
+    keep_checkpoints: bool = False  # False: a finished run keeps only checkpoint/ (not checkpoint.previous/)
 
     def __post_init__(self) -> None:
         resolve = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -178,6 +183,11 @@ class TrainConfig:
             v.append(f"max_minutes must be > 0; got {self.max_minutes}")
         if self.lr_schedule in ("cosine", "onecycle") and self.max_steps is None:
             v.append(f"lr_schedule {self.lr_schedule!r} needs max_steps (its length); got none")
+        if self.mixed_precision not in (None, True, False, "auto", "float32", "bfloat16", "float16"):
+            v.append(f"mixed_precision must be one of auto, float32, bfloat16, float16, 1 or 0; got "
+                     f"{self.mixed_precision!r}")
+        if not self.collective_timeout >= 0:
+            v.append(f"collective_timeout must be >= 0 seconds (0: no timeout); got {self.collective_timeout}")
         if self.reader_count < 0:
             v.append(f"reader_count must be >= 0; got {self.reader_count}")
         if self.folds == 1 or self.folds < 0:

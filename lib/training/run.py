@@ -35,9 +35,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import model_folder
-from ..common.device import bfloat16_is_native, select_strategy, worker_info
+from ..common.device import select_strategy, worker_info
+from ..export.model_card import write_model_card
 from ..reader.imagereader import as_tf_dataset
 from ..store.lmdb_store import LmdbReader, StoreError
+from .agreement import SIGNALS, Agreement, peer_errors
 from .config import (
     INSTANCE_CLASSES,
     RESUMABLE,
@@ -47,6 +49,7 @@ from .config import (
     TrainingInterrupted,
 )
 from .evaluation import evaluate, postprocess_defaults, tune_postprocess
+from .housekeeping import prune_checkpoints
 from .inputs import (
     ReaderPlan,
     channel_priors,
@@ -59,8 +62,9 @@ from .inputs import (
 )
 from .losses import class_weights_from_counts
 from .outputs import TensorBoard, TrainingLog, draw_charts, format_row, write_folds_table
+from .precision import precision_policy
 from .report import write_training_report
-from .step import learning_rate_at, make_eval_step, make_losses, make_optimizer, make_train_step
+from .step import learning_rate_at, make_eval_step, make_losses, make_optimizer, make_train_step, saved_optimizer
 
 IMPROVEMENT_TOLERANCE = 1e-4  # an evaluation within this of the best test loss counts as best (as NIST)
 # The plateau schedule halves the learning rate after this many evaluations without a new best.
@@ -240,7 +244,7 @@ class TrainingRun:
             except (OSError, ValueError) as exc:  # a backbone weights file that does not fit (checked to exist)
                 raise TrainingError(f"model_options must build a {config.architecture} model; got "
                                     f"{type(exc).__name__}: {exc}") from None
-            self.optimizer = make_optimizer(config, self.model)
+            self.optimizer = make_optimizer(config, self.model, self.precision)
         spec = config.target_spec()
         if spec is not None:
             # Prior initialisation of the logits' bias (as RetinaNet does for rare classes): a binary
@@ -268,7 +272,8 @@ class TrainingRun:
     def _restore(self, saved: RunState | None) -> None:
         if saved is None:
             return
-        self.state = RunState.from_dict(model_folder.load_checkpoint(self.out, self.model, self.optimizer, self.log))
+        self.state = RunState.from_dict(model_folder.load_checkpoint(self.out, self.model,
+                                                                     saved_optimizer(self.optimizer), self.log))
         self.resumed_from = self.state.step
         self.minutes_before = self.state.minutes
         if self.state.finished:
@@ -290,23 +295,6 @@ class TrainingRun:
         self.train_reader, self.test_reader = make_readers(self.config, plan)
 
     @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        """Set the Keras precision policy for the run; restore the previous one after it."""
-        import keras
-
-        config = self.config
-        previous = keras.mixed_precision.global_policy().name
-        use_bf16 = bfloat16_is_native() if config.mixed_precision is None else config.mixed_precision
-        # bfloat16 needs no loss scaling (float32's exponent range); weights stay float32.
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if use_bf16 else "float32")
-        self.log(f"precision: {'mixed bfloat16' if use_bf16 else 'float32'}"
-                 + (" (auto: native bfloat16 on this device)" if config.mixed_precision is None and use_bf16 else ""))
-        try:
-            yield
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
-
-    @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
         """SIGTERM, SIGINT and SIGUSR1 (SLURM's ``--signal=B:USR1@180`` before a wall time) set
         :attr:`signum`; the loop checkpoints and stops at the next step (exit 3)."""
@@ -326,27 +314,36 @@ class TrainingRun:
     # Hooks of the loop
 
     def stop_reason(self) -> str | None:
-        """The stop rule that fires now, if any (a signal raises :class:`TrainingInterrupted` after a checkpoint)."""
+        """The stop rule that fires now, if any (a signal raises :class:`TrainingInterrupted` after a checkpoint).
+
+        Several workers agree (:meth:`Agreement.stop_reason`): the chief's budget and
+        early-stopping decision, any worker's signal; every worker stops at the same step.
+        """
         config, state = self.config, self.state
-        if state.bad_evaluations >= config.early_stopping:
-            return "early_stopping"
-        if config.max_steps is not None and state.step >= config.max_steps:
-            return "max_steps"
-        if config.max_minutes is not None and self.minutes() >= config.max_minutes:
-            return "max_minutes"
-        if self.signum is not None:
+        progress = {"early_stopping": state.bad_evaluations >= config.early_stopping,
+                    "max_steps": config.max_steps is not None and state.step >= config.max_steps,
+                    "max_minutes": self.budget_spent()}
+        reason = self.agreement.stop_reason(progress, self.signum)
+        if reason in SIGNALS:
+            signum = self.signum if self.signum is not None else int(SIGNALS[reason])
             self.checkpoint()
             if self.chief:
-                model_folder.set_run_state(self.out, "interrupted", f"signal {signal.Signals(self.signum).name}")
-            raise TrainingInterrupted(self.signum, state.step)
-        return None
+                model_folder.set_run_state(self.out, "interrupted", f"signal {signal.Signals(signum).name}")
+            raise TrainingInterrupted(signum, state.step)
+        return reason
 
     def run_step(self, iterator) -> None:
         """One optimisation step at the scheduled learning rate; raises on a non-finite loss."""
         lr = learning_rate_at(self.state.step, self.config, self.state.plateau_factor)
         self.optimizer.learning_rate.assign(lr)
         self.lr = lr
-        loss = float(self.train_step(iterator))
+        flags = self.agreement.step_flags(self.budget_spent(), self.signum)
+        if flags is None:
+            loss = float(self.train_step(iterator))
+        else:  # several workers: the stop wishes ride on the loss's all-reduce
+            summed = self.train_step(iterator, flags).numpy()
+            loss = float(summed[0])
+            self.agreement.record_step(summed[1:])
         if not math.isfinite(loss):
             bad_input = self.non_finite_input(iterator)
             if self.chief:
@@ -407,6 +404,7 @@ class TrainingRun:
         period = self.period
         elapsed = max(time.perf_counter() - period.start, 1e-9)
         input_stats = self.train_reader.input_stats(reset=True)
+        self.agreement.average_local_copies(self.model.non_trainable_variables)
         metrics = evaluate(self.config, self.test_reader, self.eval_step)
         scores = metrics.pop("scores")
         return {"step": self.state.step,
@@ -435,6 +433,10 @@ class TrainingRun:
             draw_charts(self.training_log.rows, self.out)
             self.tensorboard.write(row)
 
+    def budget_spent(self) -> bool:
+        """Whether --max_minutes is used up (on this worker's clock)."""
+        return self.config.max_minutes is not None and self.minutes() >= self.config.max_minutes
+
     def minutes(self) -> float:
         """Training minutes of this run so far, earlier invocations included (what --max_minutes budgets)."""
         return self.minutes_before + (time.perf_counter() - self.start_time) / 60
@@ -443,13 +445,15 @@ class TrainingRun:
         """Weights, optimizer and run state into checkpoint/ (chief only)."""
         self.state.epoch = math.ceil(self.state.step / self.train_reader.batches_per_epoch)
         self.state.minutes = self.minutes()
+        self.agreement.average_local_copies(self.model.non_trainable_variables)
         if self.chief:
-            model_folder.save_checkpoint(self.out, self.model, self.optimizer, self.state.to_dict())
+            model_folder.save_checkpoint(self.out, self.model, saved_optimizer(self.optimizer), self.state.to_dict())
 
     def evaluation_round(self) -> None:
         """Evaluate, record, write the record, checkpoint, log; start a new period."""
         row = self.evaluate()
         improved = self.record(row)
+        self.agreement.agree_on_evaluation(self.state.bad_evaluations >= self.config.early_stopping)
         self.write_record(row)
         self.checkpoint()
         self.log(format_row(row, improved))
@@ -488,6 +492,8 @@ class TrainingRun:
                 "fold": config.fold, "folds": config.folds,
             },
             "best": self.state.best_metrics,
+            "precision": {"compute": self.precision, "reason": self.precision_reason,
+                          "weights": "float32", "loss_scaling": self.precision == "float16"},
         }
 
     # The run
@@ -501,15 +507,20 @@ class TrainingRun:
             reason = self.finished_reason(saved)
             if reason is not None:
                 return self._already_finished(saved, reason)
-        self.strategy = self.strategy or select_strategy()
+        self.strategy = self.strategy or select_strategy(collective_timeout=self.config.collective_timeout)
         self.worker_index, n_workers = worker_info(self.strategy)
         self.chief = self.worker_index == 0
+        self.agreement = Agreement(self.strategy, n_workers, self.chief)
         self.split = split_records(self.config, self.train_meta)
-        with self._precision():
+        with precision_policy(self.config.mixed_precision, self.log) as (self.precision, self.precision_reason), \
+                peer_errors(self, n_workers):
             # Nothing is written until the model is built and the checkpoint restored: a bad
             # backbone file or a damaged checkpoint leaves the folder as it was.
             self._build_model()
             self._restore(saved)
+            if n_workers > 1:  # every worker goes on from the chief's checkpoint and values
+                self.agreement.check_same_step(self.state.step)
+                self.agreement.broadcast([*self.model.variables, *saved_optimizer(self.optimizer).variables])
             self.out.mkdir(parents=True, exist_ok=True)
             if self.chief:
                 model_folder.write_train_config(self.out, recorded_settings(self.config))
@@ -563,9 +574,12 @@ class TrainingRun:
         state.minutes = self.minutes()
         if self.chief:
             model_folder.export_saved_model(self.out, self.log)
-            model_folder.save_checkpoint(self.out, self.model, self.optimizer, state.to_dict())
+            model_folder.save_checkpoint(self.out, self.model, saved_optimizer(self.optimizer), state.to_dict())
             model_folder.set_run_state(self.out, "finished" if state.finished else "interrupted",
                                        self.stopped_because)
+            if not self.config.keep_checkpoints:
+                prune_checkpoints(self.out, self.log)
+            write_model_card(self.out, log=self.log, cover=False)
             write_training_report(self.out, log=self.log)
         seconds = time.perf_counter() - self.start_time
         best = state.best_metrics

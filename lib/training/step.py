@@ -35,15 +35,29 @@ def learning_rate_at(step: int, config: TrainConfig, plateau_factor: float) -> f
     return base / 1e4 + (base - base / 1e4) * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
 
 
-def make_optimizer(config: TrainConfig, model):
-    """AdamW with decoupled weight decay on the kernels, built for ``model`` (call inside the strategy scope)."""
+def make_optimizer(config: TrainConfig, model, precision: str = "float32"):
+    """AdamW with decoupled weight decay on the kernels, built for ``model`` (call inside the strategy scope).
+
+    ``precision`` "float16": wrapped in Keras' ``LossScaleOptimizer`` (dynamic loss scaling:
+    the loss is multiplied by a scale so that small float16 gradients do not underflow; a step
+    whose gradients overflow is skipped and the scale halved; it doubles after 2000 good steps).
+    The AdamW inside (``optimizer.inner_optimizer``) holds what a checkpoint saves.
+    """
     import keras
 
     optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
     # Decay the kernels only: biases and normalisation parameters keep their scale.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    if precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     return optimizer
+
+
+def saved_optimizer(optimizer):
+    """The optimizer whose variables a checkpoint holds: the AdamW inside a loss-scale wrapper
+    (the loss scale starts afresh on resume), so a run can resume under another precision."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 def make_losses(config: TrainConfig, class_weights: list[float] | None = None) -> tuple[Callable, Callable | None]:
@@ -64,24 +78,49 @@ def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit_
     Each replica sums its per-example losses and divides by ``global_batch``, so the
     all-reduced (summed) gradients are those of the mean loss over the global batch, whatever
     the number of replicas. ``jit_compile`` compiles the forward and backward pass with XLA.
+
+    With a loss-scale optimizer (float16) the gradients are those of the scaled loss, and when
+    any replica's are not finite every replica's are made so: Keras' ``LossScaleOptimizer``
+    decides to skip a step from the gradients of its own replica, and replicas (workers) that
+    decide differently would leave one waiting in the others' all-reduce.
+
+    ``step(iterator, flags)`` with a float32 vector ``flags`` returns ``[loss, *flags summed over
+    every replica]``: how the workers of a multi-worker run agree on stopping at no extra cost.
     """
     import tensorflow as tf
+
+    scaled = hasattr(optimizer, "scale_loss")
 
     @tf.function(jit_compile=jit_compile or None)
     def gradients(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             loss = tf.reduce_sum(loss_fn(labels, logits)) / global_batch
-        return loss, tape.gradient(loss, model.trainable_variables)
+            target = optimizer.scale_loss(loss) if scaled else loss
+        return loss, tape.gradient(target, model.trainable_variables)
 
     def replica_step(images, labels):
         loss, grads = gradients(images, labels)
+        if scaled and strategy.num_replicas_in_sync > 1:
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+            context = tf.distribute.get_replica_context()
+            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+            grads = [g if g is None else tf.where(bad > 0, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
+                     for g in grads]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
+    def replica_step_with_flags(images, labels, flags):
+        loss = replica_step(images, labels)
+        return tf.concat([tf.reshape(tf.cast(loss, tf.float32), [1]), tf.identity(flags)], axis=0)
+
     @tf.function
-    def step(iterator):
-        per_replica = strategy.run(replica_step, args=next(iterator))
+    def step(iterator, flags=None):
+        if flags is None:
+            per_replica = strategy.run(replica_step, args=next(iterator))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        # the stop flags of lib.training.agreement ride on the loss's all-reduce: no extra collective
+        per_replica = strategy.run(replica_step_with_flags, args=(*next(iterator), flags))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return step

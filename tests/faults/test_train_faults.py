@@ -65,7 +65,8 @@ def finished_run(db, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     train(TrainConfig(str(db / "train-t.lmdb"), str(db / "test-t.lmdb"), str(out), 3, model_options=TINY,
                       batch_size=2, learning_rate=3e-3, warmup_steps=0, test_every_n_steps=2, max_steps=4,
-                      reader_count=0, use_augmentation=False, mixed_precision=False), log=lambda m: None)
+                      reader_count=0, use_augmentation=False, mixed_precision=False, keep_checkpoints=True),
+          log=lambda m: None)  # checkpoint.previous/ kept: the damaged-checkpoint cases need it
     return out
 
 
