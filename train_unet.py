@@ -151,7 +151,9 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                            "(database built with --mask_type instance), grown into objects by watershed at inference")
     inst.add_argument("--instance_channels", default=default_of("instance_channels"),
                       help="output channels, in order: F foreground, C contour, Db distance to the boundary, "
-                           "P centre points, T touching areas")
+                           "P centre points, T touching areas, R StarDist rays, H,V HoVer-Net offsets, D signed "
+                           "distance, Dc distance to the centre, Dn closeness to neighbours, B background, A "
+                           "affinities (docs/instances.md: which sets work)")
     inst.add_argument("--instance_weights", default=default_of("instance_weights"),
                       help="loss weight per channel, e.g. '1,1,0.5' (default all 1)")
     inst.add_argument("--contour_mode", choices=("thick", "inner", "outer"), default=instance_defaults["contour_mode"],
@@ -162,6 +164,16 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                       help="width (px) of the touching areas T")
     inst.add_argument("--distance_loss", choices=("l1", "mse"), default=instance_defaults["distance_loss"],
                       help="loss of distance channels")
+    inst.add_argument("--n_rays", type=int, default=instance_defaults["n_rays"],
+                      help="R (StarDist): number of rays per pixel, evenly spaced")
+    inst.add_argument("--ray_grid", type=int, default=instance_defaults["ray_grid"],
+                      help="R: rays computed on every k-th row and column (StarDist's grid; 1 = every pixel)")
+    inst.add_argument("--d_alpha", type=float, default=instance_defaults["d_alpha"],
+                      help="D: tanh scale (px) of the signed distance inside objects")
+    inst.add_argument("--d_beta", type=float, default=instance_defaults["d_beta"],
+                      help="D: tanh scale (px) of the signed distance outside objects")
+    inst.add_argument("--dn_scale", type=float, default=instance_defaults["dn_scale"],
+                      help="Dn: distance (px) beyond which the closeness to neighbouring objects is 0")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=default_of("batch_size"),
                        help="examples per replica (global batch = this x replicas)")
@@ -244,7 +256,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         jit_compile=args.jit_compile, folds=args.folds, target=args.target,
         instance_channels=args.instance_channels, instance_weights=args.instance_weights,
         instance_options={"contour_mode": args.contour_mode, "point_radius": args.point_radius,
-                          "touch_width": args.touch_width, "distance_loss": args.distance_loss},
+                          "touch_width": args.touch_width, "distance_loss": args.distance_loss,
+                          "n_rays": args.n_rays, "ray_grid": args.ray_grid, "d_alpha": args.d_alpha,
+                          "d_beta": args.d_beta, "dn_scale": args.dn_scale},
         collective_timeout=args.collective_timeout, keep_checkpoints=args.keep_checkpoints, **reader)
     try:
         return config.validate()

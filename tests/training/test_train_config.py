@@ -114,3 +114,12 @@ def test_lib_training_and_reader_import_no_tensorflow_and_no_argparse():
     sources = [*Path(ROOT, "lib/training").glob("*.py"), *Path(ROOT, "lib/reader").glob("*.py"),
                Path(ROOT, "lib/model_folder.py")]
     assert not [str(p) for p in sources if "import argparse" in p.read_text()]
+
+
+def test_representation_options_reach_the_config():
+    config = _cli_config(train_unet, ["--target", "instance", "--instance_channels", "F,R", "--n_rays", "16",
+                                      "--ray_grid", "1", "--d_alpha", "3", "--d_beta", "4", "--dn_scale", "7"])
+    options = config.instance_options
+    assert (options["n_rays"], options["ray_grid"], options["d_alpha"], options["d_beta"], options["dn_scale"]) == \
+        (16, 1, 3.0, 4.0, 7.0)
+    assert sum(name.startswith("R") for name in config.target_spec().channels) == 16
