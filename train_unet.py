@@ -53,7 +53,10 @@ def add_reader_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--balance_classes", type=flag_bool, nargs="?", const=True, default=False,
                        help="same as --sampling balanced (NIST's flag: --balance_classes 1)")
     group.add_argument("--normalization", choices=NORMALIZATIONS, default=default_of("normalization"),
-                       help="z-score with the database statistics, or with each patch's own")
+                       help="dataset: z-score with the training database's statistics; tile: with each "
+                            "patch's own; percentile: (x - low) / (high - low) with each image's own percentiles")
+    group.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       default=default_of("percentiles"), help="the percentiles of --normalization percentile")
     group.add_argument("--save_aug_samples", metavar="DIR", default=None,
                        help="write a few augmented image/label pictures to DIR before training")
     return group
@@ -231,7 +234,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         jit_compile=args.jit_compile, folds=args.folds, target=args.target,
         instance_channels=args.instance_channels, instance_weights=args.instance_weights,
         instance_options={"contour_mode": args.contour_mode, "point_radius": args.point_radius,
-                          "touch_width": args.touch_width, "distance_loss": args.distance_loss}, **reader)
+                          "touch_width": args.touch_width, "distance_loss": args.distance_loss},
+        percentiles=tuple(args.percentiles), **reader)
     try:
         return config.validate()
     except ConfigError as exc:
