@@ -120,17 +120,30 @@ def apply(x: np.ndarray, offset, scale, out: np.ndarray | None = None) -> np.nda
     return out
 
 
-def intensity_reference(tables: Sequence[Sequence[Sequence[float]]], grid: Sequence[float]) -> dict | None:
-    """The training images' intensity distribution recorded in model.json: for each of
-    :data:`REFERENCE_PERCENTILES`, per channel, the min, median and max over the training images.
+def reference_values(percentiles: np.ndarray) -> dict[str, np.ndarray]:
+    """From an image's :data:`REFERENCE_PERCENTILES` ``(3, C)``: ``low``, ``median``, ``high`` (per channel),
+    ``contrast`` (high - low) and ``relative_median`` ((median - low) / contrast, where the median lies
+    between the dim and the bright end; 0 for a flat channel)."""
+    low, median, high = (np.asarray(v, np.float64) for v in percentiles)
+    contrast = high - low
+    relative = np.where(contrast > MIN_SCALE, (median - low) / np.maximum(contrast, MIN_SCALE), 0.0)
+    return {"low": low, "median": median, "high": high, "contrast": contrast, "relative_median": relative}
 
-    ``tables`` are the stored per-image percentile tables (len(grid), C). None when there are none.
+
+def intensity_reference(tables: Sequence[Sequence[Sequence[float]] | None], grid: Sequence[float]) -> dict | None:
+    """The training images' intensity distribution recorded in model.json (``training_images``).
+
+    For each of :func:`reference_values`' quantities, per channel, the min, median and max over
+    the training images; ``percentiles`` says which (:data:`REFERENCE_PERCENTILES`). ``tables``
+    are the stored per-image percentile tables (len(grid), C). None when there are none.
     """
     values = [from_table(t, grid, REFERENCE_PERCENTILES) for t in tables if t is not None]
-    values = [v for v in values if v is not None]
+    values = [reference_values(v) for v in values if v is not None]
     if not values:
         return None
-    stack = np.stack(values)  # (images, 3, C)
-    return {"percentiles": list(REFERENCE_PERCENTILES), "images": len(values),
-            "min": stack.min(axis=0).tolist(), "median": np.median(stack, axis=0).tolist(),
-            "max": stack.max(axis=0).tolist()}
+    out: dict = {"percentiles": list(REFERENCE_PERCENTILES), "images": len(values)}
+    for key in values[0]:
+        stack = np.stack([v[key] for v in values])  # (images, C)
+        out[key] = {"min": stack.min(axis=0).tolist(), "median": np.median(stack, axis=0).tolist(),
+                    "max": stack.max(axis=0).tolist()}
+    return out

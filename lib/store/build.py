@@ -56,6 +56,7 @@ from .images import (
 )
 from .lmdb_store import FILE_MODE, FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
 from .tiling import pad_to, tile_grid
+from .user_split import check_test_folders, pairs_of_test_folders, resolved_train_fraction, user_split
 
 
 def default_workers() -> int:
@@ -71,7 +72,7 @@ class BuildConfig:
     mask_folder: str
     output_folder: str
     dataset_name: str
-    train_fraction: float = 0.8
+    train_fraction: float | None = None  # None: 0.8, or 1 with test folders (lib.store.user_split)
     image_format: str | None = None
     use_tiling: bool = True
     tile_size: int = 256
@@ -83,6 +84,12 @@ class BuildConfig:
     folds: int = 0
     workers: int = dataclasses.field(default_factory=default_workers)  # 0: in this process
     overwrite: bool = False
+    test_image_folder: str | None = None  # the user's test set (all of it becomes the test database)
+    test_mask_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train_fraction", resolved_train_fraction(self.train_fraction,
+                                                                           self.test_image_folder))
 
     @property
     def effective_stride(self) -> int:
@@ -101,8 +108,7 @@ class BuildConfig:
         if not self.dataset_name or any(c in self.dataset_name for c in "/\\\0") or self.dataset_name.startswith("."):
             v.append(f"dataset_name must be a plain file-name part (no '/', not starting with '.'); "
                      f"got {self.dataset_name!r}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            v.append(f"train_fraction must be in (0, 1]; got {self.train_fraction}")
+        v += check_test_folders(self)
         if self.tile_size < 1:
             v.append(f"tile_size must be a positive number of pixels; got {self.tile_size}")
         if self.stride is not None and not 1 <= self.stride <= max(self.tile_size, 1):
@@ -451,7 +457,9 @@ def _check_dataset(config: BuildConfig, progress: bool,
         problems.append(f"image_folder must hold images{fmt} (.tif, .tiff, .png, .jpg, .bmp); found none in "
                         f"{config.image_folder}")
     pairs, pair_problems = pair_images_masks(images, masks, config.mask_suffix)
-    problems += pair_problems
+    test_pairs, test_problems = pairs_of_test_folders(config, pairs)
+    pairs += test_pairs
+    problems += pair_problems + test_problems
     checks = [check_pair_headers(p) for p in pairs]
     for c in checks:
         problems += c.problems
@@ -487,6 +495,11 @@ def _make_plan(config: BuildConfig, pairs: list[Pair], checks: list[PairCheck], 
                command: str) -> _Plan:
     """Step 2: the seeded split, the folds and the tile grid (hence record numbers) of every image."""
     split, fold = _split([p.key for p in pairs], config.train_fraction, config.seed, config.folds)
+    if config.test_image_folder is not None:
+        test = Path(config.test_image_folder).resolve()
+        split = user_split([p.key for p in pairs], {p.key for p in pairs if p.image.parent.resolve() == test})
+        _, fold = _split([k for k in split if split[k] == "train"], 1.0, config.seed, config.folds)
+        fold = {k: fold.get(k, -1) for k in split}
     jobs, next_record, record_bytes = [], {"train": 0, "test": 0}, {}
     pixel_bytes = checks[0].image_shape[2] * np.dtype(checks[0].image_dtype).itemsize \
         + settings["label_dtype"].itemsize
