@@ -3,7 +3,8 @@
 
     python build_lmdb.py --image_folder imgs --mask_folder masks --output_folder db --dataset_name cells
 
-writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv. Every problem of the
+writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv (a random 20 % of the
+images to test; --test_image_folder/--test_mask_folder give your own test set). Every problem of the
 input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
 before anything is written. Does not import TensorFlow.
 
@@ -32,8 +33,7 @@ PROG = "build_lmdb.py"
 
 def make_build_parser() -> argparse.ArgumentParser:
     """The flags of build_lmdb.py (NIST's names kept), in groups: input, split and tiling, output, runtime."""
-    parser = make_parser(__doc__.split("\n\n")[0])
-    parser.prog = PROG
+    parser = make_parser(__doc__.split("\n\n")[0], prog=PROG)
     data = parser.add_argument_group("input")
     data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp)")
     data.add_argument("--mask_folder", required=True, help="folder of label masks, paired with images by file name")
@@ -45,9 +45,14 @@ def make_build_parser() -> argparse.ArgumentParser:
                       help="semantic: values are classes; instance: values are object ids (kept as uint16/uint32)")
     data.add_argument("--number_classes", type=int, default=None,
                       help="number of semantic classes; mask values must be below it. Default: largest value + 1")
+    data.add_argument("--test_image_folder", default=None,
+                      help="your own test images: all of them become the test database (give --test_mask_folder "
+                           "too); default: a random 20 %% of --image_folder")
+    data.add_argument("--test_mask_folder", default=None, help="the masks of --test_image_folder")
     tiling = parser.add_argument_group("split and tiling")
-    tiling.add_argument("--train_fraction", type=float, default=0.8,
-                        help="fraction of source images in the training database (split by image, before tiling)")
+    tiling.add_argument("--train_fraction", type=float, default=None,
+                        help="fraction of source images in the training database (split by image, before tiling); "
+                             "default: 0.8, or 1 (and only 1) with --test_image_folder")
     tiling.add_argument("--seed", type=int, default=0, help="seed of the train/test split and fold assignment")
     tiling.add_argument("--folds", type=int, default=0,
                         help="record a k-fold assignment of the training images (0 = none)")
@@ -76,7 +81,8 @@ def config_from_args(args: argparse.Namespace):
         dataset_name=args.dataset_name, train_fraction=args.train_fraction, image_format=args.image_format,
         use_tiling=args.use_tiling, tile_size=args.tile_size, stride=args.stride, mask_suffix=args.mask_suffix,
         number_classes=args.number_classes, mask_type=args.mask_type, seed=args.seed, folds=args.folds,
-        workers=args.workers, overwrite=args.overwrite)
+        workers=args.workers, overwrite=args.overwrite, test_image_folder=args.test_image_folder,
+        test_mask_folder=args.test_mask_folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
