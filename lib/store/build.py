@@ -264,6 +264,8 @@ def _process(job: _Job) -> dict[str, Any]:
                 if not stray:  # a mask already named for its stray values does not count twice
                     out["value_counts"] = counts
                     out["object_like"] = mask_checks.object_like(mask, counts)
+            else:  # classes stated: object ids are only warned about (mask_checks.object_id_warnings)
+                out["object_like"] = mask_checks.object_like(mask, counts)
     if image is not None and mask is not None and image.shape[:2] != mask.shape:
         out["problems"].append(f"image and mask sizes differ: {job.pair.image} is {image.shape[0]}x{image.shape[1]}"
                                f" (HxW), {job.pair.mask} is {mask.shape[0]}x{mask.shape[1]}")
@@ -547,6 +549,9 @@ def build_databases(config: BuildConfig, command: str = "", progress: bool = Tru
     if "test" not in plan.splits:
         log("note: train_fraction 1.0 leaves no test images; no test database is written")
     results = _write_outputs(plan, finals, split_csv, progress)
+    for w in mask_checks.object_id_warnings([p.mask for p in plan.pairs], results, config.number_classes):
+        log(f"warning: {w}")
+        warnings.append(w)
     return BuildResult(databases={s: finals[s] for s in plan.splits}, split_csv=split_csv,
                        n_records={s: plan.n_records[s] for s in plan.splits},
                        n_images={s: sum(1 for j in plan.jobs if j.split == s) for s in plan.splits},
