@@ -246,7 +246,8 @@ def source_percentile_ranges(database: str, metadata: dict, percentiles: tuple[f
                     image, _ = db[record]
                     vh = tiles["valid_h"][record] if "valid_h" in tiles else image.shape[0]
                     vw = tiles["valid_w"][record] if "valid_w" in tiles else image.shape[1]
-                    pixels[source].append(np.asarray(image[:vh, :vw]).reshape(-1, image.shape[2]))
+                    # a copy: the record is a view of LMDB's memory map, gone when the reader closes
+                    pixels[source].append(np.array(image[:vh, :vw]).reshape(-1, image.shape[2]))
         for source, parts in pixels.items():
             low, high = norm.image_percentiles(np.concatenate(parts)[:, np.newaxis, :], percentiles)
             ranges[source] = tuple(tuple(float(v) for v in a) for a in norm.percentile_offset_scale(low, high))

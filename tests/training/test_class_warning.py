@@ -35,5 +35,19 @@ def test_class_warnings_only_for_semantic_runs():
                               meta)
 
 
+def test_percentile_settings_are_validated_with_the_rest():
+    from lib.common.settings import ConfigError
+
+    config = TrainConfig(train_database="a", test_database="b", output_dir="c", number_classes=2,
+                         normalization="percentile", percentiles=[5, 5])
+    try:
+        config.validate()
+    except ConfigError as error:
+        assert any("percentiles must satisfy 0 <= LOW < HIGH <= 100; got 5 5" in v for v in error.violations)
+    else:
+        raise AssertionError("percentiles 5 5 were accepted")
+    assert config.percentiles == (5, 5)  # a list from JSON becomes a tuple
+
+
 def _config_plain(classes):
     return TrainConfig(train_database="a", test_database="b", output_dir="c", number_classes=classes)
