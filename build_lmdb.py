@@ -3,9 +3,9 @@
 
     python build_lmdb.py --image_folder imgs --mask_folder masks --output_folder db --dataset_name cells
 
-writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv (a random 20 % of the
-images to test; --test_image_folder/--test_mask_folder give your own test set). Every problem of the
-input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
+writes db/train-cells.lmdb, db/test-cells.lmdb, db/split-cells.csv and db/settings-cells.json (a
+random 20 % of the images to test; --test_image_folder/--test_mask_folder give your own test set).
+Every problem of the input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
 before anything is written. Does not import TensorFlow.
 
 Semantic masks are checked for plausibility unless --number_classes is given: JPEG masks, 0/255
@@ -23,8 +23,9 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
-from lib.common.cli import flag_bool, make_parser, run_main
+from lib.common.cli import flag_bool, make_parser, run_main, settings_table
 from lib.common.errors import EXIT_RESUMABLE
 from lib.common.settings import ConfigError
 
@@ -100,12 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from lib.store.build import BuildTerminated, build_databases
+    from lib.common.files import write_json
+    from lib.store.build import BuildConfig, BuildTerminated, build_databases
     from lib.store.lmdb_store import summarize
 
     config = config_from_args(args)
     command = shlex.join([sys.executable, *(sys.argv if argv is None else [PROG, *argv])])
-    print("build_lmdb settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+    saved = Path(config.output_folder) / f"settings-{config.dataset_name}.json"
+    print(settings_table(PROG, config.to_dict(), BuildConfig(image_folder="", mask_folder="", output_folder="",
+                                                              dataset_name="").to_dict(), str(saved)), flush=True)
     try:
         result = build_databases(config, command=command, progress=not args.quiet)
     except BuildTerminated:
@@ -115,6 +119,7 @@ def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    write_json(saved, {"command": command, "settings": config.to_dict()})
     for path in result.databases.values():
         print(summarize(path))
     print(f"split: {result.split_csv}")

@@ -84,6 +84,37 @@ def make_parser(description: str, epilog: str | None = None, prog: str | None = 
     return ToolkitParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
+def settings_table(title: str, settings: dict, defaults: dict | None = None, saved: str | None = None) -> str:
+    """The settings a command prints at its start: a short table of those that differ from ``defaults``
+    (all of them when ``defaults`` is None), then where the full list is (``saved``, a JSON file).
+
+    One format for every CLI: ``TITLE settings:`` then ``  name  value`` lines, aligned.
+    """
+    defaults = defaults or {}
+    shown = {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
+    width = max((len(k) for k in shown), default=0)
+    lines = [f"{title} settings:"] + [f"  {k.ljust(width)}  {_shown_value(v)}" for k, v in shown.items()]
+    rest = len(settings) - len(shown)
+    tail = []
+    if rest:
+        tail.append(f"{rest} more at their defaults")
+    if saved:
+        tail.append(f"all in {saved}")
+    if tail:
+        lines.append(f"  ({'; '.join(tail)})")
+    return "\n".join(lines)
+
+
+def _shown_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (dict, list, tuple)):
+        import json
+
+        return json.dumps(value)
+    return str(value)
+
+
 def report_error(error: BaseException, prog: str | None = None) -> None:
     """Print a user-caused error as one message on stderr (no traceback)."""
     prog = prog or sys.argv[0].rsplit("/", 1)[-1]

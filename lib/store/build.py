@@ -40,7 +40,6 @@ from ..common.errors import OutputError
 from ..common.files import is_inside, write_with
 from ..common.settings import ConfigError, from_dict
 from . import mask_checks
-from .intensity_stats import PERCENTILE_GRID, moments, percentile_table
 from .images import (
     DatasetError,
     ImageReadError,
@@ -54,6 +53,7 @@ from .images import (
     read_image,
     read_mask,
 )
+from .intensity_stats import PERCENTILE_GRID, moments, percentile_table
 from .lmdb_store import FILE_MODE, FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
 from .tiling import pad_to, tile_grid
 from .user_split import check_test_folders, pairs_of_test_folders, resolved_train_fraction, user_split
