@@ -3,8 +3,8 @@
 
     python build_lmdb.py --image_folder imgs --mask_folder masks --output_folder db --dataset_name cells
 
-writes db/train-cells.lmdb, db/test-cells.lmdb, db/split-cells.csv and db/settings-cells.json (a
-random 20 % of the images to test; --test_image_folder/--test_mask_folder give your own test set).
+writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv (a random 20 % of the
+images to test; --test_image_folder/--test_mask_folder give your own test set).
 Every problem of the input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
 before anything is written. Does not import TensorFlow.
 
@@ -101,15 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from lib.common.files import write_json
     from lib.store.build import BuildConfig, BuildTerminated, build_databases
     from lib.store.lmdb_store import summarize
 
     config = config_from_args(args)
     command = shlex.join([sys.executable, *(sys.argv if argv is None else [PROG, *argv])])
-    saved = Path(config.output_folder) / f"settings-{config.dataset_name}.json"
+    # The full settings (and this command) are recorded in each database's metadata (build_config).
+    saved = f"the metadata of {Path(config.output_folder) / f'*-{config.dataset_name}.lmdb'} (build_config)"
     print(settings_table(PROG, config.to_dict(), BuildConfig(image_folder="", mask_folder="", output_folder="",
-                                                              dataset_name="").to_dict(), str(saved)), flush=True)
+                                                              dataset_name="").to_dict(), saved), flush=True)
     try:
         result = build_databases(config, command=command, progress=not args.quiet)
     except BuildTerminated:
@@ -119,7 +119,6 @@ def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
-    write_json(saved, {"command": command, "settings": config.to_dict()})
     for path in result.databases.values():
         print(summarize(path))
     print(f"split: {result.split_csv}")

@@ -9,12 +9,14 @@ message on stderr and its exit code. Anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 from typing import Callable
 
 from .errors import Resumable, ToolkitError
+from .help_text import example
 
 
 def flag_bool(text: str) -> bool:
@@ -68,8 +70,6 @@ class ToolkitParser(argparse.ArgumentParser):
     """An ArgumentParser whose ``--help`` opens with the program's example (:mod:`lib.common.help_text`)."""
 
     def format_help(self) -> str:
-        from .help_text import example
-
         text = super().format_help()
         shown = example(self.prog)
         if shown is None:
@@ -109,8 +109,6 @@ def _shown_value(value) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, (dict, list, tuple)):
-        import json
-
         return json.dumps(value)
     return str(value)
 

@@ -281,21 +281,23 @@ def normalize(tiles: np.ndarray, info: ModelInfo, statistics: tuple[np.ndarray, 
     offset low, scale high - low, not clipped. ``statistics`` are ``(C,)`` arrays, or ``(B, C)``
     arrays with one row per tile of ``tiles`` (B, ..., C). A zero scale divides by 1.
     """
-    from ..common import normalization as norm
-
     if info.normalization in ("tile", "percentile"):
         if statistics is None:
             raise ValueError(f"statistics must be given for a model with normalization mode {info.normalization!r}; "
                              "got None")
-        first, second = (np.asarray(v, np.float64) for v in statistics)
-        if first.ndim == 2:  # one row per tile: broadcast over the tile's pixels
-            shape = (first.shape[0],) + (1,) * (tiles.ndim - 2) + (first.shape[1],)
-            first, second = first.reshape(shape), second.reshape(shape)
-        offset, scale = norm.percentile_offset_scale(first, second) if info.normalization == "percentile" \
-            else (first, second)
+        offset, scale = (np.asarray(v, np.float64) for v in statistics)
+        if offset.ndim == 2:  # one row per tile: broadcast over the tile's pixels
+            shape = (offset.shape[0],) + (1,) * (tiles.ndim - 2) + (offset.shape[1],)
+            offset, scale = offset.reshape(shape), scale.reshape(shape)
+        if info.normalization == "percentile":  # (low, high): lib.common.normalization.percentile_offset_scale
+            scale = scale - offset
     else:
-        offset, scale = np.asarray(info.mean), np.asarray(info.std)
-    return norm.apply(tiles, offset, np.where(np.asarray(scale) > 0, scale, 1.0))
+        offset, scale = np.asarray(info.mean, np.float64), np.asarray(info.std, np.float64)
+    # As lib.common.normalization.apply (the reader's arithmetic): a scale below 1e-6 divides by 1.
+    inverse = np.where(scale < 1e-6, 1.0, 1.0 / np.maximum(scale, 1e-6)).astype(np.float32)
+    out = np.subtract(tiles, np.asarray(offset, np.float32), dtype=np.float32)
+    out *= inverse
+    return out
 
 
 def predictor_from_models(models: Sequence[tuple[Any, dict | ModelInfo]], tta: bool = False,

@@ -86,7 +86,7 @@ def test_settings_are_printed_as_one_short_table():
     assert settings_table("x", {"a": 1}) == "x settings:\n  a  1"
 
 
-def test_the_build_prints_the_table_and_saves_every_setting(tmp_path, capsys):
+def test_the_build_prints_the_table_and_records_every_setting(tmp_path, capsys):
     from tests.conftest import write_pairs
 
     folder = write_pairs(tmp_path / "data", [(40, 40)] * 3, n_classes=2)
@@ -96,9 +96,10 @@ def test_the_build_prints_the_table_and_saves_every_setting(tmp_path, capsys):
                             "--workers", "0", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("build_lmdb.py settings:\n  image_folder ")
-    assert f"all in {out / 'settings-h.json'})" in printed and "  tile_size      32" in printed
-    import json
+    assert "(build_config))" in printed and "  tile_size      32" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["split-h.csv", "test-h.lmdb", "train-h.lmdb"]
+    from lib.store.lmdb_store import LmdbReader
 
-    saved = json.loads((out / "settings-h.json").read_text())
-    assert saved["settings"]["tile_size"] == 32 and saved["settings"]["train_fraction"] == 0.8
-    assert "build_lmdb.py" in saved["command"]
+    with LmdbReader(out / "train-h.lmdb") as reader:
+        saved = reader.metadata["build_config"]
+    assert saved["tile_size"] == 32 and saved["train_fraction"] == 0.8
