@@ -101,10 +101,16 @@ def image_statistics(image, mode: str, percentiles: Sequence[float] = DEFAULT_PE
     if mode == "percentile":
         low, high = image_percentiles(image, percentiles)
         return low, high
-    if mode == "tile":
-        pixels = np.asarray(image, np.float64)
-        flat = pixels.reshape(-1, pixels.shape[-1])
-        return flat.mean(axis=0), flat.std(axis=0)
+    if mode == "tile":  # by row chunks: a memory-mapped image is never read whole into float64
+        channels = image.shape[-1]
+        total, square, count = np.zeros(channels), np.zeros(channels), 0
+        for y in range(0, image.shape[0], 1024):
+            block = np.asarray(image[y:y + 1024], dtype=np.float64).reshape(-1, channels)
+            total += block.sum(axis=0)
+            square += (block * block).sum(axis=0)
+            count += block.shape[0]
+        mean = total / max(count, 1)
+        return mean, np.sqrt(np.maximum(square / max(count, 1) - mean * mean, 0.0))
     return None
 
 
