@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 MODES = ("dataset", "tile", "percentile")
-DEFAULT_MODE = "dataset"
+DEFAULT_MODE = "percentile"
 DEFAULT_PERCENTILES = (1.0, 99.8)
 # A channel whose scale (std, or high - low percentile) is below this is only shifted, never divided.
 MIN_SCALE = 1e-6

@@ -414,7 +414,7 @@ def test_reader_flags():
     parser = argparse.ArgumentParser()
     add_reader_arguments(parser)
     args = parser.parse_args(["--reader_count", "3", "--balance_classes", "--save_aug_samples", "pics"])
-    assert reader_options_from_args(args) == {"reader_count": 3, "normalization": "dataset", "sampling": "balanced"}
+    assert reader_options_from_args(args) == {"reader_count": 3, "normalization": "percentile", "sampling": "balanced"}
     assert args.save_aug_samples == "pics"
     bad = parser.parse_args(["--balance_classes", "--sampling", "foreground", "--reader_count", "-1"])
     with pytest.raises(ValueError, match="reader_count must be >= 0; got -1; --balance_classes must not"):
