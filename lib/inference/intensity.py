@@ -124,3 +124,10 @@ def dtype_decision(expected: str, got: str, modes: Sequence[str], name: str) -> 
     return None, (f"image dtype must be {want.name} (the model's input_dtype; its normalisation statistics are in "
                   f"those units); got {have.name} in {name}. Convert the image, or retrain with "
                   "--normalization percentile, which makes the units irrelevant")
+
+
+def check_predicted_image(image, predictor, name: str) -> IntensityCheck:
+    """:func:`intensity_check` of ``image`` (H, W, C) against the first member of ``predictor``
+    (a :class:`lib.inference.predictor.Predictor`; members of an ensemble share their training images)."""
+    normalization = predictor.members[0].info.meta.get("normalization") or {}
+    return intensity_check(image, normalization, name, dtype=str(np.asarray(image[:1, :1]).dtype))

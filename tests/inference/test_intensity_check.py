@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.common import normalization as norm
-from lib.inference.intensity import COLUMN, dtype_decision, intensity_check
+from lib.inference.intensity import COLUMN, check_predicted_image, dtype_decision, intensity_check
 from lib.inference.predictor import normalize
 from lib.model_folder import ModelInfo
 
@@ -72,6 +72,14 @@ def test_images_far_from_the_training_intensities_are_flagged():
     # a model trained before the reference was recorded still gets the saturation check
     assert "saturated" in intensity_check(saturated, {"mode": "dataset"}, "sat.tif").flag
     assert COLUMN == "intensity_flag"
+
+    class Member:
+        info = _info("dataset", training_images=reference)
+
+    class Predictor:
+        members = [Member()]
+
+    assert check_predicted_image(x200, Predictor(), "x200.tif") == flagged
 
 
 def test_an_8_bit_image_is_accepted_only_where_units_do_not_matter():
