@@ -53,6 +53,13 @@ def _range(reference: dict, key: str, channel: int) -> tuple[float, float, float
     return block["min"][channel], block["median"][channel], block["max"][channel]
 
 
+def _usable(reference) -> bool:
+    keys = ("low", "median", "high", "contrast", "relative_median")
+    return isinstance(reference, dict) and all(
+        isinstance(reference.get(k), dict) and all(isinstance(reference[k].get(s), list) for s in ("min", "median", "max"))
+        for k in keys)
+
+
 def intensity_check(image, normalization: dict, name: str, dtype: str | None = None) -> IntensityCheck:
     """Flag ``image`` (H, W, C) whose intensity lies far outside the training images'.
 
@@ -62,6 +69,8 @@ def intensity_check(image, normalization: dict, name: str, dtype: str | None = N
     """
     mode = normalization.get("mode", "dataset")
     reference = normalization.get("training_images")
+    if not _usable(reference):  # none recorded, or recorded in another layout: the unit-free checks only
+        reference = None
     values = reference_values(image_percentiles(image, REFERENCE_PERCENTILES))
     dtype = np.dtype(dtype or np.asarray(image[:1, :1]).dtype)
     reasons: list[str] = []

@@ -69,8 +69,11 @@ def test_images_far_from_the_training_intensities_are_flagged():
     assert "saturated" in check.flag and "flat" in check.flag and "65535" in check.warning
     inverted = (65535 - test.astype(np.int64)).astype(np.uint16)  # dark objects on a bright background
     assert "histogram_shape" in intensity_check(inverted, percentile, "inv.tif").flag
-    # a model trained before the reference was recorded still gets the saturation check
+    # a model trained before the reference was recorded (or with another layout of it) still gets
+    # the saturation check
     assert "saturated" in intensity_check(saturated, {"mode": "dataset"}, "sat.tif").flag
+    odd = {"mode": "dataset", "training_images": {"percentiles": [1, 50, 99.8], "min": [[1.0]]}}
+    assert intensity_check(saturated, odd, "sat.tif").flag == "saturated+flat"
     assert COLUMN == "intensity_flag"
 
     class Member:
