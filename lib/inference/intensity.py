@@ -140,3 +140,12 @@ def check_predicted_image(image, predictor, name: str) -> IntensityCheck:
     (a :class:`lib.inference.predictor.Predictor`; members of an ensemble share their training images)."""
     normalization = predictor.members[0].info.meta.get("normalization") or {}
     return intensity_check(image, normalization, name, dtype=str(np.asarray(image[:1, :1]).dtype))
+
+
+def flag_image(image, predictor, name: str, log) -> str:
+    """:func:`check_predicted_image`, its warning (if any) to ``log`` as ``"warning: ..."``; returns the flag
+    for the :data:`COLUMN` of uncertainty.csv ("" when the image is like the training images)."""
+    check = check_predicted_image(image, predictor, name)
+    if check.warning:
+        log(f"warning: {check.warning}")
+    return check.flag

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.common import normalization as norm
-from lib.inference.intensity import COLUMN, check_predicted_image, dtype_decision, intensity_check
+from lib.inference.intensity import COLUMN, check_predicted_image, dtype_decision, flag_image, intensity_check
 from lib.inference.predictor import normalize
 from lib.model_folder import ModelInfo
 
@@ -83,6 +83,10 @@ def test_images_far_from_the_training_intensities_are_flagged():
         members = [Member()]
 
     assert check_predicted_image(x200, Predictor(), "x200.tif") == flagged
+    logged = []
+    assert flag_image(x200, Predictor(), "x200.tif", logged.append) == flagged.flag
+    assert logged == [f"warning: {flagged.warning}"]
+    assert flag_image(test, Predictor(), "t.tif", logged.append) == "" and len(logged) == 1
 
 
 def test_an_8_bit_image_is_accepted_only_where_units_do_not_matter():
