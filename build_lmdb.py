@@ -3,8 +3,9 @@
 
     python build_lmdb.py --image_folder imgs --mask_folder masks --output_folder db --dataset_name cells
 
-writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv. Every problem of the
-input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
+writes db/train-cells.lmdb, db/test-cells.lmdb and db/split-cells.csv (a random 20 % of the
+images to test; --test_image_folder/--test_mask_folder give your own test set).
+Every problem of the input (missing masks, size mismatches, bad values, unreadable files) is reported at once,
 before anything is written. Does not import TensorFlow.
 
 Semantic masks are checked for plausibility unless --number_classes is given: JPEG masks, 0/255
@@ -22,8 +23,9 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
-from lib.common.cli import flag_bool, make_parser, run_main
+from lib.common.cli import flag_bool, make_parser, run_main, settings_table
 from lib.common.errors import EXIT_RESUMABLE
 from lib.common.settings import ConfigError
 
@@ -32,8 +34,7 @@ PROG = "build_lmdb.py"
 
 def make_build_parser() -> argparse.ArgumentParser:
     """The flags of build_lmdb.py (NIST's names kept), in groups: input, split and tiling, output, runtime."""
-    parser = make_parser(__doc__.split("\n\n")[0])
-    parser.prog = PROG
+    parser = make_parser(__doc__.split("\n\n")[0], prog=PROG)
     data = parser.add_argument_group("input")
     data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp)")
     data.add_argument("--mask_folder", required=True, help="folder of label masks, paired with images by file name")
@@ -45,9 +46,14 @@ def make_build_parser() -> argparse.ArgumentParser:
                       help="semantic: values are classes; instance: values are object ids (kept as uint16/uint32)")
     data.add_argument("--number_classes", type=int, default=None,
                       help="number of semantic classes; mask values must be below it. Default: largest value + 1")
+    data.add_argument("--test_image_folder", default=None,
+                      help="your own test images: all of them become the test database (give --test_mask_folder "
+                           "too); default: a random 20 %% of --image_folder")
+    data.add_argument("--test_mask_folder", default=None, help="the masks of --test_image_folder")
     tiling = parser.add_argument_group("split and tiling")
-    tiling.add_argument("--train_fraction", type=float, default=0.8,
-                        help="fraction of source images in the training database (split by image, before tiling)")
+    tiling.add_argument("--train_fraction", type=float, default=None,
+                        help="fraction of source images in the training database (split by image, before tiling); "
+                             "default: 0.8, or 1 (and only 1) with --test_image_folder")
     tiling.add_argument("--seed", type=int, default=0, help="seed of the train/test split and fold assignment")
     tiling.add_argument("--folds", type=int, default=0,
                         help="record a k-fold assignment of the training images (0 = none)")
@@ -76,7 +82,8 @@ def config_from_args(args: argparse.Namespace):
         dataset_name=args.dataset_name, train_fraction=args.train_fraction, image_format=args.image_format,
         use_tiling=args.use_tiling, tile_size=args.tile_size, stride=args.stride, mask_suffix=args.mask_suffix,
         number_classes=args.number_classes, mask_type=args.mask_type, seed=args.seed, folds=args.folds,
-        workers=args.workers, overwrite=args.overwrite)
+        workers=args.workers, overwrite=args.overwrite, test_image_folder=args.test_image_folder,
+        test_mask_folder=args.test_mask_folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,12 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _build(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from lib.store.build import BuildTerminated, build_databases
+    from lib.store.build import BuildConfig, BuildTerminated, build_databases
     from lib.store.lmdb_store import summarize
 
     config = config_from_args(args)
     command = shlex.join([sys.executable, *(sys.argv if argv is None else [PROG, *argv])])
-    print("build_lmdb settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+    # The full settings (and this command) are recorded in each database's metadata (build_config).
+    saved = f"the metadata of {Path(config.output_folder) / f'*-{config.dataset_name}.lmdb'} (build_config)"
+    print(settings_table(PROG, config.to_dict(), BuildConfig(image_folder="", mask_folder="", output_folder="",
+                                                              dataset_name="").to_dict(), saved), flush=True)
     try:
         result = build_databases(config, command=command, progress=not args.quiet)
     except BuildTerminated:

@@ -56,7 +56,10 @@ def add_reader_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--balance_classes", type=flag_bool, nargs="?", const=True, default=False,
                        help="same as --sampling balanced (NIST's flag: --balance_classes 1)")
     group.add_argument("--normalization", choices=NORMALIZATIONS, default=default_of("normalization"),
-                       help="z-score with the database statistics, or with each patch's own")
+                       help="dataset: z-score with the training database's statistics; tile: with each "
+                            "patch's own; percentile: (x - low) / (high - low) with each image's own percentiles")
+    group.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       default=default_of("percentiles"), help="the percentiles of --normalization percentile")
     group.add_argument("--save_aug_samples", metavar="DIR", default=None,
                        help="write a few augmented image/label pictures to DIR before training")
     return group
@@ -259,7 +262,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
                           "touch_width": args.touch_width, "distance_loss": args.distance_loss,
                           "n_rays": args.n_rays, "ray_grid": args.ray_grid, "d_alpha": args.d_alpha,
                           "d_beta": args.d_beta, "dn_scale": args.dn_scale},
-        collective_timeout=args.collective_timeout, keep_checkpoints=args.keep_checkpoints, **reader)
+        collective_timeout=args.collective_timeout, keep_checkpoints=args.keep_checkpoints,
+        percentiles=tuple(args.percentiles), **reader)
     try:
         return config.validate()
     except ConfigError as exc:

@@ -9,12 +9,14 @@ message on stderr and its exit code. Anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 from typing import Callable
 
 from .errors import Resumable, ToolkitError
+from .help_text import example
 
 
 def flag_bool(text: str) -> bool:
@@ -27,10 +29,88 @@ def flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no; got {text!r}")
 
 
-def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """A parser that shows defaults in ``--help`` (flag groups are added by the caller)."""
-    return argparse.ArgumentParser(description=description, epilog=epilog,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _is_flag_bool(action: argparse.Action) -> bool:
+    return action.type is flag_bool
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` as users read it: each default shown once, 0/1 flags as ``{0,1}``, a short usage line.
+
+    A flag's default is appended as ``(default: X)`` unless its help already says "default",
+    it has none (None), it is required, or it is an on/off switch (``store_true``). Truth-value
+    flags (:func:`flag_bool`) show ``{0,1}`` and their default as 1 or 0. The usage line names
+    the required flags and ``[options]`` instead of every flag.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default is None or default is argparse.SUPPRESS or action.required:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.nargs == 0:
+            return text
+        if _is_flag_bool(action) and isinstance(default, bool):
+            default = int(default)
+        elif isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return "{0,1}" if _is_flag_bool(action) else super()._get_default_metavar_for_optional(action)
+
+    def _format_usage(self, usage, actions, groups, prefix) -> str:
+        if usage is None:
+            shown = [a for a in actions if a.required or not a.option_strings]
+            text = super()._format_usage(None, shown, [], prefix).rstrip("\n")
+            return text + " [options]\n\n"
+        return super()._format_usage(usage, actions, groups, prefix)
+
+
+class ToolkitParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``--help`` opens with the program's example (:mod:`lib.common.help_text`)."""
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        shown = example(self.prog)
+        if shown is None:
+            return text
+        block = "example:\n" + "\n".join("  " + line for line in shown.splitlines())
+        return f"{block}\n\n{text}"
+
+
+def make_parser(description: str, epilog: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a CLI (flag groups are added by the caller): :class:`HelpFormatter` help, the
+    example of ``prog`` (default: the script's name) at the top of ``--help``."""
+    return ToolkitParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+
+
+def settings_table(title: str, settings: dict, defaults: dict | None = None, saved: str | None = None) -> str:
+    """The settings a command prints at its start: a short table of those that differ from ``defaults``
+    (all of them when ``defaults`` is None), then where the full list is (``saved``, a JSON file).
+
+    One format for every CLI: ``TITLE settings:`` then ``  name  value`` lines, aligned.
+    """
+    defaults = defaults or {}
+    shown = {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
+    width = max((len(k) for k in shown), default=0)
+    lines = [f"{title} settings:"] + [f"  {k.ljust(width)}  {_shown_value(v)}" for k, v in shown.items()]
+    rest = len(settings) - len(shown)
+    tail = []
+    if rest:
+        tail.append(f"{rest} more at their defaults")
+    if saved:
+        tail.append(f"all in {saved}")
+    if tail:
+        lines.append(f"  ({'; '.join(tail)})")
+    return "\n".join(lines)
+
+
+def _shown_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return str(value)
 
 
 def report_error(error: BaseException, prog: str | None = None) -> None:

@@ -281,23 +281,31 @@ class Predictor:
 
 def normalize(tiles: np.ndarray, info: ModelInfo, statistics: tuple[np.ndarray, np.ndarray] | None = None
               ) -> np.ndarray:
-    """Z-score ``tiles`` (..., C) per channel as in training: float32 ``(x - mean) / std``.
+    """Normalise ``tiles`` (..., C) per channel as in training: float32 ``(x - offset) / scale``.
 
-    "dataset" uses the model's statistics; "tile" uses ``statistics`` (the image's own: ``(C,)``
-    arrays, or ``(B, C)`` arrays with one row per tile of ``tiles`` (B, ..., C)).
-    A zero standard deviation divides by 1.
+    "dataset" uses the model's mean and std; "tile" uses ``statistics`` = the image's own mean
+    and std; "percentile" uses ``statistics`` = the image's own low and high percentiles (the
+    model's ``normalization.percentiles``: :func:`lib.common.normalization.image_statistics`),
+    offset low, scale high - low, not clipped. ``statistics`` are ``(C,)`` arrays, or ``(B, C)``
+    arrays with one row per tile of ``tiles`` (B, ..., C). A zero scale divides by 1.
     """
-    if info.normalization == "tile":
+    if info.normalization in ("tile", "percentile"):
         if statistics is None:
-            raise ValueError("statistics must be given for a model with normalization mode 'tile'; got None")
-        mean, std = (np.asarray(v) for v in statistics)
-        if mean.ndim == 2:  # one row per tile: broadcast over the tile's pixels
-            shape = (mean.shape[0],) + (1,) * (tiles.ndim - 2) + (mean.shape[1],)
-            mean, std = mean.reshape(shape), std.reshape(shape)
+            raise ValueError(f"statistics must be given for a model with normalization mode {info.normalization!r}; "
+                             "got None")
+        offset, scale = (np.asarray(v, np.float64) for v in statistics)
+        if offset.ndim == 2:  # one row per tile: broadcast over the tile's pixels
+            shape = (offset.shape[0],) + (1,) * (tiles.ndim - 2) + (offset.shape[1],)
+            offset, scale = offset.reshape(shape), scale.reshape(shape)
+        if info.normalization == "percentile":  # (low, high): lib.common.normalization.percentile_offset_scale
+            scale = scale - offset
     else:
-        mean, std = np.asarray(info.mean), np.asarray(info.std)
-    std = np.where(np.asarray(std) > 0, std, 1.0)
-    return ((tiles.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+        offset, scale = np.asarray(info.mean, np.float64), np.asarray(info.std, np.float64)
+    # As lib.common.normalization.apply (the reader's arithmetic): a scale below 1e-6 divides by 1.
+    inverse = np.where(scale < 1e-6, 1.0, 1.0 / np.maximum(scale, 1e-6)).astype(np.float32)
+    out = np.subtract(tiles, np.asarray(offset, np.float32), dtype=np.float32)
+    out *= inverse
+    return out
 
 
 def predictor_from_models(models: Sequence[tuple[Any, dict | ModelInfo]], tta: bool = False,

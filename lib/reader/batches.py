@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..common import normalization as norm
 from ..common.errors import BadInput
 from ..store.lmdb_store import LmdbReader, StoreError
 from .augment import AugmentParams, Transform, apply_transform, augment, crop_centre
@@ -28,9 +29,9 @@ class LabelValueError(BadInput, ValueError):
 
 MODES = ("train", "test")
 SAMPLINGS = ("uniform", "balanced", "foreground")
-NORMALIZATIONS = ("dataset", "tile")
+NORMALIZATIONS = norm.MODES
 # A channel whose standard deviation is below this is only centred, never divided.
-MIN_STD = 1e-6
+MIN_STD = norm.MIN_SCALE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class ReaderSpec:
     check_labels: bool
     records: tuple[int, ...] | None = None  # the subset of records to use (k-fold); None = all
     targets: dict | None = None  # instance training: lib.reader.targets.TargetSpec.to_dict(); None = labels as stored
+    # normalization "percentile": (offsets, scales) per source image (index into metadata "sources")
+    percentile_ranges: tuple | None = None
 
     @property
     def workers(self) -> int:
@@ -80,6 +83,7 @@ class BatchProducer:
         self.inverse_std[np.asarray(spec.std) < MIN_STD] = 1.0
         tiles = metadata.get("tiles") or {}
         self.valid = None
+        self.record_source = np.asarray(tiles.get("source") or [], np.int64)
         if len(tiles.get("valid_h", ())) == spec.n_records:
             self.valid = np.stack([tiles["valid_h"], tiles["valid_w"]], axis=1).astype(np.int64)
         self.subset = None if spec.records is None else np.asarray(spec.records, np.int64)
@@ -187,10 +191,16 @@ class BatchProducer:
             mean = flat.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = flat.std(axis=0, dtype=np.float64)
             inverse_std = np.where(std < MIN_STD, 1.0, 1.0 / np.maximum(std, MIN_STD)).astype(np.float32)
+        elif spec.normalization == "percentile":
+            # The whole source image's percentiles (never the patch's), computed once per database.
+            offset, scale = spec.percentile_ranges[int(self.record_source[record])]
+            norm.apply(image, offset, scale, out=image_out)
+            mean = None
         else:
             mean, inverse_std = self.mean, self.inverse_std
-        np.subtract(image, mean, out=image_out)
-        image_out *= inverse_std
+        if mean is not None:
+            np.subtract(image, mean, out=image_out)
+            image_out *= inverse_std
         if self.target_spec is not None:
             # Targets from the augmented instance ids; the ids ride along as the last channel
             # (exact in float32 below 2**24) for matching statistics at evaluation.
@@ -206,3 +216,39 @@ class BatchProducer:
                                  f"{top if top >= spec.number_classes else int(label.min())} in record {record} of "
                                  f"{spec.database}. Rebuild the database or pass the right number_classes")
         np.copyto(label_out, label, casting="unsafe")
+
+
+def source_percentile_ranges(database: str, metadata: dict, percentiles: tuple[float, float]) -> tuple:
+    """``((offset, scale), ...)`` per source image of ``metadata["sources"]`` for percentile normalisation.
+
+    Read from the percentile tables build_lmdb.py stores (exact for percentiles on
+    :data:`lib.common.normalization.PERCENTILE_GRID`); otherwise (older databases, other
+    percentiles) computed here from the valid region of every record of each source.
+    """
+    sources = metadata.get("sources") or []
+    grid = metadata.get("percentile_grid")
+    tiles = metadata.get("tiles") or {}
+    record_source = list(tiles.get("source") or [])
+    ranges: list = [None] * max(len(sources), max(record_source, default=-1) + 1)
+    missing = set(record_source)
+    if grid:
+        for i, source in enumerate(sources):
+            table = source.get("percentiles")
+            values = None if table is None else norm.from_table(table, grid, percentiles)
+            if values is not None:
+                ranges[i] = tuple(tuple(float(v) for v in a) for a in norm.percentile_offset_scale(*values))
+                missing.discard(i)
+    if missing:
+        pixels: dict[int, list[np.ndarray]] = {i: [] for i in missing}
+        with LmdbReader(database) as db:
+            for record, source in enumerate(record_source):
+                if source in pixels:
+                    image, _ = db[record]
+                    vh = tiles["valid_h"][record] if "valid_h" in tiles else image.shape[0]
+                    vw = tiles["valid_w"][record] if "valid_w" in tiles else image.shape[1]
+                    # a copy: the record is a view of LMDB's memory map, gone when the reader closes
+                    pixels[source].append(np.array(image[:vh, :vw]).reshape(-1, image.shape[2]))
+        for source, parts in pixels.items():
+            low, high = norm.image_percentiles(np.concatenate(parts)[:, np.newaxis, :], percentiles)
+            ranges[source] = tuple(tuple(float(v) for v in a) for a in norm.percentile_offset_scale(low, high))
+    return tuple(ranges)

@@ -50,10 +50,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..common.errors import BadInput, ToolkitError
+from ..common.normalization import DEFAULT_PERCENTILES, percentile_problems
 from ..store.images import smallest_uint
 from ..store.lmdb_store import LmdbReader, StoreError
 from .augment import AugmentParams
-from .batches import MODES, NORMALIZATIONS, SAMPLINGS, BatchProducer, ReaderSpec
+from .batches import MODES, NORMALIZATIONS, SAMPLINGS, BatchProducer, ReaderSpec, source_percentile_ranges
 from .targets import TargetSpec
 
 logger = logging.getLogger(__name__)
@@ -321,7 +322,9 @@ class ImageReader:
         from the metadata's ``class_tiles``), or "foreground" (uniform records, crop centres
         weighted by the inverse frequency of their pixel's class)
     normalization : "dataset" (z-score per channel with the metadata's ``channel_mean``/``channel_std``)
-        or "tile" (z-score per channel with each augmented patch's own statistics)
+        or "tile" (z-score per channel with each augmented patch's own statistics), or "percentile"
+        (``(x - low) / (high - low)`` with the low and high ``percentiles`` of the patch's whole source image)
+    percentiles : (low, high) for ``normalization="percentile"``, default (1, 99.8)
     reader_count : worker processes; 0 produces batches in the calling process (debugging)
     seed : base seed; worker ``w`` in epoch ``e`` draws from ``SeedSequence([seed, w, e])``
     start_epoch : first epoch (resuming a run repeats the batches of an uninterrupted one)
@@ -350,7 +353,8 @@ class ImageReader:
                  start_epoch: int = 0, batches_per_epoch: int | None = None, slots_per_worker: int = 3,
                  start_method: str | None = None, timeout: float = 120.0, check_labels: bool = True,
                  channel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
-                 records: Sequence[int] | None = None, targets: dict | None = None):
+                 records: Sequence[int] | None = None, targets: dict | None = None,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
         self.database = Path(database)
         problems = []
         if mode not in MODES:
@@ -359,6 +363,8 @@ class ImageReader:
             problems.append(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
         if normalization not in NORMALIZATIONS:
             problems.append(f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {normalization!r}")
+        if normalization == "percentile":
+            problems += percentile_problems(percentiles)
         for name, value, low in (("batch_size", batch_size, 1), ("reader_count", reader_count, 0),
                                  ("start_epoch", start_epoch, 0), ("slots_per_worker", slots_per_worker, 2)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -415,6 +421,9 @@ class ImageReader:
         if normalization == "dataset" and (len(mean) != channels or len(std) != channels):
             raise StoreError(f"channel_mean and channel_std must have one value per channel ({channels}); got "
                              f"{len(mean)} and {len(std)} in {self.database}. Rebuild the database")
+        ranges = None
+        if normalization == "percentile":
+            ranges = source_percentile_ranges(str(self.database), metadata, tuple(float(p) for p in percentiles))
         if label_kind == "semantic":
             label_dtype = smallest_uint(max(number_classes - 1, 0))
             check = check_labels
@@ -441,7 +450,7 @@ class ImageReader:
             sampling=sampling, normalization=normalization, mean=mean, std=std, seed=int(seed),
             reader_count=int(reader_count), batches_per_epoch=int(per_epoch), n_records=n_records, records=records,
             number_classes=number_classes, label_kind=label_kind, check_labels=check,
-            targets=None if targets is None else dict(targets))
+            targets=None if targets is None else dict(targets), percentile_ranges=ranges)
         self.metadata = metadata
         self.layout = SlotLayout(self.spec.batch_size, patch_shape + (channels,), patch_shape + tuple(label_tail),
                                  self.spec.label_dtype)

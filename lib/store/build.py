@@ -53,8 +53,10 @@ from .images import (
     read_image,
     read_mask,
 )
+from .intensity_stats import PERCENTILE_GRID, moments, percentile_table
 from .lmdb_store import FILE_MODE, FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
 from .tiling import pad_to, tile_grid
+from .user_split import check_test_folders, pairs_of_test_folders, resolved_train_fraction, user_split
 
 
 def default_workers() -> int:
@@ -70,7 +72,7 @@ class BuildConfig:
     mask_folder: str
     output_folder: str
     dataset_name: str
-    train_fraction: float = 0.8
+    train_fraction: float | None = None  # None: 0.8, or 1 with test folders (lib.store.user_split)
     image_format: str | None = None
     use_tiling: bool = True
     tile_size: int = 256
@@ -82,6 +84,12 @@ class BuildConfig:
     folds: int = 0
     workers: int = dataclasses.field(default_factory=default_workers)  # 0: in this process
     overwrite: bool = False
+    test_image_folder: str | None = None  # the user's test set (all of it becomes the test database)
+    test_mask_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train_fraction", resolved_train_fraction(self.train_fraction,
+                                                                           self.test_image_folder))
 
     @property
     def effective_stride(self) -> int:
@@ -100,8 +108,7 @@ class BuildConfig:
         if not self.dataset_name or any(c in self.dataset_name for c in "/\\\0") or self.dataset_name.startswith("."):
             v.append(f"dataset_name must be a plain file-name part (no '/', not starting with '.'); "
                      f"got {self.dataset_name!r}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            v.append(f"train_fraction must be in (0, 1]; got {self.train_fraction}")
+        v += check_test_folders(self)
         if self.tile_size < 1:
             v.append(f"tile_size must be a positive number of pixels; got {self.tile_size}")
         if self.stride is not None and not 1 <= self.stride <= max(self.tile_size, 1):
@@ -257,6 +264,8 @@ def _process(job: _Job) -> dict[str, Any]:
                 if not stray:  # a mask already named for its stray values does not count twice
                     out["value_counts"] = counts
                     out["object_like"] = mask_checks.object_like(mask, counts)
+            else:  # classes stated: object ids are only warned about (mask_checks.object_id_warnings)
+                out["object_like"] = mask_checks.object_like(mask, counts)
     if image is not None and mask is not None and image.shape[:2] != mask.shape:
         out["problems"].append(f"image and mask sizes differ: {job.pair.image} is {image.shape[0]}x{image.shape[1]}"
                                f" (HxW), {job.pair.mask} is {mask.shape[0]}x{mask.shape[1]}")
@@ -267,7 +276,8 @@ def _process(job: _Job) -> dict[str, Any]:
     n_classes = s["n_classes"]
     height, width = mask.shape
     # Statistics over the image itself (tiles overlap; the image does not).
-    out["stats"] = _moments(image)
+    out["stats"] = moments(image)
+    out["percentiles"] = percentile_table(image)
     semantic_view = label if s["mask_type"] == "semantic" else (label > 0).astype(np.uint8)
     out["class_counts"] = (counts if counts is not None
                            else np.bincount(semantic_view.ravel(), minlength=n_classes)).tolist()
@@ -286,29 +296,6 @@ def _process(job: _Job) -> dict[str, Any]:
             txn.put(record_key(job.first_record + i), record)
     out["tiles"] = tiles
     return out
-
-
-def _moments(image: np.ndarray) -> tuple[int, list[float], list[float]]:
-    """Pixel count, per-channel mean and per-channel sum of squared deviations of ``image`` (H, W, C).
-
-    Large 8- and 16-bit images go through a histogram (exact, and 3x faster than float64 arithmetic).
-    """
-    n = image.shape[0] * image.shape[1]
-    means, m2s = [], []
-    for c in range(image.shape[2]):
-        channel = image[..., c]
-        if image.dtype in (np.uint8, np.uint16) and n > 4 * (1 << (8 * image.dtype.itemsize)):
-            counts = np.bincount(channel.ravel()).astype(np.float64)
-            values = np.arange(len(counts), dtype=np.float64)
-            mean = float(counts @ values) / n
-            m2 = float(counts @ (values - mean) ** 2)
-        else:
-            flat = channel.astype(np.float64).ravel()
-            mean = float(flat.mean())
-            m2 = float(((flat - mean) ** 2).sum())
-        means.append(mean)
-        m2s.append(m2)
-    return n, means, m2s
 
 
 # Main side
@@ -472,7 +459,9 @@ def _check_dataset(config: BuildConfig, progress: bool,
         problems.append(f"image_folder must hold images{fmt} (.tif, .tiff, .png, .jpg, .bmp); found none in "
                         f"{config.image_folder}")
     pairs, pair_problems = pair_images_masks(images, masks, config.mask_suffix)
-    problems += pair_problems
+    test_pairs, test_problems = pairs_of_test_folders(config, pairs)
+    pairs += test_pairs
+    problems += pair_problems + test_problems
     checks = [check_pair_headers(p) for p in pairs]
     for c in checks:
         problems += c.problems
@@ -508,6 +497,11 @@ def _make_plan(config: BuildConfig, pairs: list[Pair], checks: list[PairCheck], 
                command: str) -> _Plan:
     """Step 2: the seeded split, the folds and the tile grid (hence record numbers) of every image."""
     split, fold = _split([p.key for p in pairs], config.train_fraction, config.seed, config.folds)
+    if config.test_image_folder is not None:
+        test = Path(config.test_image_folder).resolve()
+        split = user_split([p.key for p in pairs], {p.key for p in pairs if p.image.parent.resolve() == test})
+        _, fold = _split([k for k in split if split[k] == "train"], 1.0, config.seed, config.folds)
+        fold = {k: fold.get(k, -1) for k in split}
     jobs, next_record, record_bytes = [], {"train": 0, "test": 0}, {}
     pixel_bytes = checks[0].image_shape[2] * np.dtype(checks[0].image_dtype).itemsize \
         + settings["label_dtype"].itemsize
@@ -555,6 +549,9 @@ def build_databases(config: BuildConfig, command: str = "", progress: bool = Tru
     if "test" not in plan.splits:
         log("note: train_fraction 1.0 leaves no test images; no test database is written")
     results = _write_outputs(plan, finals, split_csv, progress)
+    for w in mask_checks.object_id_warnings([p.mask for p in plan.pairs], results, config.number_classes):
+        log(f"warning: {w}")
+        warnings.append(w)
     return BuildResult(databases={s: finals[s] for s in plan.splits}, split_csv=split_csv,
                        n_records={s: plan.n_records[s] for s in plan.splits},
                        n_images={s: sum(1 for j in plan.jobs if j.split == s) for s in plan.splits},
@@ -658,9 +655,11 @@ def _metadata(plan: _Plan, split: str, results: list[dict[str, Any]], n_classes:
     std = np.sqrt(m2 / max(n_total, 1))
     for c in class_tiles:
         c.sort()
+    table = {job.index: r.get("percentiles") for job, r in zip(plan.jobs, results)}
     sources = [{"key": p.key, "image": str(p.image.resolve()), "mask": str(p.mask.resolve()),
                 "height": c.image_shape[0], "width": c.image_shape[1], "split": plan.split[p.key],
-                "fold": plan.fold[p.key]} for p, c in zip(plan.pairs, plan.checks)]
+                "fold": plan.fold[p.key], "percentiles": table.get(i)}
+               for i, (p, c) in enumerate(zip(plan.pairs, plan.checks))]
     return {
         "format_version": FORMAT_VERSION,
         "dataset_name": config.dataset_name,
@@ -678,6 +677,7 @@ def _metadata(plan: _Plan, split: str, results: list[dict[str, Any]], n_classes:
         "channel_mean": mean.tolist(),
         "channel_std": std.tolist(),
         "sources": sources,
+        "percentile_grid": list(PERCENTILE_GRID),
         "tiles": tiles,
         "folds": plan.n_folds,
         "build_command": plan.command,

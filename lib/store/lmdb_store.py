@@ -61,7 +61,9 @@ METADATA_KEYS = {
     "class_tiles": "list[list[int]]: for each class, the records whose valid region contains it",
     "channel_mean": "list[float]: per-channel mean over this split's images",
     "channel_std": "list[float]: per-channel standard deviation over this split's images",
-    "sources": "list[dict]: every source image of the dataset: key, image, mask, height, width, split, fold",
+    "sources": "list[dict]: every source image of the dataset: key, image, mask, height, width, split, fold, "
+               "percentiles (per channel, at percentile_grid, over the whole image; null in older builds)",
+    "percentile_grid": "list[float]: the percentiles of each source's percentiles table",
     "tiles": "dict of equal-length lists: source (index into sources), y, x (origin in the source), "
              "valid_h, valid_w (unpadded extent inside the tile)",
     "folds": "int: number of folds of the k-fold assignment (0 = none)",

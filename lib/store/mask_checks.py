@@ -110,6 +110,20 @@ def dataset_problems(masks: list[Path], counts: list[np.ndarray], objects: list[
     return problems
 
 
+def object_id_warnings(masks: list[Path], results: list[dict], number_classes: int | None) -> list[str]:
+    """A warning when ``--number_classes`` was given (so nothing was refused) and masks still look like
+    object ids (``results``: the build's per-pair results, in the order of ``masks``, with ``object_like``)."""
+    if number_classes is None:
+        return []
+    ids = [(m, r["object_like"]) for m, r in zip(masks, results) if r.get("object_like")]
+    if not ids:
+        return []
+    shown = ", ".join(f"{m.name} ({n} values)" for m, n in ids[:8]) + (" ..." if len(ids) > 8 else "")
+    return [f"{len(ids)} mask(s) hold many values that each form a small separate blob, like object ids, and were "
+            f"built as {number_classes} semantic classes: {shown}. If they are instance masks, rebuild with "
+            "--mask_type instance (and leave --number_classes out)"]
+
+
 def non_finite(image: np.ndarray, path: Path) -> list[str]:
     """A problem naming ``path`` when a float image holds NaN or infinite pixels."""
     finite = np.isfinite(image)

@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..common import normalization as norm
 from ..common.errors import EXIT_SOME_FAILED, BadInput, Resumable
 from ..common.settings import ConfigError
 from ..reader.augment import AugmentParams
@@ -103,7 +104,8 @@ class TrainConfig:
     use_augmentation: bool = True
     augmentation: dict = dataclasses.field(default_factory=_default_augmentation)
     sampling: str = "uniform"
-    normalization: str = "dataset"
+    normalization: str = norm.DEFAULT_MODE
+    percentiles: tuple[float, float] = norm.DEFAULT_PERCENTILES  # normalization "percentile": (low, high)
     reader_count: int = 2
     seed: int = 0
     # None/"auto": per device (lib.common.device.choose_precision); True, False, "bfloat16", "float16", "float32"
@@ -131,6 +133,8 @@ class TrainConfig:
             resolve("augmentation", {**_default_augmentation(), **self.augmentation})
         if isinstance(self.instance_options, dict):
             resolve("instance_options", {**_default_instance_options(), **self.instance_options})
+        if isinstance(self.percentiles, list):
+            resolve("percentiles", tuple(self.percentiles))
         if self.folds and self.fold is None:
             resolve("fold", 0)
 
@@ -188,6 +192,10 @@ class TrainConfig:
                      f"{self.mixed_precision!r}")
         if not self.collective_timeout >= 0:
             v.append(f"collective_timeout must be >= 0 seconds (0: no timeout); got {self.collective_timeout}")
+        if self.normalization not in norm.MODES:
+            v.append(f"normalization must be one of {', '.join(norm.MODES)}; got {self.normalization!r}")
+        elif self.normalization == "percentile":
+            v.extend(norm.percentile_problems(self.percentiles))
         if self.reader_count < 0:
             v.append(f"reader_count must be >= 0; got {self.reader_count}")
         if self.folds == 1 or self.folds < 0:

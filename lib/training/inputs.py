@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from ..common import normalization as norm
 from ..reader.imagereader import ImageReader
 from ..reader.targets import make_targets
 from ..store.lmdb_store import LmdbReader, StoreError
@@ -29,10 +32,15 @@ def train_patch(config: TrainConfig, tile: int | None, divisor: int) -> int | No
     return tile
 
 
-def check_databases(config: TrainConfig) -> tuple[dict, dict]:
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_databases(config: TrainConfig, log: Callable[[str], None] = _warn) -> tuple[dict, dict]:
     """Open both databases and check they fit each other and the settings; return their metadata.
 
-    Raises ``TrainingError`` listing every incompatibility.
+    Raises ``TrainingError`` listing every incompatibility; ``log`` gets the warnings
+    (:func:`class_warnings`), as ``"warning: ..."`` lines (default: stderr).
     """
     from ..models import model_geometry  # loads Keras
 
@@ -93,6 +101,8 @@ def check_databases(config: TrainConfig) -> tuple[dict, dict]:
                         " rebuild the test database with such a --tile_size")
     if problems:
         raise TrainingError("the databases do not fit the settings:\n" + "\n".join(f"  - {p}" for p in problems))
+    for warning in class_warnings(config, train):
+        log(f"warning: {warning}")
     return train, test
 
 
@@ -195,11 +205,42 @@ def make_readers(config: TrainConfig, plan: ReaderPlan) -> tuple[ImageReader, Im
                                augment_params=config.augment_params(), sampling=config.sampling,
                                normalization=config.normalization, reader_count=config.reader_count,
                                seed=config.seed * 1000 + plan.worker_index, start_epoch=plan.start_epoch,
-                               records=plan.split.train, targets=targets)
+                               records=plan.split.train, targets=targets, percentiles=config.percentiles)
     # The test images are normalised with the training statistics, as inference will do.
     test_reader = ImageReader(config.test_database, plan.global_batch, mode="test",
                               normalization=config.normalization, reader_count=min(config.reader_count, 1),
                               seed=config.seed,
                               channel_stats=(plan.train_meta["channel_mean"], plan.train_meta["channel_std"]),
-                              records=plan.split.test, targets=targets)
+                              records=plan.split.test, targets=targets, percentiles=config.percentiles)
     return train_reader, test_reader
+
+
+def normalization_record(config: TrainConfig, train_meta: dict) -> dict:
+    """The ``normalization`` block of model.json: the mode, the training statistics, the percentiles
+    (mode "percentile"), and the intensity distribution of the training images (``training_images``:
+    :func:`lib.common.normalization.intensity_reference`, null for databases built before it) that
+    inference compares each image with."""
+    records = set((train_meta.get("tiles") or {}).get("source") or [])
+    sources = train_meta.get("sources") or []
+    tables = [sources[i].get("percentiles") for i in sorted(records) if i < len(sources)]
+    reference = norm.intensity_reference(tables, train_meta.get("percentile_grid") or [])
+    block = {"mode": config.normalization, "mean": train_meta["channel_mean"], "std": train_meta["channel_std"],
+             "training_images": reference}
+    if config.normalization == "percentile":
+        block.update(percentiles=[float(v) for v in config.percentiles], clip=False)
+    return block
+
+
+def class_warnings(config: TrainConfig, train_meta: dict) -> list[str]:
+    """Warnings (not errors) about ``number_classes``: more classes than the training database holds."""
+    if config.target != "semantic" or config.number_classes is None:
+        return []
+    counts = train_meta.get("class_pixel_counts") or []
+    present = [c for c, n in enumerate(counts) if n > 0]
+    held = int(train_meta.get("number_classes") or len(counts))
+    if config.number_classes > held:
+        return [f"--number_classes {config.number_classes} is more than the {held} classes of "
+                f"{config.train_database} (values 0..{held - 1}; {len(present)} present in its masks): the model "
+                f"gets {config.number_classes - held} output classes no pixel is trained on. Pass --number_classes "
+                f"{held} unless the test images hold classes the training images lack"]
+    return []

@@ -364,7 +364,7 @@ def test_starvation_messages_and_waiting_fraction(tmp_path, caplog):
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "eval"}, "mode must be one of train, test; got 'eval'"),
     ({"sampling": "random"}, "sampling must be one of uniform, balanced, foreground; got 'random'"),
-    ({"normalization": "minmax"}, "normalization must be one of dataset, tile; got 'minmax'"),
+    ({"normalization": "minmax"}, "normalization must be one of dataset, tile, percentile; got 'minmax'"),
     ({"reader_count": -1}, "reader_count must be an integer >= 0; got -1"),
     ({"slots_per_worker": 1}, "slots_per_worker must be an integer >= 2; got 1"),
     ({"patch_shape": (8, 0)}, "patch_shape must be two positive integers (h, w); got (8, 0)"),
@@ -414,7 +414,7 @@ def test_reader_flags():
     parser = argparse.ArgumentParser()
     add_reader_arguments(parser)
     args = parser.parse_args(["--reader_count", "3", "--balance_classes", "--save_aug_samples", "pics"])
-    assert reader_options_from_args(args) == {"reader_count": 3, "normalization": "dataset", "sampling": "balanced"}
+    assert reader_options_from_args(args) == {"reader_count": 3, "normalization": "percentile", "sampling": "balanced"}
     assert args.save_aug_samples == "pics"
     bad = parser.parse_args(["--balance_classes", "--sampling", "foreground", "--reader_count", "-1"])
     with pytest.raises(ValueError, match="reader_count must be >= 0; got -1; --balance_classes must not"):
