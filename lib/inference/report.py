@@ -5,6 +5,8 @@
 (``inference.json``, ``records/KEY.json``, ``uncertainty.csv``, ``metrics.csv``,
 ``instance_metrics.csv``, ``overlays/``, the float TIFFs) and writes:
 
+- ``previews/KEY_labels.png``: the predicted labels, one colour per class or object (the
+  thumbnail of an image without a mask, so a run without masks still shows its results);
 - ``previews/KEY_<map>.png``: each probability and uncertainty map of an image as a colour
   picture with a colour bar (:func:`lib.common.pictures.preview`). Maps are read subsampled to
   at most :data:`lib.common.pictures.PREVIEW_MAX_SIDE` on the long side, one TIFF plane and
@@ -31,7 +33,7 @@ import numpy as np
 
 from ..common import html_report as page
 from ..common.files import write_text
-from ..common.pictures import PREVIEW_MAX_SIDE, enlarge, preview, save_png
+from ..common.pictures import PREVIEW_MAX_SIDE, colour_labels, enlarge, preview, save_png, with_legend
 
 REPORT_HTML = "report.html"
 PREVIEW_FOLDER = "previews"
@@ -47,7 +49,8 @@ MAPS = {"probabilities": ("foreground probability (1 - background)", "viridis", 
 
 def read_plane(path: str | Path, plane: int | None = None, max_side: int = PREVIEW_MAX_SIDE
                ) -> tuple[np.ndarray, str]:
-    """One 2-D plane of a TIFF, subsampled by a whole step to at most ``max_side``: ((h, w) float32, axes).
+    """One 2-D plane of a TIFF, subsampled by a whole step to at most ``max_side``: ((h, w) array of the
+    file's dtype, axes).
 
     ``plane``: index of the plane among the TIFF's pages (a (C, H, W) file has one page per
     channel), default the middle one of a stack's first channel (0 for a 2-D map). The page is
@@ -73,7 +76,7 @@ def read_plane(path: str | Path, plane: int | None = None, max_side: int = PREVI
         separate = int(key.planarconfig) == 2 and samples > 1
         height, width = key.imagelength, key.imagewidth
         step = max(1, -(-max(height, width) // max_side))
-        out = np.zeros((-(-height // step), -(-width // step)), np.float32)
+        out = np.zeros((-(-height // step), -(-width // step)), key.dtype)
         for segment, index, seg_shape in page.segments():
             if segment is None or (separate and index[0] != sample):
                 continue
@@ -93,6 +96,13 @@ def read_plane(path: str | Path, plane: int | None = None, max_side: int = PREVI
 def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
     """The preview PNGs of one image's float maps; {map name: path relative to ``out``}."""
     written = {}
+    labels = (record.get("outputs") or {}).get("labels")
+    if labels and (out / labels).is_file():
+        target = out / PREVIEW_FOLDER / f"{key}_labels.png"
+        written["labels"] = str(target.relative_to(out))
+        if not target.is_file() or target.stat().st_mtime < (out / labels).stat().st_mtime:
+            save_png(target, with_legend(colour_labels(_read_labels(out / labels)), [],
+                                         title=f"{key}: predicted labels (one colour per class or object)"))
     for name, relative in sorted((record.get("outputs") or {}).items()):
         path = out / relative
         if not path.is_file() or not path.suffix.lower().startswith(".tif"):
@@ -108,6 +118,7 @@ def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
         if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
             continue  # drawn by an earlier call from the same map
         values, axes = read_plane(path, plane=_background_plane(path) if name == "probabilities" else None)
+        values = values.astype(np.float32)
         if name == "probabilities":
             if "C" not in axes and "S" not in axes:  # one channel: a binary map, P(foreground)
                 title = "foreground probability"
@@ -118,6 +129,19 @@ def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
             high = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         save_png(target, preview(values, f"{key}: {title}", low, high, colours=colours))
     return written
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """A label image (TIFF or PNG) subsampled to at most PREVIEW_MAX_SIDE; a stack's middle plane."""
+    if path.suffix.lower().startswith(".tif"):
+        return read_plane(path)[0]
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        values = np.asarray(picture)
+    values = values[..., 0] if values.ndim == 3 else values
+    step = max(1, -(-max(values.shape) // PREVIEW_MAX_SIDE))
+    return values[::step, ::step]
 
 
 def _background_plane(path: Path) -> int:
@@ -211,10 +235,12 @@ def build_html(out: Path, records: dict[str, dict], previews: dict[str, dict[str
     for number, key in enumerate(ranked):
         record, scores = records[key], uncertainty.get(key, {})
         outputs = record.get("outputs") or {}
-        shown = outputs.get("overlay") or next(iter(previews.get(key, {}).values()), None)
+        shown = outputs.get("overlay") or previews.get(key, {}).get("labels") or \
+            next(iter(previews.get(key, {}).values()), None)
         uri = _thumbnail(out, shown) if number < MAX_THUMBNAILS else None
         links = [(name, rel) for name, rel in outputs.items() if name != "record"]
         links += [(f"{name} preview", rel) for name, rel in previews.get(key, {}).items()]
+        links = [(name, rel) for name, rel in links if (out / rel).is_file()]
         body.append([
             page.escape(key),
             page.image(uri, f"{key}", link=shown) if uri else (f'<a href="{page.escape(shown)}">open</a>' if shown

@@ -90,6 +90,7 @@ def test_report_of_a_semantic_run_is_self_contained_and_complete(predicted):
     for key in ("img_00", "img_01", "img_02"):
         assert f"overlays/{key}.png" in parsed.links
         assert f"previews/{key}_probabilities.png" in parsed.links and f"previews/{key}_entropy.png" in parsed.links
+        assert f"previews/{key}_labels.png" in parsed.links
     text = path.read_text()
     assert "table.sortable th" in text and "mean entropy" in text and "mean IoU" in text
     # the rows come most uncertain first, as uncertainty.csv ranks them
@@ -131,8 +132,14 @@ def test_instance_maps_from_records_get_one_preview_per_channel(tmp_path):
                                               "ALL,0.5,0.75,0.8\n")
     parsed = check_page(write_report(out, log=lambda m: None))
     assert parsed.rows == 2
-    assert {"previews/cells_probabilities_foreground.png", "previews/cells_probabilities_distance.png"} <= set(
-        parsed.links)
+    assert {"previews/cells_probabilities_foreground.png", "previews/cells_probabilities_distance.png",
+            "previews/cells_labels.png"} <= set(parsed.links)
+    assert len(parsed.pictures) == 1  # no overlay without a mask: the labels are the thumbnail
+    from PIL import Image
+
+    with Image.open(out / "previews" / "cells_labels.png") as picture:  # 60 px wide: 13x
+        labels = np.asarray(picture.convert("RGB"))
+    assert labels.shape[1] == 60 * 13 and len({tuple(c) for c in labels[:40 * 13:13, ::13].reshape(-1, 3)}) == 5
     assert "F1 at IoU 0.5" in (out / REPORT_HTML).read_text() and "half" not in (out / REPORT_HTML).read_text()
 
 
