@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from lib.common.cli import make_parser, run_main
+from lib.common.cli import make_parser, run_main, settings_table
 from lib.common.settings import ConfigError
 from lib.fusion import masks, runner, staple
 
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     config = _config(args)
     _configure_logging(args.quiet)
     if not args.quiet:
-        print("fuse_masks settings:")
-        for name, value in vars(args).items():
-            print(f"  {name} = {value}")
+        parser = _build_parser()
+        defaults = {name: parser.get_default(name) for name in vars(args) if name not in ("input_folder", "output_folder")}
+        print(settings_table("fuse_masks.py", vars(args), defaults, str(Path(args.output_folder) / "fusion.json")))
     command = [Path(sys.argv[0]).name] + (list(argv) if argv is not None else sys.argv[1:])
 
     def body() -> int:

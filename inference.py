@@ -19,10 +19,12 @@ import argparse
 import dataclasses
 import re
 import sys
+from pathlib import Path
 
-from lib.common.cli import make_parser, run_main
+from lib.common.cli import make_parser, run_main, settings_table
 from lib.common.device import check_allocated_gpus, device_line, quiet_tensorflow_logs
 from lib.common.errors import SomeFailed
+from lib.common.settings import defaults_of
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -193,7 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     from lib.inference.runner import run_inference
 
     config = args.config
-    print("inference settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()), flush=True)
+    print(settings_table("inference.py", config.to_dict(), defaults_of(type(config)),
+                         str(Path(config.output_folder) / "inference.json")), flush=True)
     print(device_line(), flush=True)
     check_allocated_gpus(args.allow_cpu, prog="inference.py")
     try:

@@ -22,8 +22,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from lib.common.cli import flag_bool, run_main
+from lib.common.cli import flag_bool, make_parser, run_main, settings_table
 from lib.common.device import check_allocated_gpus, device_line, quiet_tensorflow_logs
 from lib.common.settings import ConfigError
 from lib.reader.augment import AugmentParams
@@ -131,8 +132,7 @@ def build_parser(prog: str, description: str, architectures: dict[str, str], def
                  architecture_flag: str) -> argparse.ArgumentParser:
     """The parser of a training CLI. ``architectures`` maps the CLI's choice to the registry name."""
     instance_defaults = default_of("instance_options")
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(description, prog=prog)
     data = parser.add_argument_group("input")
     data.add_argument("--train_database", required=True, help="train-NAME.lmdb written by build_lmdb.py")
     data.add_argument("--test_database", required=True, help="test-NAME.lmdb written by build_lmdb.py")
@@ -277,7 +277,9 @@ def run_training(argv: list[str] | None, prog: str, description: str, architectu
     args = parser.parse_args(argv)
     quiet_tensorflow_logs(args.verbose)
     config = config_from_args(args, parser, architectures)
-    print("settings: " + json.dumps(config.to_dict()), flush=True)
+    print(settings_table(prog, config.to_dict(), TrainConfig(config.train_database, config.test_database,
+                                                              config.output_dir).to_dict(),
+                         str(Path(config.output_dir) / "train_config.json")), flush=True)
     print(device_line(), flush=True)
 
     def body() -> None:

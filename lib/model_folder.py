@@ -44,6 +44,8 @@ import numpy as np
 from . import __version__
 from .common.errors import BadInput
 from .common.files import write_json, write_with
+from .common.normalization import MODES as NORMALIZATION_MODES
+from .common.normalization import percentile_problems
 from .export.keras_standard import save_standard, standard_model
 from .export.package_reader import extract_package
 from .export.savedmodel import write_savedmodel
@@ -141,8 +143,10 @@ class ModelInfo:
         norm = need("normalization", lambda v: isinstance(v, dict), "be an object {mode, mean, std}") or {}
         mode = norm.get("mode", "dataset")
         mean, std = norm.get("mean"), norm.get("std")
-        if mode not in ("dataset", "tile"):
-            problems.append(f"normalization.mode must be 'dataset' or 'tile'; got {mode!r}")
+        if mode not in NORMALIZATION_MODES:
+            problems.append(f"normalization.mode must be one of {', '.join(NORMALIZATION_MODES)}; got {mode!r}")
+        elif mode == "percentile":
+            problems.extend(f"normalization.{p}" for p in percentile_problems(norm.get("percentiles")))
         for name, values in (("mean", mean), ("std", std)):
             if not isinstance(values, list) or (channels and len(values) != channels) or not all(
                     isinstance(v, (int, float)) and math.isfinite(v) for v in values):

@@ -25,3 +25,15 @@ def from_dict(cls, values: dict[str, Any]):
         raise ConfigError([f"unknown setting {k!r} for {cls.__name__}; known: {', '.join(sorted(names))}"
                            for k in unknown])
     return cls(**values)
+
+
+def defaults_of(cls) -> dict[str, Any]:
+    """The defaults of the dataclass ``cls``'s fields (fields without one are left out): what the
+    settings table of a command compares its settings with (:func:`lib.common.cli.settings_table`)."""
+    out = {}
+    for field in dataclasses.fields(cls):
+        if field.default_factory is not dataclasses.MISSING:
+            out[field.name] = field.default_factory()
+        elif field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+    return out

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..common.files import write_with
+from ..common.normalization import DEFAULT_PERCENTILES, image_statistics
 from ..common.pictures import save_png
 from ..inference.predictor import normalize
 from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, load_model, read_model_json
@@ -115,8 +116,14 @@ def _preprocessing(info: ModelInfo) -> list[dict]:
                       "kwargs": {"mean": list(info.mean), "std": std, "axis": "channel"}})
     elif info.normalization == "tile":
         steps.append({"id": "zero_mean_unit_variance", "kwargs": {"axes": ["y", "x"]}})
+    elif info.normalization == "percentile":
+        # (x - p_low) / (p_high - p_low + eps) per channel over the whole image: our percentile
+        # normalisation (not clipped; ours divides by 1 where p_high - p_low < 1e-6 instead of adding eps).
+        low, high = (info.meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES
+        steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": float(low),
+                                                      "max_percentile": float(high), "eps": 1e-6}})
     else:
-        raise ExportError(f"normalization mode must be 'dataset' or 'tile' for a bioimage.io export; got "
+        raise ExportError(f"normalization mode must be 'dataset', 'tile' or 'percentile' for a bioimage.io export; got "
                           f"{info.normalization!r} in {info.path}")
     # Without a closing ensure_dtype the spec appends one back to the input's own dtype (data.type).
     return steps + [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
@@ -243,8 +250,8 @@ def build_package(folder: str | os.PathLike, output: str | os.PathLike, test_ima
     files: dict[str, bytes] = {MODEL_JSON: (folder / MODEL_JSON).read_bytes()}
     files["test_input.npy"] = _npy(image[None])
     post, _ = _postprocessing(info)
-    pixels = image.reshape(-1, image.shape[-1]).astype(np.float64)
-    statistics = (pixels.mean(0), pixels.std(0))
+    percentiles = (info.meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES
+    statistics = image_statistics(image, info.normalization, percentiles)
     sample = normalize(image[None], info, statistics)
     if not post:  # no spec operation: the package's output is the logits
         import keras

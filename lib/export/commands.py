@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..common.errors import OutputError
 from ..common.files import check_not_inside
+from ..common.normalization import DEFAULT_PERCENTILES, image_statistics
 from ..inference.predictor import normalize
 from ..model_folder import MODEL_FILE, MODEL_JSON, ModelError, load_model, read_model_json
 from .bioimageio import build_package
@@ -81,8 +82,8 @@ def export(request: ExportRequest, log: Callable[[str], None] = print) -> Path:
     elif request.format == "onnx":
         info = read_model_json(folder / MODEL_JSON)
         image, _ = sample_tile(info, request.test_image)
-        pixels = image.reshape(-1, image.shape[-1]).astype("float64")
-        sample = normalize(image[None], info, (pixels.mean(0), pixels.std(0)))
+        percentiles = (info.meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES
+        sample = normalize(image[None], info, image_statistics(image, info.normalization, percentiles))
         export_onnx(standard_model(load_model(folder / MODEL_FILE)), sample, output)
     else:
         export_savedmodel(load_model(folder / MODEL_FILE), output, request.precision)

@@ -164,6 +164,10 @@ def card_text(info: ModelInfo, sample_from: str | None = None) -> str:
     if info.normalization == "dataset":
         lines.append("Each channel is z-scored with the training statistics: (x - mean) / std with mean "
                      f"{list(info.mean)} and std {list(info.std)}.")
+    elif info.normalization == "percentile":
+        low, high = (info.meta.get("normalization") or {}).get("percentiles") or (1.0, 99.8)
+        lines.append(f"Each image is scaled with its own per-channel percentiles: (x - p{low:g}) / (p{high:g} - "
+                     f"p{low:g}), computed over the whole image, not clipped.")
     else:
         lines.append("Each image is z-scored with its own per-channel mean and standard deviation.")
     lines += ["", "## Training data", "",
@@ -199,7 +203,8 @@ def card_text(info: ModelInfo, sample_from: str | None = None) -> str:
 
 def predict_maps(folder: Path, image: np.ndarray) -> np.ndarray:
     """Our inference's maps (H, W, K) float32 for one raw tile, from the model folder's model.keras."""
-    maps, _ = load_predictor(folder).predict_batch(image[None])
+    predictor = load_predictor(folder)
+    maps, _ = predictor.predict_batch(image[None], predictor.image_statistics(image))  # per-image modes need them
     return maps[0]
 
 

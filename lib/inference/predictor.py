@@ -25,9 +25,11 @@ import numpy as np
 
 from ..common.device import resolve_precision
 from ..common.errors import BadInput
+from ..common.normalization import DEFAULT_PERCENTILES, image_statistics
 from ..export.keras_standard import TO_FAST, swap_layers
 from ..export.savedmodel import computed_precision
 from ..model_folder import ModelError, ModelInfo, check_members, find_models, load_model
+from .intensity import dtype_decision
 from .ownership import model_fingerprint
 
 
@@ -230,7 +232,13 @@ class Predictor:
 
     @property
     def needs_image_statistics(self) -> bool:
-        return any(m.info.normalization == "tile" for m in self.members)
+        return any(m.info.normalization in ("tile", "percentile") for m in self.members)
+
+    def image_statistics(self, image) -> tuple[np.ndarray, np.ndarray] | None:
+        """The per-image statistics :func:`normalize` needs for the members' mode (None for "dataset")."""
+        info = self.members[0].info
+        percentiles = (info.meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES
+        return image_statistics(image, info.normalization, percentiles)
 
     def check_image(self, shape: tuple[int, ...], dtype: str, name: str) -> None:
         """Raise :class:`InputMismatch` unless an image ``(H, W, C)`` of ``dtype`` fits the model."""
@@ -238,11 +246,11 @@ class Predictor:
         if channels != self.input_channels:
             raise InputMismatch(f"image channels must be {self.input_channels} (the model's input_channels); got "
                                 f"{channels} in {name}. Convert the image to the layout the model was trained on")
-        expected = np.dtype(self.input_dtype)
-        got = np.dtype(dtype)
-        if got != expected and not (got.kind == "f" and expected.kind == "f"):
-            raise InputMismatch(f"image dtype must be {expected.name} (the model's input_dtype; its normalisation "
-                                f"statistics are in those units); got {got.name} in {name}. Convert the image")
+        warning, error = dtype_decision(self.input_dtype, dtype, [m.info.normalization for m in self.members], name)
+        if error:
+            raise InputMismatch(error)
+        if warning:
+            print(f"warning: {warning}", flush=True)
 
     def predict_batch(self, tiles: np.ndarray, statistics: tuple[np.ndarray, np.ndarray] | None = None,
                       spread: bool = False) -> tuple[np.ndarray, np.ndarray | None]:

@@ -44,6 +44,8 @@ from ..store.tiling import TilePlan, check_tile_size
 from . import instances_glue, ownership, report
 from .folder_files import SETTINGS_FILE, announce, check_settings, run_settings, shard_suffix, summaries
 from .instances_glue import POSTPROCESS_OVERLAP, POSTPROCESS_WINDOW
+from .intensity import COLUMN as INTENSITY_COLUMN
+from .intensity import flag_image
 from .outputs import save_image, save_json
 from .predictor import InputMismatch, Predictor, check_finite, load_predictor
 from .sources import OUTPUT_FORMATS, open_image, output_pixel_size, semantic_paths
@@ -512,6 +514,7 @@ class _Run:
                 if job.mask_path is not None:
                     record.update(_evaluate_plane(job, state.image, prediction.labels,
                                                   context.predictor.number_classes))
+            scores[INTENSITY_COLUMN] = flag_image(state.image, context.predictor, job.image_path.name, context.log)
             self._record(job, record, scores, state.started)
         except Exception as exc:
             self._cleanup(state)

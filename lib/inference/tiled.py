@@ -186,7 +186,7 @@ def zone_stream(predictor: Predictor, sources: Iterable[TileSource], batch_size:
     for source in sources:
         plan = source.plan
         if with_statistics and source.statistics is None:
-            source.statistics = image_statistics(source.image)
+            source.statistics = predictor.image_statistics(source.image)
         wanted = batch_size or default_batch_size(plan)
         if pending and ((plan.tile_height, plan.tile_width) != shape or wanted != size):
             yield from flush()
@@ -457,7 +457,7 @@ def predict_whole(predictor: Predictor, image: np.ndarray, halo: int | None = No
     margin = round_up(halo, divisor)
     padded = read_window(image, -margin, round_up(margin + height + halo, divisor) - margin,
                          -margin, round_up(margin + width + halo, divisor) - margin)
-    statistics = image_statistics(image) if predictor.needs_image_statistics else None
+    statistics = predictor.image_statistics(image) if predictor.needs_image_statistics else None
     probabilities, _ = predictor.predict_batch(padded[np.newaxis], statistics)
     return probabilities[0, margin:margin + height, margin:margin + width]
 

@@ -47,6 +47,7 @@ from .config import (
     TrainingDiverged,
     TrainingError,
     TrainingInterrupted,
+    default_of,
 )
 from .evaluation import evaluate, postprocess_defaults, tune_postprocess
 from .housekeeping import prune_checkpoints
@@ -56,6 +57,7 @@ from .inputs import (
     check_databases,
     fold_records,
     make_readers,
+    normalization_record,
     set_head_bias,
     split_records,
     train_patch,
@@ -476,8 +478,7 @@ class TrainingRun:
             **instance,
             "input_channels": train_meta["channels"],
             "input_dtype": train_meta["image_dtype"],
-            "normalization": {"mode": config.normalization, "mean": train_meta["channel_mean"],
-                              "std": train_meta["channel_std"]},
+            "normalization": normalization_record(config, train_meta),
             "size_divisor": self.geometry[0],
             "receptive_field_radius": self.geometry[1],
             "patch_size": self.patch,
@@ -616,6 +617,19 @@ def differing_settings(previous: dict, current: dict) -> list[str]:
         for key in PATH_SETTINGS:
             if isinstance(settings.get(key), str):
                 settings[key] = str(Path(settings[key]).resolve())
+    # A setting added after the run was recorded counts as its default (the behaviour of that time).
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in current.items():
+        if key not in fields or (key in previous and not isinstance(value, dict)):
+            continue
+        default = default_of(key)
+        if default is dataclasses.MISSING:
+            continue
+        default = json.loads(json.dumps(default))
+        if key not in previous:
+            previous[key] = default
+        elif isinstance(value, dict) and isinstance(previous[key], dict) and isinstance(default, dict):
+            previous[key] = {**default, **previous[key]}
     ignored = set(RESUMABLE) | {"output_dir"}
     return sorted(k for k in set(previous) | set(current) if k not in ignored and previous.get(k) != current.get(k))
 

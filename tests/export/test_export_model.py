@@ -43,6 +43,9 @@ def run(tmp_path_factory) -> Path:
     description = json.loads((folder / "model.json").read_text())
     description["data"] = {"dataset_name": "t", "test_database": str(test_db), "train_records": 8, "test_records": 4}
     description["best"] = {"mean_iou": 0.5, "step": 3}
+    # The default normalisation of training (each image by its own 1st-99.8th percentiles: bioimage.io's
+    # scale_range); "dataset" (fixed_zero_mean_unit_variance) is checked in test_model_card.py.
+    description["normalization"] = {**description["normalization"], "mode": "percentile", "percentiles": [1.0, 99.8]}
     (folder / "model.json").write_text(json.dumps(description))
     return folder
 
@@ -72,7 +75,7 @@ def test_package_holds_the_spec_files_and_our_outputs(package, run):
     info = read_model_json(run / "model.json")
     min_size, step, halo = geometry(info)
     assert step == info.size_divisor and halo >= info.receptive_field_radius and halo % step == 0
-    for needle in ("format_version: \"0.5.", "fixed_zero_mean_unit_variance", f"step: {step}", f"halo: {halo}",
+    for needle in ("format_version: \"0.5.", "scale_range", f"step: {step}", f"halo: {halo}",
                    "softmax", "keras_v3", "tensorflow_saved_model_bundle", "onnx", "10.1007/978-3-319-24574-4_28"):
         assert needle in rdf
     assert x.dtype == np.dtype(info.input_dtype) and x.shape[0] == 1 and x.shape[-1] == 1

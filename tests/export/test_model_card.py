@@ -27,6 +27,10 @@ def test_semantic_description_uses_the_spec_operations_and_geometry():
     assert _postprocessing(info)[0] == [{"id": "softmax", "kwargs": {"axis": "channel"}}]
     tile = ModelInfo.from_dict({**BASE, "normalization": {"mode": "tile", "mean": [0, 0], "std": [1, 1]}})
     assert _preprocessing(tile)[1] == {"id": "zero_mean_unit_variance", "kwargs": {"axes": ["y", "x"]}}
+    percentile = ModelInfo.from_dict({**BASE, "normalization": {"mode": "percentile", "mean": [0, 0], "std": [1, 1],
+                                                                "percentiles": [2.0, 99.5]}})
+    assert _preprocessing(percentile)[1] == {"id": "scale_range", "kwargs": {
+        "axes": ["y", "x"], "min_percentile": 2.0, "max_percentile": 99.5, "eps": 1e-6}}
 
 
 def test_instance_models_get_sigmoid_only_when_every_channel_is_binary():

@@ -123,3 +123,15 @@ def test_representation_options_reach_the_config():
     assert (options["n_rays"], options["ray_grid"], options["d_alpha"], options["d_beta"], options["dn_scale"]) == \
         (16, 1, 3.0, 4.0, 7.0)
     assert sum(name.startswith("R") for name in config.target_spec().channels) == 16
+
+
+def test_settings_added_after_a_run_was_recorded_count_as_their_defaults():
+    from lib.training.run import differing_settings, recorded_settings
+
+    config = TrainConfig(train_database="a.lmdb", test_database="b.lmdb", output_dir="out", target="instance")
+    now = recorded_settings(config)
+    older = {k: v for k, v in now.items() if k not in ("percentiles", "collective_timeout")}
+    older["instance_options"] = {k: v for k, v in now["instance_options"].items() if k not in ("n_rays", "d_alpha")}
+    assert differing_settings(older, now) == []
+    older["normalization"] = "dataset"  # recorded before percentile became the default: a real difference
+    assert differing_settings(older, now) == ["normalization"]
