@@ -36,7 +36,7 @@ def make_build_parser() -> argparse.ArgumentParser:
     """The flags of build_lmdb.py (NIST's names kept), in groups: input, split and tiling, output, runtime."""
     parser = make_parser(__doc__.split("\n\n")[0], prog=PROG)
     data = parser.add_argument_group("input")
-    data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp)")
+    data.add_argument("--image_folder", required=True, help="folder of images (tif, png, jpg, bmp, or OME-Zarr folders NAME.zarr / NAME.ome.zarr)")
     data.add_argument("--mask_folder", required=True, help="folder of label masks, paired with images by file name")
     data.add_argument("--image_format", default=None,
                       help="only use images with this extension (e.g. tif); default: all supported")

@@ -36,6 +36,9 @@ def build_parser():
     parser.add_argument("--no_model_card", action="store_true",
                         help="do not (re)write model_card.md and cover.png in the model folder")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="run on the CPU even when the job was given GPUs that TensorFlow cannot use")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines (C++ start-up notices)")
     return parser
 
 
@@ -43,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from lib.common.device import quiet_tensorflow_logs
+        from lib.common.device import check_allocated_gpus, device_line, quiet_tensorflow_logs
 
-        quiet_tensorflow_logs()
+        quiet_tensorflow_logs(args.verbose)
+        if not args.quiet:
+            print(device_line(), flush=True)
+        check_allocated_gpus(args.allow_cpu, prog="export_model.py")
         from lib.export.commands import ExportRequest, export
 
         request = ExportRequest(model=args.model, format=args.format, output=args.output, overwrite=args.overwrite,

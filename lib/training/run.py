@@ -562,6 +562,16 @@ class TrainingRun:
         if self.chief and spec is not None and state.best_step is not None:
             tune_postprocess(self.out, self.test_reader, spec, self.log)
 
+    def _describe(self) -> None:
+        """model_card.md and report.html of the finished folder: pictures for people, never a reason to fail a
+        run whose model is already saved (any problem is logged as a warning)."""
+        for what, write in (("model_card.md", lambda: write_model_card(self.out, log=self.log, cover=False)),
+                            ("report.html", lambda: write_training_report(self.out, log=self.log))):
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 - the model is saved; a picture must not turn it into a failure
+                self.log(f"warning: {what} not written ({type(exc).__name__}: {exc}); the model folder is complete")
+
     def finish(self) -> TrainResult:
         """SavedModel export, the final checkpoint, the run state in model.json; the result.
 
@@ -580,8 +590,7 @@ class TrainingRun:
                                        self.stopped_because)
             if not self.config.keep_checkpoints:
                 prune_checkpoints(self.out, self.log)
-            write_model_card(self.out, log=self.log, cover=False)
-            write_training_report(self.out, log=self.log)
+            self._describe()
         seconds = time.perf_counter() - self.start_time
         best = state.best_metrics
         self.log(f"{'done' if state.finished else 'stopped, resumable'}: {state.step} steps in {seconds / 60:.1f} min ({self.stopped_because}); best test loss "

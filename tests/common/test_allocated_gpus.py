@@ -92,6 +92,17 @@ def test_inference_stops_with_exit_2(gpus_allocated_none_seen, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_export_stops_with_exit_2_before_writing(gpus_allocated_none_seen, tmp_path, capsys):
+    import export_model
+
+    code = export_model.main(["--model", str(tmp_path / "none"), "--format", "onnx", "--output",
+                              str(tmp_path / "m.onnx")])
+    assert code == EXIT_BAD_INPUT
+    out, err = capsys.readouterr()
+    assert "devices:" in out and "TensorFlow sees no GPU" in err and "--allow_cpu to export_model.py" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_verbose_shows_tensorflows_own_lines():
     code = ("import sys\nfrom lib.common.device import quiet_tensorflow_logs\n"
             "quiet_tensorflow_logs(verbose=sys.argv[1] == '1')\nimport tensorflow as tf\n"

@@ -79,7 +79,8 @@ def test_package_holds_the_spec_files_and_our_outputs(package, run):
                    "softmax", "keras_v3", "tensorflow_saved_model_bundle", "onnx", "10.1007/978-3-319-24574-4_28"):
         assert needle in rdf
     assert x.dtype == np.dtype(info.input_dtype) and x.shape[0] == 1 and x.shape[-1] == 1
-    expected, _ = load_predictor(run).predict_batch(x)
+    predictor = load_predictor(run)
+    expected, _ = predictor.predict_batch(x, predictor.image_statistics(x[0]))
     np.testing.assert_allclose(y, expected, atol=1e-6)
     assert (run / "model_card.md").is_file() and (run / "cover.png").is_file()
     card = (run / "model_card.md").read_text()
@@ -127,6 +128,7 @@ def test_onnx_export_matches_keras(run, tmp_path):
 
     import export_model
     from lib.export.model_card import sample_tile
+    from lib.common.normalization import image_statistics
     from lib.inference.predictor import normalize
     from lib.model_folder import load_model, read_model_json
 
@@ -135,7 +137,8 @@ def test_onnx_export_matches_keras(run, tmp_path):
                               "--no_model_card"]) == 0
     info = read_model_json(run / "model.json")
     image, _ = sample_tile(info)
-    x = normalize(np.tile(image, (1, 2, 1))[None], info)  # another size than the one checked at export
+    tiled = np.tile(image, (1, 2, 1))  # another size than the one checked at export
+    x = normalize(tiled[None], info, image_statistics(tiled, info.normalization, (1.0, 99.8)))
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(got, np.asarray(load_model(run / "model.keras")(x)), atol=1e-4)
