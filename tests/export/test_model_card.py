@@ -80,7 +80,7 @@ def test_mirroring_up_to_the_minimum_size_and_yaml_text():
     assert to_yaml({"a": [{"b": 1, "c": "x: y"}, 2], "d": {}}) == 'a:\n  - b: 1\n    c: "x: y"\n  - 2\nd: {}'
 
 
-@pytest.mark.parametrize("mode", ["percentile"])
+@pytest.mark.parametrize("mode", ["histogram_matching"])
 def test_unknown_normalisation_is_refused(mode):
     from lib.export.bioimageio import _preprocessing
     from lib.export.model_card import ExportError
