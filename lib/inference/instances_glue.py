@@ -5,6 +5,9 @@ Post-processing always runs on the maps of the whole image, never tile by tile: 
 crossing a tile border stays one object. Images longer than ``POSTPROCESS_WINDOW`` along an
 axis are post-processed window by window (:func:`lib.instances.postprocess.postprocess_windowed`);
 objects up to about a third of the overlap are then labelled exactly as on the whole image.
+
+Labels and maps are OME-TIFFs (``--output_format tif``) or OME-Zarr images (``ome-zarr``), with the
+job's pixel size (``--pixel_size``, else the input's metadata), which the measurements also use.
 """
 
 from __future__ import annotations
@@ -287,12 +290,9 @@ def measurement_pixel_size(config: "InferenceConfig", image_pixel_size: tuple[fl
     return float(x) if math.isclose(y, x, rel_tol=1e-6) else None
 
 
-def _unit_source(config: "InferenceConfig", image_pixel_size, unit: float | None) -> str:
-    if config.pixel_size is not None:
-        return f"um ({unit:g} um per pixel from --pixel_size)"
+def _unit_source(config: "InferenceConfig", image_pixel_size: tuple[float, float], unit: float | None) -> str:
+    """Which unit the measurements of an image with a recorded pixel size use, and why (no --pixel_size given)."""
     if unit is not None:
         return f"um ({unit:g} um per pixel from the image's metadata)"
-    if image_pixel_size is None:
-        return "pixels (no --pixel_size, and the image records no pixel size)"
     why = "--filter_rules are in pixel units" if config.filter_rules else "its pixels are not square"
     return f"pixels (the image records {image_pixel_size[1]:g} x {image_pixel_size[0]:g} um, but {why})"

@@ -8,14 +8,18 @@
 - ``previews/KEY_labels.png``: the predicted labels, one colour per class or object (the
   thumbnail of an image without a mask, so a run without masks still shows its results);
 - ``previews/KEY_<map>.png``: each probability and uncertainty map of an image as a colour
-  picture with a colour bar (:func:`lib.common.pictures.preview`). Maps are read subsampled to
-  at most :data:`lib.common.pictures.PREVIEW_MAX_SIDE` on the long side, one TIFF plane and
-  one tile or strip at a time, so a 50 000 px image costs a few MB; of a semantic model's
-  (classes, H, W) probabilities only the background plane is read (the preview shows
-  foreground = 1 - background). Stacks show their middle plane.
+  picture with a colour bar (:func:`lib.common.pictures.preview`); of an instance model only
+  its binary channels (``inference.json``'s ``instance.kinds``: F, C, P, ...; not distances,
+  rays or offsets). Maps are read subsampled to at most
+  :data:`lib.common.pictures.PREVIEW_MAX_SIDE` on the long side: a TIFF one plane and one tile
+  or strip at a time, so a 50 000 px image costs a few MB; an OME-Zarr map from the largest
+  pyramid level within that size (:func:`read_zarr_plane`). Of a semantic model's (classes, H, W)
+  probabilities only the background plane is read (the preview shows foreground =
+  1 - background). Stacks show their middle plane.
 - ``report.html``: one self-contained page (:mod:`lib.common.html_report`): the run's
   settings, the overall metrics, and one row per image (thumbnail linking to the full
-  overlay, scores, uncertainty, links to the previews), sortable by any column.
+  overlay, scores, uncertainty, the ``intensity_flag`` of ``uncertainty.csv`` with flagged rows
+  marked, links to the previews), sortable by any column.
 
 Every file goes through :mod:`lib.common.files` (atomic, umask mode). A ``report.html`` this
 tool did not write is left alone (with a warning).
@@ -125,18 +129,11 @@ def read_zarr_plane(path: str | Path, channel: int = 0, max_side: int = PREVIEW_
     return block[..., min(channel, block.shape[-1] - 1)], int(sizes.get("c", 1))
 
 
-
-
 def _is_map(path: Path) -> bool:
     """A map the previews can read: a TIFF file or an OME-Zarr folder."""
     if is_zarr_path(path):
         return path.is_dir()
     return path.is_file() and path.suffix.lower().startswith(".tif")
-
-
-def _mtime(path: Path) -> float:
-    """Modification time of a file, or of an OME-Zarr folder's metadata (renamed into place whole)."""
-    return path.stat().st_mtime
 
 
 def _read_map(path: Path, name: str) -> tuple[np.ndarray, bool]:
@@ -158,7 +155,7 @@ def write_previews(out: Path, record: dict, key: str, channels: set[str] | None 
     if labels and ((out / labels).is_file() or _is_map(out / labels)):
         target = out / PREVIEW_FOLDER / f"{key}_labels.png"
         written["labels"] = str(target.relative_to(out))
-        if not target.is_file() or target.stat().st_mtime < _mtime(out / labels):
+        if not target.is_file() or target.stat().st_mtime < (out / labels).stat().st_mtime:
             save_png(target, with_legend(colour_labels(_read_labels(out / labels)), [],
                                          title=f"{key}: predicted labels (one colour per class or object)"))
     for name, relative in sorted((record.get("outputs") or {}).items()):
@@ -176,7 +173,7 @@ def write_previews(out: Path, record: dict, key: str, channels: set[str] | None 
             continue
         target = out / PREVIEW_FOLDER / f"{key}_{name}.png"
         written[name] = str(target.relative_to(out))
-        if target.is_file() and target.stat().st_mtime >= _mtime(path):
+        if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
             continue  # drawn by an earlier call from the same map
         values, several = _read_map(path, name)
         values = values.astype(np.float32)
