@@ -38,8 +38,10 @@ def oracle(tmp_path_factory) -> Path:
 def images(tmp_path_factory) -> Path:
     """One 56 x 60 image of four disks (logits of the perfect maps) as an OME-TIFF with a 0.5 um pixel."""
     folder = tmp_path_factory.mktemp("images_px")
-    logits, _ = perfect_logits(disks((56, 60), CENTRES, 7.5))
+    truth = disks((56, 60), CENTRES, 7.5)
+    logits, _ = perfect_logits(truth)
     write_image(folder / "disks.tif", logits, ome=True, pixel_size=(0.5, 0.5))
+    write_image(folder.parent / f"{folder.name}_masks" / "disks.tif", truth)
     return folder
 
 
@@ -121,7 +123,13 @@ def test_ome_zarr_outputs_of_an_instance_model(oracle, images, tmp_path, monkeyp
         monkeypatch.setattr(lib.inference.runner, "STREAM_PIXELS", 1000)
     out = tmp_path / "zarr"
     assert run("--model", oracle, "--image_folder", images, "--output_folder", out, "--probabilities",
-               "--uncertainty", "--output_format", "ome-zarr") == 0
+               "--uncertainty", "--output_format", "ome-zarr", "--mask_folder",
+               images.parent / f"{images.name}_masks") == 0
+    assoc = (out / "associations" / "disks.csv").read_text().splitlines()
+    assert len(assoc) > 1 and all(line.startswith("disks,") for line in assoc[1:])  # named by the image's key
+    f1 = next(r for r in csv.DictReader((out / "instance_metrics.csv").read_text().splitlines())
+              if r["image"] == "disks" and float(r["threshold"]) == 0.5)["f1"]
+    assert float(f1) == 1.0
     labels, scale = _zarr(out / "disks.ome.zarr")
     assert scale == [0.5, 0.5] and labels.dtype == np.uint16
     assert np.array_equal(labels, read_image(tmp_path / "tif" / "disks.tif")[..., 0])
