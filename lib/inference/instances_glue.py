@@ -5,6 +5,9 @@ Post-processing always runs on the maps of the whole image, never tile by tile: 
 crossing a tile border stays one object. Images longer than ``POSTPROCESS_WINDOW`` along an
 axis are post-processed window by window (:func:`lib.instances.postprocess.postprocess_windowed`);
 objects up to about a third of the overlap are then labelled exactly as on the whole image.
+
+Labels and maps are OME-TIFFs (``--output_format tif``) or OME-Zarr images (``ome-zarr``), with the
+job's pixel size (``--pixel_size``, else the input's metadata), which the measurements also use.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..scoring.reports import associations_rows, evaluate_instances, matching_ov
 from ..store.images import read_mask
 from .outputs import save_image, save_png, save_rows
 from .predictor import Predictor
+from .sources import output_name
 from .tiled import write_tiled_tiff
 
 if TYPE_CHECKING:
@@ -160,14 +164,15 @@ def instance_paths(context: "RunContext", key: str, plane_pixels: tuple[int, int
     config, out = context.config, context.out
     height, width = plane_pixels
     windowed = height > config.postprocess_window or width > config.postprocess_window
-    paths = {"labels": out / f"{key}.tif", "measurements": out / f"{key}_instances.csv"}
+    fmt = "ome-zarr" if config.output_format == "ome-zarr" else "tif"
+    paths = {"labels": out / output_name(key, fmt), "measurements": out / f"{key}_instances.csv"}
     if config.probabilities:
         for name in context.predictor.channel_names:
-            paths[f"probabilities_{name}"] = out / "probabilities" / f"{key}_{name}.tif"
+            paths[f"probabilities_{name}"] = out / "probabilities" / output_name(f"{key}_{name}", fmt)
     if config.uncertainty and not streamed:
-        paths["entropy"] = out / "uncertainty" / f"{key}_entropy.tif"
+        paths["entropy"] = out / "uncertainty" / output_name(f"{key}_entropy", fmt)
         if context.predictor.samples > 1:
-            paths["spread"] = out / "uncertainty" / f"{key}_spread.tif"
+            paths["spread"] = out / "uncertainty" / output_name(f"{key}_spread", fmt)
     if config.save_intermediates and not windowed:
         for name in INTERMEDIATES:
             paths[name] = out / "intermediates" / f"{key}_{name}.tif"
@@ -193,36 +198,40 @@ def finish_instances(context: "RunContext", job: "ImageJob", prediction, image) 
         log(f"note: {job.image_path.name} has {job.pixels / 1e6:.0f} Mpixel; its uncertainty maps are not written "
             "(scores only)")
     if prediction.entropy is not None and "entropy" in paths:
-        save_image(paths["entropy"], prediction.entropy)
+        save_image(paths["entropy"], prediction.entropy, job.pixel_size)
     if prediction.spread is not None and "spread" in paths:
-        save_image(paths["spread"], prediction.spread)
+        save_image(paths["spread"], prediction.spread, job.pixel_size)
     segmentation = segment_instances(maps, context.post, config.postprocess_window, config.postprocess_overlap,
                                      intermediates=config.save_intermediates)
     if config.save_intermediates and segmentation.windowed:
         log(f"note: {job.image_path.name} was post-processed window by window (larger than "
             f"{config.postprocess_window} px); its intermediates are not written")
     labels = segmentation.labels
-    rows = measure(labels, config.pixel_size)
-    columns = list(measurement_columns(config.pixel_size))
+    unit = measurement_pixel_size(config, job.pixel_size)
+    if config.pixel_size is None and job.pixel_size is not None:
+        log(f"note: {job.image_path.name}: measurements in {_unit_source(config, job.pixel_size, unit)}")
+    rows = measure(labels, unit)
+    columns = list(measurement_columns(unit))
     found = len(rows)
     if config.filter_rules:
         labels, rows = filter_instances(labels, rows, config.filter_rules)
         columns.append("status")
     save_rows(paths["measurements"], rows, columns)
-    write_big = write_tiled_tiff if streamed else save_image
-    write_big(paths["labels"], labels)
+    write_big = write_tiled_tiff if streamed else save_image  # both: OME-TIFF or OME-Zarr by the path
+    write_big(paths["labels"], labels, job.pixel_size)
     for k, name in enumerate(context.predictor.channel_names):
         if f"probabilities_{name}" in paths:
-            write_big(paths[f"probabilities_{name}"], maps[..., k])
+            write_big(paths[f"probabilities_{name}"], maps[..., k], job.pixel_size)
     if segmentation.intermediates is not None:
         extra = segmentation.intermediates
-        save_image(paths["seeds"], extra["seeds"].astype(np.uint32))
-        save_image(paths["surface"], extra["surface"].astype(np.float32))
-        save_image(paths["growth"], extra["growth"].astype(np.uint8))
+        save_image(paths["seeds"], extra["seeds"].astype(np.uint32), job.pixel_size)
+        save_image(paths["surface"], extra["surface"].astype(np.float32), job.pixel_size)
+        save_image(paths["growth"], extra["growth"].astype(np.uint8), job.pixel_size)
         record["resolved_thresholds"] = extra["thresholds"]
     kept = sum(row.get("status", "kept") == "kept" for row in rows)
     record["instances"] = {"found": found, "kept": kept, "removed": found - kept,
-                           "label_dtype": labels.dtype.name, "windowed": segmentation.windowed}
+                           "label_dtype": labels.dtype.name, "windowed": segmentation.windowed,
+                           "measurement_pixel_size": unit}
     if job.mask_path is not None:
         record.update(evaluate_instances_one(context, job, image, labels))
     return record
@@ -236,7 +245,7 @@ def evaluate_instances_one(context: "RunContext", job: "ImageJob", image, labels
         matching, cm = evaluate_instances(labels, mask, context.config.matching_thresholds)
     except ValueError as exc:
         raise ValueError(f"{exc} in {mask_path}") from None
-    rows = [row for t in matching.thresholds for row in associations_rows(matching, paths["labels"].stem, t)]
+    rows = [row for t in matching.thresholds for row in associations_rows(matching, job.key, t)]
     save_rows(paths["associations"], rows)
     if "overlay" in paths:
         levels = matching.thresholds
@@ -259,7 +268,31 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
         if given:
             raise ConfigError(given)
         return None
-    if config.output_format != "tif":
-        raise ConfigError([f"output_format must be tif for an instance model (its labels may need uint32, which "
-                           f"PNG cannot hold); got {config.output_format!r}"])
+    if config.output_format not in ("tif", "ome-zarr"):
+        raise ConfigError([f"output_format must be tif for an instance model, or ome-zarr (its labels may need "
+                           f"uint32, which PNG cannot hold); got {config.output_format!r}"])
+    if config.thresholds and "nms" in config.thresholds and "ray" not in predictor.channel_kinds:
+        raise ConfigError([f"thresholds nms (the IoU of the polygon suppression) applies only to a model that "
+                           f"makes polygons (an R channel, StarDist); got nms={config.thresholds['nms']!r} with the "
+                           f"channels {','.join(predictor.channel_names)} of {predictor.source}. Leave nms out"])
     return postprocess_settings(predictor, config.thresholds, config.refinements)
+
+
+def measurement_pixel_size(config: "InferenceConfig", image_pixel_size: tuple[float, float] | None) -> float | None:
+    """The side of a pixel in µm for the measurements: ``--pixel_size``, else the input's own (OME-TIFF
+    PhysicalSize / OME-Zarr scale) when its pixels are square and no ``--filter_rules`` were given (those
+    were checked against the pixel-unit columns), else None (pixel units)."""
+    if config.pixel_size is not None:
+        return float(config.pixel_size)
+    if image_pixel_size is None or config.filter_rules:
+        return None
+    y, x = image_pixel_size
+    return float(x) if math.isclose(y, x, rel_tol=1e-6) else None
+
+
+def _unit_source(config: "InferenceConfig", image_pixel_size: tuple[float, float], unit: float | None) -> str:
+    """Which unit the measurements of an image with a recorded pixel size use, and why (no --pixel_size given)."""
+    if unit is not None:
+        return f"um ({unit:g} um per pixel from the image's metadata)"
+    why = "--filter_rules are in pixel units" if config.filter_rules else "its pixels are not square"
+    return f"pixels (the image records {image_pixel_size[1]:g} x {image_pixel_size[0]:g} um, but {why})"

@@ -8,14 +8,18 @@
 - ``previews/KEY_labels.png``: the predicted labels, one colour per class or object (the
   thumbnail of an image without a mask, so a run without masks still shows its results);
 - ``previews/KEY_<map>.png``: each probability and uncertainty map of an image as a colour
-  picture with a colour bar (:func:`lib.common.pictures.preview`). Maps are read subsampled to
-  at most :data:`lib.common.pictures.PREVIEW_MAX_SIDE` on the long side, one TIFF plane and
-  one tile or strip at a time, so a 50 000 px image costs a few MB; of a semantic model's
-  (classes, H, W) probabilities only the background plane is read (the preview shows
-  foreground = 1 - background). Stacks show their middle plane.
+  picture with a colour bar (:func:`lib.common.pictures.preview`); of an instance model only
+  its binary channels (``inference.json``'s ``instance.kinds``: F, C, P, ...; not distances,
+  rays or offsets). Maps are read subsampled to at most
+  :data:`lib.common.pictures.PREVIEW_MAX_SIDE` on the long side: a TIFF one plane and one tile
+  or strip at a time, so a 50 000 px image costs a few MB; an OME-Zarr map from the largest
+  pyramid level within that size (:func:`read_zarr_plane`). Of a semantic model's (classes, H, W)
+  probabilities only the background plane is read (the preview shows foreground =
+  1 - background). Stacks show their middle plane.
 - ``report.html``: one self-contained page (:mod:`lib.common.html_report`): the run's
   settings, the overall metrics, and one row per image (thumbnail linking to the full
-  overlay, scores, uncertainty, links to the previews), sortable by any column.
+  overlay, scores, uncertainty, the ``intensity_flag`` of ``uncertainty.csv`` with flagged rows
+  marked, links to the previews), sortable by any column.
 
 Every file goes through :mod:`lib.common.files` (atomic, umask mode). A ``report.html`` this
 tool did not write is left alone (with a warning).
@@ -32,11 +36,16 @@ from typing import Callable
 import numpy as np
 
 from ..common import html_report as page
+from ..common.errors import ToolkitError
 from ..common.files import write_text
 from ..common.pictures import PREVIEW_MAX_SIDE, colour_labels, enlarge, preview, save_png, with_legend
+from ..store.ome_zarr import OmeZarrImage, OmeZarrView, is_zarr_path, open_ome_zarr
+from .intensity import COLUMN as INTENSITY_COLUMN
 
 REPORT_HTML = "report.html"
 PREVIEW_FOLDER = "previews"
+FLAG_MARK = "&#9888;"  # a warning sign before a flagged image's name and flag
+FLAG_STYLE = "color: #b00000; font-weight: bold"
 MAX_THUMBNAILS = 400  # images past this many get links, no inlined thumbnail (keeps the page a few MB)
 # record output name -> (preview title, colour map, low, high); high None: the map's maximum
 MAPS = {"probabilities": ("foreground probability (1 - background)", "viridis", 0.0, 1.0),
@@ -93,11 +102,57 @@ def read_plane(path: str | Path, plane: int | None = None, max_side: int = PREVI
 # Previews
 
 
-def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
-    """The preview PNGs of one image's float maps; {map name: path relative to ``out``}."""
+def read_zarr_plane(path: str | Path, channel: int = 0, max_side: int = PREVIEW_MAX_SIDE
+                    ) -> tuple[np.ndarray, int]:
+    """One 2-D plane of an OME-Zarr image, at most ``max_side`` on the long side: ((h, w) array, channels).
+
+    Reads the largest pyramid level whose long side is at most ``max_side`` (the smallest level
+    when none is), subsampled by a whole step when still larger, so a large image costs only its
+    small level. ``channel``: index along ``c`` (when the image has channels); a stack shows its
+    middle ``z`` plane.
+    """
+    import zarr
+
+    full = open_ome_zarr(path)  # checks the metadata and axes
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    attrs = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+    levels = [group[str(d["path"])] for d in attrs["multiscales"][0]["datasets"]]
+    y, x = full.axes.index("y"), full.axes.index("x")
+    fitting = [a for a in levels if max(a.shape[y], a.shape[x]) <= max_side]
+    array = fitting[0] if fitting else min(levels, key=lambda a: a.shape[y] * a.shape[x])
+    sizes = dict(zip(full.axes, array.shape))
+    view = OmeZarrView(OmeZarrImage(full.path, array, full.axes, full.scale, full.units),
+                       plane=sizes["z"] // 2 if "z" in sizes else None)
+    step = max(1, -(-max(sizes["y"], sizes["x"]) // max_side))
+    block = view[::step, ::step]
+    return block[..., min(channel, block.shape[-1] - 1)], int(sizes.get("c", 1))
+
+
+def _is_map(path: Path) -> bool:
+    """A map the previews can read: a TIFF file or an OME-Zarr folder."""
+    if is_zarr_path(path):
+        return path.is_dir()
+    return path.is_file() and path.suffix.lower().startswith(".tif")
+
+
+def _read_map(path: Path, name: str) -> tuple[np.ndarray, bool]:
+    """(the plane of a map a preview shows, whether it holds several channels)."""
+    if is_zarr_path(path):
+        values, channels = read_zarr_plane(path)  # channel 0: the background of a semantic model
+        return values, channels > 1
+    values, axes = read_plane(path, plane=_background_plane(path) if name == "probabilities" else None)
+    return values, "C" in axes or "S" in axes
+
+
+def write_previews(out: Path, record: dict, key: str, channels: set[str] | None = None) -> dict[str, str]:
+    """The preview PNGs of one image's float maps (OME-TIFF or OME-Zarr); {map name: path relative to ``out``}.
+
+    ``channels``: the instance channels to draw (``probabilities_NAME``), None for every one.
+    """
     written = {}
     labels = (record.get("outputs") or {}).get("labels")
-    if labels and (out / labels).is_file():
+    if labels and ((out / labels).is_file() or _is_map(out / labels)):
         target = out / PREVIEW_FOLDER / f"{key}_labels.png"
         written["labels"] = str(target.relative_to(out))
         if not target.is_file() or target.stat().st_mtime < (out / labels).stat().st_mtime:
@@ -105,10 +160,13 @@ def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
                                          title=f"{key}: predicted labels (one colour per class or object)"))
     for name, relative in sorted((record.get("outputs") or {}).items()):
         path = out / relative
-        if not path.is_file() or not path.suffix.lower().startswith(".tif"):
+        if not _is_map(path):
             continue
         if name.startswith("probabilities_"):  # instance models: one map per channel
-            title, colours, low, high = f"probability of {name[len('probabilities_'):]}", "viridis", 0.0, 1.0
+            channel = name[len("probabilities_"):]
+            if channels is not None and channel not in channels:
+                continue  # distances, rays, offsets: not probabilities
+            title, colours, low, high = f"probability of {channel}", "viridis", 0.0, 1.0
         elif name in MAPS:
             title, colours, low, high = MAPS[name]
         else:
@@ -117,10 +175,10 @@ def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
         written[name] = str(target.relative_to(out))
         if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
             continue  # drawn by an earlier call from the same map
-        values, axes = read_plane(path, plane=_background_plane(path) if name == "probabilities" else None)
+        values, several = _read_map(path, name)
         values = values.astype(np.float32)
         if name == "probabilities":
-            if "C" not in axes and "S" not in axes:  # one channel: a binary map, P(foreground)
+            if not several:  # one channel: a binary map, P(foreground)
                 title = "foreground probability"
             else:
                 values = 1.0 - values
@@ -131,8 +189,20 @@ def write_previews(out: Path, record: dict, key: str) -> dict[str, str]:
     return written
 
 
+def preview_channels(settings: dict) -> set[str] | None:
+    """The instance channels worth a preview: the binary ones (probabilities, e.g. F, C, P) of
+    ``inference.json``'s ``instance`` block; None (every channel) when it does not say."""
+    block = settings.get("instance") or {}
+    names, kinds = block.get("channels"), block.get("kinds")
+    if not isinstance(names, list) or not isinstance(kinds, list) or len(names) != len(kinds):
+        return None
+    return {name for name, kind in zip(names, kinds) if kind == "binary"}
+
+
 def _read_labels(path: Path) -> np.ndarray:
-    """A label image (TIFF or PNG) subsampled to at most PREVIEW_MAX_SIDE; a stack's middle plane."""
+    """A label image (TIFF, PNG or OME-Zarr) subsampled to at most PREVIEW_MAX_SIDE; a stack's middle plane."""
+    if is_zarr_path(path):
+        return read_zarr_plane(path)[0]
     if path.suffix.lower().startswith(".tif"):
         return read_plane(path)[0]
     from PIL import Image
@@ -229,8 +299,9 @@ def build_html(out: Path, records: dict[str, dict], previews: dict[str, dict[str
                 numeric=[True] * len(shown)))
     score_name, score_of = ("F1 at IoU 0.5", lambda key: instance.get(key, {}).get("f1")) if instance else \
         ("mean IoU", lambda key: metrics.get(key, {}).get("mean_iou"))
-    header = ["image", "picture", score_name, "mean entropy", "uncertain fraction", "mean spread", "files"]
-    body = []
+    header = ["image", "picture", score_name, "mean entropy", "uncertain fraction", "mean spread",
+              "intensity flag", "files"]
+    body, flagged = [], 0
     ranked = sorted(records, key=lambda k: -_float(uncertainty.get(k, {}).get("mean_entropy")))
     for number, key in enumerate(ranked):
         record, scores = records[key], uncertainty.get(key, {})
@@ -240,21 +311,29 @@ def build_html(out: Path, records: dict[str, dict], previews: dict[str, dict[str
         uri = _thumbnail(out, shown) if number < MAX_THUMBNAILS else None
         links = [(name, rel) for name, rel in outputs.items() if name != "record"]
         links += [(f"{name} preview", rel) for name, rel in previews.get(key, {}).items()]
-        links = [(name, rel) for name, rel in links if (out / rel).is_file()]
+        links = [(name, rel) for name, rel in links if (out / rel).exists()]
+        flag = (scores.get(INTENSITY_COLUMN) or "").strip()
+        flagged += bool(flag)
         body.append([
-            page.escape(key),
+            f'{FLAG_MARK} {page.escape(key)}' if flag else page.escape(key),
             page.image(uri, f"{key}", link=shown) if uri else (f'<a href="{page.escape(shown)}">open</a>' if shown
                                                                else ""),
             page.escape(page.number(_float(score_of(key)))),
             page.escape(page.number(_float(scores.get("mean_entropy")))),
             page.escape(page.number(_float(scores.get("uncertain_fraction")))),
             page.escape(page.number(_float(scores.get("mean_spread")))),
+            f'<span style="{FLAG_STYLE}">{FLAG_MARK} {page.escape(flag)}</span>' if flag else "",
             " ".join(f'<a href="{page.escape(rel)}">{page.escape(name)}</a>' for name, rel in links)])
     parts.append(f"<h2>Images ({len(records)}), most uncertain first</h2>")
     if len(records) > MAX_THUMBNAILS:
         parts.append(f'<p class="note">Thumbnails for the {MAX_THUMBNAILS} most uncertain images; the others '
                      "have links.</p>")
-    parts.append(page.table(header, body, sortable=True, numeric=[False, False, True, True, True, True, False]))
+    if flagged:
+        parts.append(f'<p><span style="{FLAG_STYLE}">{FLAG_MARK} {flagged} image(s)</span> have an intensity unlike '
+                     f"the training images' ({INTENSITY_COLUMN} of uncertainty.csv: saturated, flat, contrast, "
+                     "histogram_shape...): check their predictions first.</p>")
+    parts.append(page.table(header, body, sortable=True,
+                            numeric=[False, False, True, True, True, True, False, False]))
     return page.page(f"Inference report: {out.name}", "\n".join(parts))
 
 
@@ -275,11 +354,16 @@ def write_report(output_folder: str | Path, log: Callable[[str], None] = print) 
             log(f"warning: {target} was not written by this tool; no report written (move it away to get one)")
             return None
     records = read_records(out)
+    try:
+        settings = json.loads((out / "inference.json").read_text()) if (out / "inference.json").is_file() else {}
+    except (OSError, ValueError):
+        settings = {}
+    channels = preview_channels(settings if isinstance(settings, dict) else {})
     previews = {}
     for key, record in records.items():
         try:
-            previews[key] = write_previews(out, record, key)
-        except (OSError, ValueError, IndexError) as exc:
+            previews[key] = write_previews(out, record, key, channels)
+        except (OSError, ValueError, IndexError, KeyError, ToolkitError) as exc:
             log(f"warning: {key}: no preview of its maps ({exc})")
     write_text(target, build_html(out, records, previews))
     return target

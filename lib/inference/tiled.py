@@ -35,7 +35,7 @@ from ..scoring.metrics import confusion_matrix
 from ..store.images import smallest_uint
 from ..store.tiling import TilePlan, default_batch_size, inference_plan, read_window, round_up
 from .predictor import Predictor
-from .sinks import TiffSink, file_sink
+from .sinks import file_sink
 
 # Above this normalised entropy a pixel counts as uncertain in the per-image score.
 UNCERTAIN_ENTROPY = 0.5
@@ -245,15 +245,15 @@ class ConfusionSink:
         pass
 
 
-def write_tiled_tiff(path: Path, array) -> None:
-    """Write ``array`` (H, W) or (H, W, C) (a memory map is read strip by strip) as a tiled BigTIFF, atomically."""
+def write_tiled_tiff(path: Path, array, pixel_size: tuple[float, float] | None = None) -> None:
+    """Write ``array`` (H, W) or (H, W, C) (a memory map is read strip by strip) as a tiled OME BigTIFF (an
+    OME-Zarr image for a ``.zarr`` path), atomically, with ``pixel_size`` (y, x) in µm when known."""
     height, width = array.shape[:2]
-    sink = TiffSink("data", path, tuple(array.shape), array.dtype, tile=TIFF_TILE)
+    sink = file_sink("data", path, tuple(array.shape), array.dtype, pixel_size, tile=TIFF_TILE)
     ok = False
     try:
-        step = sink.writer.tile
-        for y in range(0, height, step):
-            sink.put((y, min(y + step, height), 0, width), np.asarray(array[y:y + step]))
+        for y in range(0, height, TIFF_TILE):
+            sink.put((y, min(y + TIFF_TILE, height), 0, width), np.asarray(array[y:y + TIFF_TILE]))
         ok = True
     finally:
         sink.close(ok)
