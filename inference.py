@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="tif: OME-TIFF labels (OME-XML axes and pixel size; above 8192 px a tiled BigTIFF with a "
                           "pyramid); png: labels as PNG (stacks and huge images stay tif); ome-zarr: labels, "
                           "probabilities and uncertainty as OME-Zarr folders KEY.ome.zarr (NGFF 0.4, pyramid; "
-                          "semantic models)")
+                          "instance models: labels and per-channel maps; png is for semantic models only)")
     out.add_argument("--probabilities", action="store_true",
                      help="also write probabilities/KEY.tif: float32, one plane per class, stored (classes, H, W) "
                           "(OME axes CYX; images streamed above 67 Mpixel: (H, W, classes), axes YXS; ome-zarr: "
@@ -120,15 +120,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from model.json's instance.postprocess")
     inst.add_argument("--thresholds", type=_thresholds, default=None,
                       help="seed thresholds by channel on top of model.json's, NAME=VALUE with a number in [0, 1] or "
-                           "auto (Otsu), comma-separated; 'growth' sets the growth mask's (e.g. F=0.5,Db=auto)")
+                           "auto (Otsu), comma-separated; 'growth' sets the growth mask's (e.g. F=0.5,Db=auto); 'nms' "
+                           "the polygon suppression IoU (models with an R channel only)")
     inst.add_argument("--refinements", type=_refinements, default=None,
                       help="refinements after the watershed, replacing model.json's, comma-separated, or none "
                            "(e.g. 'fill_holes,remove_small_objects 20'; also clear_border, remove_large_objects N, "
                            "dilation R, erosion R)")
     inst.add_argument("--pixel_size", type=_positive, default=None,
                       help="side of a pixel in micrometres (e.g. 0.65): measurement columns in um and um2 "
-                           "(area_um2, feret_max_um, ...) instead of px and px2. Semantic models record the "
-                           "input's own pixel size (OME-TIFF / OME-Zarr metadata) in their OME outputs")
+                           "(area_um2, feret_max_um, ...) instead of px and px2, and written into every output "
+                           "(OME-TIFF PhysicalSizeX/Y, OME-Zarr scale). Without it the input's own pixel size "
+                           "(OME-TIFF / OME-Zarr metadata) is used: in the outputs, and for instance measurements "
+                           "when its pixels are square and no --filter_rules are given")
     inst.add_argument("--filter_rules", default=None,
                       help="remove the instances matching these rules from the labels, e.g. 'npixels < 100 and "
                            "circularity <= 0.7; area_px2 > 5000' (';' = or; column names of docs/measurements.md); KEY_instances.csv then lists every "
