@@ -301,8 +301,9 @@ def _evaluate_classes(context: "RunContext", job: "ImageJob", labels: np.ndarray
                       names: Sequence[str]) -> dict:
     """Matching per class against a two-channel truth mask (ids, classes); nothing for a one-channel mask."""
     truth = read_image(job.mask_path)
-    if truth.shape[2] != 2:
-        context.log(f"note: {job.mask_path.name} has no class channel: matching over all classes only")
+    if truth.shape[2] != 2 or job.mask_path.suffix.lower() not in (".tif", ".tiff"):  # a 2-channel PNG: grey+alpha
+        context.log(f"note: {job.mask_path.name} has no class channel (a two-channel TIFF: ids, classes): matching "
+                    "over all classes only")
         return {}
     ids, classes = read_mask(job.mask_path, binary_255=False), truth[..., 1]
     stats = evaluate_instance_classes(labels, pred_classes, ids, classes, names,

@@ -4,8 +4,8 @@ Histology challenges (CoNIC, PanNuke) label every object and give each a class: 
 mask and a class mask of the same size, or both as the two channels of one TIFF (``(H, W, 2)``
 or ``(2, H, W)``). ``build_lmdb.py --mask_type instance`` takes either:
 
-* two-channel masks in ``--mask_folder`` (channel 0: instance ids, 0 = background; channel 1:
-  the class of each pixel, 1..K inside objects);
+* two-channel TIFF masks in ``--mask_folder`` (channel 0: instance ids, 0 = background; channel 1:
+  the class of each pixel, 1..K inside objects); a two-channel PNG is grey + alpha, one channel;
 * one-channel instance masks and ``--class_mask_folder`` holding a class mask of the same name
   (file stem) for every instance mask.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import ImageReadError, _integer_mask, list_images, read_image, read_info, read_mask
+from .images import TIFF_EXTENSIONS, ImageReadError, _integer_mask, list_images, read_image, read_info, read_mask
 
 # Name of the settings entry that switches the worker to class-aware reading.
 CLASS_MODE = "class_mode"  # None | "channels" | "folder"
@@ -78,8 +78,10 @@ def prepare(config, pairs: list, settings: dict[str, Any]) -> list[str]:
             info = read_info(pair.mask)
         except ImageReadError:
             continue  # reported by the header check
+        # A two-channel PNG is grey + alpha (an editor's export), read as one channel: only TIFFs hold classes.
         if not info.is_volume:
-            (two if info.shape[2] == 2 else one).append(Path(pair.mask).name)
+            tiff = Path(pair.mask).suffix.lower() in TIFF_EXTENSIONS
+            (two if info.shape[2] == 2 and tiff else one).append(Path(pair.mask).name)
     if not two:
         return []
     settings[CLASS_MODE] = "channels"

@@ -142,3 +142,18 @@ def test_majority_table():
     cls = np.array([[2, 2, 1, 3], [5, 3, 3, 1]])
     uid, best, n = instance_class_table(ids, cls)
     assert uid.tolist() == [1, 2, 3] and best.tolist() == [2, 3, 1] and n.tolist() == [2, 1, 1]
+
+
+def test_grey_and_alpha_png_instance_masks_stay_one_channel(tmp_path):
+    from PIL import Image
+
+    data = make_data(tmp_path, "folder", n=3)
+    for path in sorted((data / "instances").glob("*.tif")):
+        ids = read_mask(path, binary_255=False)
+        assert ids.max() < 256
+        grey_alpha = np.stack([ids.astype(np.uint8), np.full(ids.shape, 255, np.uint8)], -1)
+        Image.fromarray(grey_alpha, "LA").save(path.with_suffix(".png"))
+        path.unlink()
+    assert build_lmdb.main(build(data)) == 0
+    with LmdbReader(data / "db/train-c.lmdb") as db:
+        assert "instance_classes" not in db.metadata and db[0][1].ndim == 2
