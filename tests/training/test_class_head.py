@@ -12,6 +12,7 @@ import pytest
 from lib.common.settings import ConfigError
 from lib.reader.targets import TargetSpec, channel_kind, make_targets, parse_instance_channels, with_classes
 
+
 def _reader_knows_classes() -> bool:
     """The hunks of lib/reader/imagereader.py, lib/reader/batches.py and lib/model_folder.py that pass the class
     channel to make_targets and accept the kind "class" (helper H's report, issue 17 item 2) are in."""
