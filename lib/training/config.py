@@ -19,6 +19,7 @@ from ..common.errors import EXIT_SOME_FAILED, BadInput, Resumable
 from ..common.settings import ConfigError
 from ..reader.augment import AugmentParams
 from ..reader.targets import TargetSpec, parse_instance_channels, with_classes
+from ..store.lmdb_store import LmdbReader, StoreError
 from .losses import LOSSES
 
 LR_SCHEDULES = ("constant", "plateau", "cosine", "onecycle")
@@ -271,8 +272,6 @@ def database_class_names(path: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=8)
 def _class_names(path: str, stamp: int) -> tuple[str, ...]:
-    from ..store.lmdb_store import LmdbReader, StoreError
-
     try:
         with LmdbReader(path) as reader:
             meta = reader.metadata
