@@ -50,6 +50,9 @@ def make_build_parser() -> argparse.ArgumentParser:
                       help="your own test images: all of them become the test database (give --test_mask_folder "
                            "too); default: a random 20 %% of --image_folder")
     data.add_argument("--test_mask_folder", default=None, help="the masks of --test_image_folder")
+    data.add_argument("--class_mask_folder", default=None,
+                      help="with --mask_type instance: a class mask (class 1..K of each object, 0 background) for "
+                           "every instance mask, same file name; two-channel masks (ids, classes) need no folder")
     tiling = parser.add_argument_group("split and tiling")
     tiling.add_argument("--train_fraction", type=float, default=None,
                         help="fraction of source images in the training database (split by image, before tiling); "
@@ -83,7 +86,7 @@ def config_from_args(args: argparse.Namespace):
         use_tiling=args.use_tiling, tile_size=args.tile_size, stride=args.stride, mask_suffix=args.mask_suffix,
         number_classes=args.number_classes, mask_type=args.mask_type, seed=args.seed, folds=args.folds,
         workers=args.workers, overwrite=args.overwrite, test_image_folder=args.test_image_folder,
-        test_mask_folder=args.test_mask_folder)
+        test_mask_folder=args.test_mask_folder, class_mask_folder=args.class_mask_folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

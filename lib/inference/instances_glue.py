@@ -23,8 +23,14 @@ from ..instances.measure import measure, measurement_columns
 from ..instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed
 from ..instances.rules import filter_instances
 from ..model_folder import ModelError
-from ..scoring.reports import associations_rows, evaluate_instances, matching_overlay, metrics_row
-from ..store.images import read_mask
+from ..scoring.reports import (
+    associations_rows,
+    evaluate_instance_classes,
+    evaluate_instances,
+    matching_overlay,
+    metrics_row,
+)
+from ..store.images import read_image, read_mask
 from .outputs import save_image, save_png, save_rows
 from .predictor import Predictor
 from .sources import output_name
@@ -166,6 +172,8 @@ def instance_paths(context: "RunContext", key: str, plane_pixels: tuple[int, int
     windowed = height > config.postprocess_window or width > config.postprocess_window
     fmt = "ome-zarr" if config.output_format == "ome-zarr" else "tif"
     paths = {"labels": out / output_name(key, fmt), "measurements": out / f"{key}_instances.csv"}
+    if class_names(context.predictor):
+        paths["classes"] = out / output_name(f"{key}_classes", fmt)
     if config.probabilities:
         for name in context.predictor.channel_names:
             paths[f"probabilities_{name}"] = out / "probabilities" / output_name(f"{key}_{name}", fmt)
@@ -212,6 +220,12 @@ def finish_instances(context: "RunContext", job: "ImageJob", prediction, image) 
         log(f"note: {job.image_path.name}: measurements in {_unit_source(config, job.pixel_size, unit)}")
     rows = measure(labels, unit)
     columns = list(measurement_columns(unit))
+    names = class_names(context.predictor)
+    pred_classes = instance_classes(labels, maps, len(names)) if names else {}
+    if names:
+        for row in rows:
+            row["class"] = names[pred_classes.get(int(row["label"]), 0)]
+        columns.insert(1, "class")
     found = len(rows)
     if config.filter_rules:
         labels, rows = filter_instances(labels, rows, config.filter_rules)
@@ -219,6 +233,8 @@ def finish_instances(context: "RunContext", job: "ImageJob", prediction, image) 
     save_rows(paths["measurements"], rows, columns)
     write_big = write_tiled_tiff if streamed else save_image  # both: OME-TIFF or OME-Zarr by the path
     write_big(paths["labels"], labels, job.pixel_size)
+    if "classes" in paths:  # kept objects only: filtered ones are 0 in labels
+        write_big(paths["classes"], class_map(labels, pred_classes, len(names)), job.pixel_size)
     for k, name in enumerate(context.predictor.channel_names):
         if f"probabilities_{name}" in paths:
             write_big(paths[f"probabilities_{name}"], maps[..., k], job.pixel_size)
@@ -234,7 +250,65 @@ def finish_instances(context: "RunContext", job: "ImageJob", prediction, image) 
                            "measurement_pixel_size": unit}
     if job.mask_path is not None:
         record.update(evaluate_instances_one(context, job, image, labels))
+        if names:
+            record.update(_evaluate_classes(context, job, labels, pred_classes, names))
     return record
+
+
+def class_names(predictor: Predictor) -> tuple[str, ...]:
+    """The class names (background first) of a model with a class per instance (planes K0.. of kind
+    "class"); () for any other model."""
+    info = predictor.members[0].info
+    n = sum(kind == "class" for kind in info.channel_kinds)
+    if not n:
+        return ()
+    names = ((info.meta.get("instance") or {}).get("targets") or {}).get("class_names") or []
+    return tuple(names) if len(names) == n else ("background",) + tuple(f"class {i}" for i in range(1, n))
+
+
+def instance_classes(labels: np.ndarray, maps, n_classes: int, rows_per_block: int = 1024) -> dict[int, int]:
+    """The class of each instance: the majority, over its pixels, of the most probable object class
+    (planes K1.. of the class head, the last ``n_classes`` maps; an instance is an object, so K0 is left
+    out). ``maps`` may be a memory map: read in blocks of rows."""
+    counts: dict[tuple[int, int], int] = {}
+    for y in range(0, labels.shape[0], rows_per_block):
+        block = np.asarray(labels[y:y + rows_per_block])
+        inside = block > 0
+        if not inside.any():
+            continue
+        best = np.asarray(maps[y:y + rows_per_block, :, -(n_classes - 1):]).argmax(axis=-1) + 1
+        ids, cls = block[inside].astype(np.int64), best[inside].astype(np.int64)
+        pairs, n = np.unique(ids * n_classes + cls, return_counts=True)
+        for p, c in zip(pairs.tolist(), n.tolist()):
+            counts[divmod(p, n_classes)] = counts.get(divmod(p, n_classes), 0) + c
+    out: dict[int, tuple[int, int]] = {}
+    for (i, c), n in sorted(counts.items()):
+        if i not in out or n > out[i][1]:
+            out[i] = (c, n)
+    return {i: c for i, (c, _) in out.items()}
+
+
+def class_map(labels: np.ndarray, classes: dict[int, int], n_classes: int) -> np.ndarray:
+    """``(H, W)`` uint8 (uint16 beyond 255 classes): the class of each pixel's instance, 0 on background."""
+    table = np.zeros(int(labels.max(initial=0)) + 1, np.uint8 if n_classes <= 256 else np.uint16)
+    for i, c in classes.items():
+        if i < table.size:
+            table[i] = c
+    return table[labels]
+
+
+def _evaluate_classes(context: "RunContext", job: "ImageJob", labels: np.ndarray, pred_classes: dict[int, int],
+                      names: Sequence[str]) -> dict:
+    """Matching per class against a two-channel truth mask (ids, classes); nothing for a one-channel mask."""
+    truth = read_image(job.mask_path)
+    if truth.shape[2] != 2 or job.mask_path.suffix.lower() not in (".tif", ".tiff"):  # a 2-channel PNG: grey+alpha
+        context.log(f"note: {job.mask_path.name} has no class channel (a two-channel TIFF: ids, classes): matching "
+                    "over all classes only")
+        return {}
+    ids, classes = read_mask(job.mask_path, binary_255=False), truth[..., 1]
+    stats = evaluate_instance_classes(labels, pred_classes, ids, classes, names,
+                                      context.config.matching_thresholds)
+    return {"instance_class_stats": stats}
 
 
 def evaluate_instances_one(context: "RunContext", job: "ImageJob", image, labels: np.ndarray) -> dict:

@@ -36,6 +36,10 @@ name      kind       meaning
 ``A``     binary     affinities: ``A`` stands for ``A0_1, A1_0``; ``A<dy>_<dx>`` (any offsets,
                      e.g. ``A0_4,A4_0`` for long range) is 1 where a pixel and the one at
                      ``(y + dy, x + dx)`` belong to the same object.
+``K``     class      a class per instance: planes ``K0`` (background) .. ``K<n>``, one-hot of the
+                     class of each pixel's object (databases with two-channel instance masks,
+                     lib/store/instance_classes.py); trained with a softmax cross-entropy over
+                     the K planes together. Added by the trainer, never named by the user.
 ========  =========  ==========================================================================
 
 The shorthands ``R`` and ``A`` are expanded by :func:`parse_instance_channels`: a spec always
@@ -76,6 +80,8 @@ CHANNELS: dict[str, str] = {"F": "binary", "C": "binary", "Db": "distance", "P":
 # The channels of issue 17 (one plane each; R and A are shorthands for several planes, below).
 MORE_CHANNELS: dict[str, str] = {"B": "binary", "H": "distance", "V": "distance", "D": "distance",
                                  "Dc": "distance", "Dn": "distance"}
+# A class per instance: planes K0 (background) .. K<n>, kind "class" (see with_classes).
+CLASS_PREFIX = "K"
 # Shorthands that stand for several planes (expanded by parse_instance_channels).
 SHORTHANDS = ("R", "A")
 # Channel sets whose maps the post-processing turns into instances (lib/instances/postprocess.py).
@@ -121,12 +127,12 @@ class TargetSpec:
     d_alpha: float = 5.0
     d_beta: float = 5.0
     dn_scale: float = 10.0
+    class_names: tuple[str, ...] = ()  # a class per instance: names of classes 0 (background) .. n (planes K*)
 
     def __post_init__(self):
-        if isinstance(self.channels, list):
-            object.__setattr__(self, "channels", tuple(self.channels))
-        if isinstance(self.weights, list):
-            object.__setattr__(self, "weights", tuple(self.weights))
+        for name in ("channels", "weights", "class_names"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> "TargetSpec":
         """Return self, or raise ``ConfigError`` (a ``ValueError``) listing every invalid field."""
@@ -181,9 +187,15 @@ class TargetSpec:
                 v.append(f"{name} must be a number > 0 (pixels); got {value!r}")
         if self.distance_loss not in DISTANCE_LOSSES:
             v.append(f"distance_loss must be one of {', '.join(DISTANCE_LOSSES)}; got {self.distance_loss!r}")
+        v += _class_problems(self)
         if v:
             raise ConfigError(v)
         return self
+
+    @property
+    def n_class_planes(self) -> int:
+        """The planes of the class head (K0..K<n>): 0 without classes."""
+        return len(self.class_names)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -281,10 +293,51 @@ def _planes(name: str, options: dict) -> int:
     return len(fields.DEFAULT_AFFINITIES) if name == "A" else 1
 
 
+def class_plane_names(n: int) -> tuple[str, ...]:
+    """``K0`` .. ``K<n-1>``: the planes of a class head over ``n`` classes (background included)."""
+    return tuple(f"{CLASS_PREFIX}{i}" for i in range(n))
+
+
+def is_class_name(name: Any) -> bool:
+    return isinstance(name, str) and name[:1] == CLASS_PREFIX and name[1:].isdigit() and name[1:] == str(int(name[1:]))
+
+
+def with_classes(spec: TargetSpec, class_names: list[str] | tuple[str, ...]) -> TargetSpec:
+    """``spec`` with a class head over ``class_names`` (background first): planes K0.. appended, weight 1 each.
+
+    A spec that has them already, or an empty ``class_names``, is returned as it is.
+    """
+    if not class_names or spec.class_names:
+        return spec
+    weights = None if spec.weights is None else spec.weights + (1.0,) * len(class_names)
+    return dataclasses.replace(spec, channels=spec.channels + class_plane_names(len(class_names)), weights=weights,
+                               class_names=tuple(class_names)).validate()
+
+
+def _class_problems(spec: TargetSpec) -> list[str]:
+    if not isinstance(spec.class_names, tuple) or not all(isinstance(n, str) for n in spec.class_names):
+        return [f"class_names must be a list of names, background first; got {spec.class_names!r}"]
+    if not isinstance(spec.channels, tuple):
+        return []
+    planes = tuple(c for c in spec.channels if is_class_name(c))
+    n = len(spec.class_names)
+    if n == 1:
+        return [f"class_names must name background and at least one class; got {spec.class_names!r}"]
+    if planes and not n:
+        return [f"channels must not name class planes ({','.join(planes)}): the trainer adds them for a database "
+                "with a class per instance (build_lmdb.py --mask_type instance with two-channel masks)"]
+    if planes != class_plane_names(n) or (n and spec.channels[-n:] != planes):
+        return [f"channels must end with the class planes K0..K{max(n - 1, 0)}, one per class name "
+                f"({n}: {', '.join(spec.class_names) or 'none'}); got {','.join(planes) or 'none'}"]
+    return []
+
+
 def channel_kind(name: Any) -> str | None:
-    """``"binary"``, ``"distance"`` or ``"ray"`` for a plane name; None for an unknown one."""
+    """``"binary"``, ``"distance"``, ``"ray"`` or ``"class"`` for a plane name; None for an unknown one."""
     if not isinstance(name, str):
         return None
+    if is_class_name(name):
+        return "class"
     if name in CHANNELS or name in MORE_CHANNELS:
         return CHANNELS.get(name) or MORE_CHANNELS[name]
     if is_ray_name(name):
@@ -316,7 +369,8 @@ def combination_problems(names: tuple[str, ...]) -> list[str]:
     return problems
 
 
-def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None = None) -> np.ndarray:
+def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None = None,
+                 classes: np.ndarray | None = None) -> np.ndarray:
     """Compute the target channels of one instance label patch.
 
     Parameters
@@ -326,6 +380,8 @@ def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None
     spec : a :class:`TargetSpec` (validated here).
     out : optional (H, W, K) float32 array to write into (e.g. a shared-memory view), where
         K = ``len(spec.channels)``; every element is overwritten.
+    classes : (H, W) class of each pixel's object (0 on background), the second label channel of
+        a database with a class per instance; needed when ``spec`` has class planes (K0..).
 
     Returns
     -------
@@ -382,7 +438,23 @@ def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None
         maps = fields.affinities(labels, [offset for _, offset in planes])
         for j, (k, _) in enumerate(planes):
             out[..., k] = maps[..., j]
+    if spec.n_class_planes:
+        _class_planes(labels, classes, out[..., n_channels - spec.n_class_planes:])
     return out
+
+
+def _class_planes(labels: np.ndarray, classes: np.ndarray | None, out: np.ndarray) -> None:
+    """One-hot of the class of each pixel's object (plane 0: background) into ``out`` (H, W, n)."""
+    if classes is None or np.shape(classes) != labels.shape:
+        got = "none" if classes is None else f"shape {np.shape(classes)}"
+        raise ValueError(f"classes must be an (H, W) array beside instances {labels.shape} for the class planes "
+                         f"K0..K{out.shape[-1] - 1}; got {got}")
+    values = np.where(labels != 0, np.asarray(classes), 0).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() >= out.shape[-1]):
+        raise ValueError(f"classes must be in [0, {out.shape[-1]}) (the class names of the spec); got values "
+                         f"{int(values.min())}..{int(values.max())}")
+    out[...] = 0
+    np.put_along_axis(out, values[..., np.newaxis], 1.0, axis=-1)
 
 
 def contours(labels: np.ndarray, mode: str = "thick") -> np.ndarray:

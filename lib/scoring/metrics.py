@@ -403,3 +403,35 @@ def pool_stats(items: Sequence[InstanceMatching | Mapping[float, MatchStats]]) -
                                            sum(s.n_pred for s in column),
                                            math.fsum(s.sum_matched_iou for s in column))
     return pooled
+
+
+# A class per instance (two-channel label images: instance ids, class of each instance)
+
+
+def majority_class(labels: np.ndarray, classes: np.ndarray) -> dict[int, int]:
+    """``{instance id: the class most of its pixels have}`` for every id > 0 of ``labels`` (ties: the smaller
+    class). ``classes``: non-negative integers of the same shape (a class map, or the argmax of a class head)."""
+    inside = labels > 0
+    ids, cls = labels[inside].astype(np.int64), classes[inside].astype(np.int64)
+    if not ids.size:
+        return {}
+    uid, index = np.unique(ids, return_inverse=True)
+    n = int(cls.max()) + 1
+    counts = np.bincount(index * n + cls, minlength=uid.size * n).reshape(uid.size, n)
+    return dict(zip(uid.tolist(), counts.argmax(axis=1).tolist()))
+
+
+def match_instances_by_class(true: np.ndarray, true_classes: Mapping[int, int], pred: np.ndarray,
+                             pred_classes: Mapping[int, int], classes: Iterable[int],
+                             thresholds: float | Iterable[float] = DEFAULT_THRESHOLDS) -> dict[int, InstanceMatching]:
+    """Per class ``c`` of ``classes``: :func:`match_instances` of the true objects of class ``c`` with the
+    predicted objects of class ``c`` (the others count as background), as in the CoNIC challenge's
+    per-class panoptic quality. ``true_classes`` / ``pred_classes``: the class of each id (e.g. from
+    :func:`majority_class`); an id without one belongs to no class."""
+    out = {}
+    for c in classes:
+        keep_true = np.asarray([i for i, k in true_classes.items() if k == c], np.int64)
+        keep_pred = np.asarray([i for i, k in pred_classes.items() if k == c], np.int64)
+        out[int(c)] = match_instances(np.where(np.isin(true, keep_true), true, 0),
+                                      np.where(np.isin(pred, keep_pred), pred, 0), thresholds)
+    return out

@@ -26,7 +26,17 @@ import numpy as np
 
 from ..common.files import write_text
 from ..common.pictures import instance_overlay
-from .metrics import DEFAULT_THRESHOLDS, InstanceMatching, MatchStats, confusion_matrix, match_instances, scores
+from .metrics import (
+    DEFAULT_THRESHOLDS,
+    InstanceMatching,
+    MatchStats,
+    confusion_matrix,
+    majority_class,
+    match_instances,
+    match_instances_by_class,
+    pool_stats,
+    scores,
+)
 
 INSTANCE_METRIC_FIELDS = ("image", "threshold", "tp", "fp", "fn", "n_true", "n_pred", "precision", "recall",
                           "accuracy", "f1", "panoptic_quality", "mean_matched_iou")
@@ -98,6 +108,42 @@ def instance_metrics_rows(name: str, stats: dict[float, MatchStats]) -> list[dic
         values = stats[threshold].as_dict()
         rows.append({"image": name, **{k: values[k] for k in INSTANCE_METRIC_FIELDS[1:]}})
     return rows
+
+
+def evaluate_instance_classes(labels: np.ndarray, pred_classes: dict[int, int], mask: np.ndarray,
+                              mask_classes: np.ndarray, class_names: Sequence[str],
+                              thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict[str, dict[str, dict]]:
+    """Matching per class of a model with a class per instance against a two-channel truth (``mask`` ids,
+    ``mask_classes`` the class of each pixel): ``{class name: {str(threshold): MatchStats.as_dict()}}`` for the
+    object classes 1.. of ``class_names`` (background first). A true object's class is its pixels' majority."""
+    _check_same_size(labels, mask)
+    true_classes = majority_class(mask, mask_classes)
+    found = match_instances_by_class(mask, true_classes, labels, pred_classes, range(1, len(class_names)),
+                                     thresholds)
+    return {class_names[c]: {str(t): s.as_dict() for t, s in m.stats.items()} for c, m in found.items()}
+
+
+def with_class_rows(rows: list[dict[str, object]], records: dict[str, dict]) -> list[dict[str, object]]:
+    """The rows of instance_metrics.csv, followed by per-class rows when the images' records hold
+    ``instance_class_stats`` (models with a class per instance, two-channel masks).
+
+    Then every row gets a ``class`` column: ``all`` for the class-agnostic rows above, the class name
+    for the per-class rows (per image, then ``ALL`` pooled over the images). Otherwise ``rows`` as they are.
+    """
+    tables = {key: r["instance_class_stats"] for key, r in records.items() if r.get("instance_class_stats")}
+    if not tables:
+        return rows
+    out = [{**row, "class": "all"} for row in rows]
+    names = list(dict.fromkeys(name for table in tables.values() for name in table))
+    pooled_rows = []
+    for name in names:
+        per_image = {key: {float(t): MatchStats(**d) for t, d in table[name].items()}
+                     for key, table in tables.items() if name in table}
+        for key, stats in per_image.items():
+            out += [{**row, "class": name} for row in instance_metrics_rows(key, stats)]
+        pooled_rows += [{**row, "class": name} for row in instance_metrics_rows("ALL", pool_stats(list(
+            per_image.values())))]
+    return out + pooled_rows
 
 
 def associations_rows(matching: InstanceMatching, image_name: str,

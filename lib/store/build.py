@@ -2,17 +2,15 @@
 
 The build runs in three steps:
 
-1. pairing by key and a header check of every file (no pixels decoded), so that layout
-   problems are reported in seconds;
-2. a split of the source images (seeded), a k-fold assignment of the training images and
-   the tile grid of every image, all known before any pixel is read;
-3. one pass over the pairs in a process pool: each worker decodes a pair, checks its
-   values, cuts its tiles and writes them straight into the database of its split (LMDB
-   serialises the writers), returning only small statistics.
+1. pairing by key and a header check of every file (no pixels decoded), so that layout problems are reported
+   in seconds;
+2. a split of the source images (seeded), a k-fold assignment of the training images and the tile grid of
+   every image, all known before any pixel is read;
+3. one pass over the pairs in a process pool: each worker decodes a pair, checks its values, cuts its tiles
+   and writes them straight into the database of its split (LMDB serialises the writers).
 
-Everything is written inside a hidden temporary folder next to the outputs, renamed into
-place only when complete; any problem, exception or signal removes it. A killed build
-therefore never leaves a database that looks valid at the output path.
+Everything is written in a hidden folder beside the outputs, renamed into place only when complete; any
+problem, exception or signal removes it: a killed build never leaves a database that looks valid.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from .. import __version__
 from ..common.errors import OutputError
 from ..common.files import is_inside, write_with
 from ..common.settings import ConfigError, from_dict
-from . import mask_checks
+from . import instance_classes, mask_checks
 from .images import (
     DatasetError,
     ImageReadError,
@@ -51,7 +49,6 @@ from .images import (
     list_images,
     pair_images_masks,
     read_image,
-    read_mask,
 )
 from .intensity_stats import PERCENTILE_GRID, moments, percentile_table
 from .lmdb_store import FILE_MODE, FORMAT_VERSION, HEADER, LmdbWriter, encode_record, record_key
@@ -86,6 +83,7 @@ class BuildConfig:
     overwrite: bool = False
     test_image_folder: str | None = None  # the user's test set (all of it becomes the test database)
     test_mask_folder: str | None = None
+    class_mask_folder: str | None = None  # a class per instance (lib.store.instance_classes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train_fraction", resolved_train_fraction(self.train_fraction,
@@ -108,7 +106,7 @@ class BuildConfig:
         if not self.dataset_name or any(c in self.dataset_name for c in "/\\\0") or self.dataset_name.startswith("."):
             v.append(f"dataset_name must be a plain file-name part (no '/', not starting with '.'); "
                      f"got {self.dataset_name!r}")
-        v += check_test_folders(self)
+        v += check_test_folders(self) + instance_classes.config_problems(self)
         if self.tile_size < 1:
             v.append(f"tile_size must be a positive number of pixels; got {self.tile_size}")
         if self.stride is not None and not 1 <= self.stride <= max(self.tile_size, 1):
@@ -243,7 +241,7 @@ def _process(job: _Job) -> dict[str, Any]:
         out["problems"].append(f"unreadable image: {exc}")
         image = None
     try:
-        mask = read_mask(job.pair.mask, binary_255=s["mask_type"] == "semantic")
+        mask, classes = instance_classes.read_labels(job.pair, s)
     except ImageReadError as exc:
         out["problems"].append(f"unreadable or invalid mask: {exc}")
         mask = None
@@ -253,6 +251,7 @@ def _process(job: _Job) -> dict[str, Any]:
     if mask is not None:
         top = int(mask.max()) if mask.size else 0
         out["problems"] += check_mask_values(mask, job.pair.mask, s["number_classes"], s["mask_type"], top)
+        out["problems"] += instance_classes.check(mask, classes, job.pair.mask, s["label_dtype"], out)
         if top > np.iinfo(s["label_dtype"]).max:
             out["problems"].append(f"mask values must fit in {s['label_dtype']}; got {top} in {job.pair.mask}")
         elif s["mask_type"] == "semantic":
@@ -272,13 +271,13 @@ def _process(job: _Job) -> dict[str, Any]:
     if out["problems"] or not job.split:
         return out
     out["input_bytes"] = image.nbytes + mask.nbytes
-    label = mask.astype(s["label_dtype"], copy=False)
+    label = instance_classes.stack(mask.astype(s["label_dtype"], copy=False), mask, classes)
     n_classes = s["n_classes"]
     height, width = mask.shape
     # Statistics over the image itself (tiles overlap; the image does not).
     out["stats"] = moments(image)
     out["percentiles"] = percentile_table(image)
-    semantic_view = label if s["mask_type"] == "semantic" else (label > 0).astype(np.uint8)
+    semantic_view = label if s["mask_type"] == "semantic" else (mask > 0).astype(np.uint8)
     out["class_counts"] = (counts if counts is not None
                            else np.bincount(semantic_view.ravel(), minlength=n_classes)).tolist()
     image_p = pad_to(image, job.tile_h, job.tile_w, "reflect")
@@ -314,8 +313,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -475,6 +474,7 @@ def _check_dataset(config: BuildConfig, progress: bool,
     n_classes = 2 if config.mask_type == "instance" else config.number_classes
     settings = {"mask_type": config.mask_type, "number_classes": config.number_classes,
                 "label_dtype": label_dtype, "n_classes": n_classes or 0}
+    problems += instance_classes.prepare(config, pairs, settings)
     if problems:
         jobs = [_Job(i, p, "", 0, (), 0, 0) for i, (p, c) in enumerate(zip(pairs, checks)) if not c.problems]
         results = _run_jobs(jobs, config.workers, {}, {}, settings, progress)
@@ -504,7 +504,7 @@ def _make_plan(config: BuildConfig, pairs: list[Pair], checks: list[PairCheck], 
         fold = {k: fold.get(k, -1) for k in split}
     jobs, next_record, record_bytes = [], {"train": 0, "test": 0}, {}
     pixel_bytes = checks[0].image_shape[2] * np.dtype(checks[0].image_dtype).itemsize \
-        + settings["label_dtype"].itemsize
+        + settings["label_dtype"].itemsize * instance_classes.label_channels(settings)
     for i, (pair, check) in enumerate(zip(pairs, checks)):
         h, w = check.image_shape[:2]
         if config.use_tiling:
@@ -683,7 +683,7 @@ def _metadata(plan: _Plan, split: str, results: list[dict[str, Any]], n_classes:
         "build_command": plan.command,
         "build_config": config.to_dict(),
         "created": plan.created,
-        "toolkit_version": __version__,
+        "toolkit_version": __version__, **instance_classes.metadata(plan.settings, results),
     }
 
 

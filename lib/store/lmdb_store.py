@@ -71,6 +71,14 @@ METADATA_KEYS = {
     "created": "str: ISO 8601 time of the build",
     "toolkit_version": "str",
 }
+# Present only in instance databases with a class per instance (lib/store/instance_classes.py); their
+# records hold labels (H, W, 2): instance ids, then the class of each pixel (0 on background).
+CLASS_METADATA_KEYS = {
+    "label_channels": "int: 2 (instance ids, classes)",
+    "instance_classes": "int: K, the object classes 1..K (the class head predicts K + 1 with background)",
+    "instance_class_counts": "list[int]: instances of each class 0..K over both splits",
+    "class_names": "list[str]: a name for each class 0..K ('background', 'class 1', ...)",
+}
 
 
 class StoreError(BadInput):

@@ -10,6 +10,7 @@ classes, the fold of a k-fold run) are resolved here, when the object is made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from ..common import normalization as norm
 from ..common.errors import EXIT_SOME_FAILED, BadInput, Resumable
 from ..common.settings import ConfigError
 from ..reader.augment import AugmentParams
-from ..reader.targets import TargetSpec, parse_instance_channels
+from ..reader.targets import TargetSpec, parse_instance_channels, with_classes
+from ..store.lmdb_store import LmdbReader, StoreError
 from .losses import LOSSES
 
 LR_SCHEDULES = ("constant", "plateau", "cosine", "onecycle")
@@ -139,10 +141,15 @@ class TrainConfig:
             resolve("fold", 0)
 
     def target_spec(self) -> TargetSpec | None:
-        """The :class:`lib.reader.targets.TargetSpec` of an instance run (validated), None for a semantic one."""
+        """The :class:`lib.reader.targets.TargetSpec` of an instance run (validated), None for a semantic one.
+
+        On a training database with a class per instance (``instance_classes`` in its metadata) the
+        spec gets the class head: planes K0 (background) .. K<n> after the instance channels.
+        """
         if self.target != "instance":
             return None
-        return parse_instance_channels(self.instance_channels, self.instance_weights, **self.instance_options)
+        spec = parse_instance_channels(self.instance_channels, self.instance_weights, **self.instance_options)
+        return with_classes(spec, database_class_names(self.train_database))
 
     @property
     def output_channels(self) -> int:
@@ -250,3 +257,28 @@ def default_of(name: str) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return field.default
+
+
+def database_class_names(path: str) -> tuple[str, ...]:
+    """The class names (background first) of a database with a class per instance; () for any other
+    database, or one that cannot be read (the database checks report that)."""
+    data = Path(path) / "data.mdb"
+    try:
+        stamp = data.stat().st_mtime_ns
+    except OSError:
+        return ()
+    return _class_names(str(Path(path).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _class_names(path: str, stamp: int) -> tuple[str, ...]:
+    try:
+        with LmdbReader(path) as reader:
+            meta = reader.metadata
+    except StoreError:
+        return ()
+    if meta.get("label_kind") != "instance" or not meta.get("instance_classes"):
+        return ()
+    names = meta.get("class_names") or []
+    n = int(meta["instance_classes"]) + 1
+    return tuple(names) if len(names) == n else ("background",) + tuple(f"class {i}" for i in range(1, n))

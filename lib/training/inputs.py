@@ -81,6 +81,10 @@ def check_databases(config: TrainConfig, log: Callable[[str], None] = _warn) -> 
                     "Build it with --mask_type semantic, or train with --target instance")
             problems.append(f"{name} must hold {wanted} labels for --target {config.target}; got {kind!r} labels. "
                             + hint)
+        elif wanted == "instance" and meta.get("instance_classes") != train.get("instance_classes"):
+            problems.append(f"{name} must have the classes per instance of the training database "
+                            f"({train.get('instance_classes') or 'none'}); got {meta.get('instance_classes') or 'none'}"
+                            f" in {getattr(config, name)}. Build both from masks with the same classes")
         elif wanted == "semantic" and meta["number_classes"] > config.number_classes:
             problems.append(f"{name} holds {meta['number_classes']} classes; --number_classes must be at least that"
                             f", got {config.number_classes}")
@@ -165,20 +169,22 @@ def channel_priors(database: str, spec, records: list[int] | None = None, max_re
         for record in np.unique(chosen):
             _, label = reader[int(record)]
             instances = label if label.ndim == 2 else label[:, :, 0]
-            targets = make_targets(np.ascontiguousarray(instances), spec)
+            classes = label[:, :, 1] if spec.n_class_planes and label.ndim == 3 and label.shape[2] > 1 else None
+            targets = make_targets(np.ascontiguousarray(instances), spec, classes=classes)
             sums += targets.sum(axis=(0, 1), dtype=np.float64)
             pixels += instances.size
     return [float(v) for v in sums / max(pixels, 1)]
 
 
 def set_head_bias(model, priors: list[float], kinds) -> None:
-    """Bias of ``head_logits``: log-odds of the prior for binary channels, the prior for distances."""
+    """Bias of ``head_logits``: log-odds of the prior for binary channels, the prior for distances, the log
+    of the prior for class planes (the softmax then starts at the class frequencies)."""
     layer = model.get_layer("head_logits")
     bias = getattr(layer, "bias", None)
     if bias is None or tuple(bias.shape) != (len(priors),):
         return
-    values = [math.log(min(max(p, 1e-3), 1 - 1e-3) / (1 - min(max(p, 1e-3), 1 - 1e-3))) if kind == "binary" else p
-              for p, kind in zip(priors, kinds)]
+    values = [math.log(min(max(p, 1e-3), 1 - 1e-3) / (1 - min(max(p, 1e-3), 1 - 1e-3))) if kind == "binary" else
+              math.log(max(p, 1e-3)) if kind == "class" else p for p, kind in zip(priors, kinds)]
     bias.assign(np.asarray(values, np.float32).astype(bias.dtype))
 
 

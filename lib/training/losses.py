@@ -66,7 +66,7 @@ def make_loss(name: str, n_classes: int, class_weights: Sequence[float] | None =
 
 
 INSTANCE_DISTANCE_LOSSES = ("l1", "mse")
-INSTANCE_KINDS = ("binary", "distance", "ray")
+INSTANCE_KINDS = ("binary", "distance", "ray", "class")
 
 
 def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_loss: str = "l1"
@@ -84,8 +84,10 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     ``d / (d + 16)``, so a pixel of error counts more on small objects). Every ray plane is a
     column of its own, so the rays together weigh N times one channel, as StarDist's summed
     distance loss outweighs its probability loss. Each column is
-    multiplied by its weight; the trainer's loss is the sum over channels. Raises
-    ``ValueError`` for unknown kinds or losses.
+    multiplied by its weight; the trainer's loss is the sum over channels. The planes of kind
+    "class" (a class per instance, one-hot targets K0..K<n>, the last planes) share one softmax
+    cross-entropy over them all, split equally among their columns (their sum is the class loss).
+    Raises ``ValueError`` for unknown kinds or losses.
     """
     import tensorflow as tf
 
@@ -97,6 +99,9 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     if distance_loss not in INSTANCE_DISTANCE_LOSSES:
         raise ValueError(f"distance_loss must be one of {', '.join(INSTANCE_DISTANCE_LOSSES)}; got {distance_loss!r}")
     n = len(kinds)
+    n_class = sum(k == "class" for k in kinds)
+    if n_class and (n_class < 2 or any(k != "class" for k in kinds[n - n_class:])):
+        raise ValueError(f"class planes must be the last channels, at least 2 (background and a class); got {kinds}")
     binary = tf.constant([k == "binary" for k in kinds])
     ray = tf.constant([k == "ray" for k in kinds])
     weight = tf.constant(list(weights), tf.float32)
@@ -114,6 +119,11 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
             masked = tf.reduce_sum(regression * on_object, axis=[1, 2]) / tf.maximum(
                 tf.reduce_sum(on_object, axis=[1, 2]), 1.0)
             mean = tf.where(ray, masked, mean)
+        if n_class:
+            first = n - n_class
+            ce = tf.nn.softmax_cross_entropy_with_logits(labels=targets[..., first:], logits=logits[..., first:])
+            share = tf.reduce_mean(ce, axis=[1, 2])[:, tf.newaxis] / n_class
+            mean = tf.concat([mean[:, :first], tf.repeat(share, n_class, axis=1)], axis=1)
         return mean * weight
 
     return per_channel
@@ -121,13 +131,19 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
 
 def instance_activations(kinds: Sequence[str]) -> Callable[[object], object]:
     """``f(logits (B, H, W, K)) -> maps`` float32: sigmoid for binary channels, clip to [0, 1] for the
-    others (distances and rays: every regression target is encoded in [0, 1])."""
+    others (distances and rays: every regression target is encoded in [0, 1]), a softmax over the
+    class planes (the last ones) together."""
     import tensorflow as tf
 
+    kinds = tuple(kinds)
     binary = tf.constant([k == "binary" for k in kinds])
+    first = len(kinds) - sum(k == "class" for k in kinds)
 
     def activate(logits):
         logits = tf.cast(logits, tf.float32)
-        return tf.where(binary, tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
+        maps = tf.where(binary, tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
+        if first == len(kinds):
+            return maps
+        return tf.concat([maps[..., :first], tf.nn.softmax(logits[..., first:], axis=-1)], axis=-1)
 
     return activate
