@@ -12,7 +12,7 @@ import numpy as np
 
 from ..common.errors import OutputError
 from ..scoring.metrics import MatchStats, pool_stats
-from ..scoring.reports import instance_metrics_rows, metrics_row
+from ..scoring.reports import instance_metrics_rows, metrics_row, with_class_rows
 from ..store.tiling import default_tile_pixels
 from .outputs import save_table
 
@@ -120,5 +120,6 @@ def summaries(context: RunContext, keys: list[str], failed: dict[str, str]) -> d
         rows = [row for key, table in tables.items() for row in instance_metrics_rows(key, table)]
         found["instance_overall"] = pooled
         found["instance_metrics_csv"] = save_table(out / f"instance_metrics{suffix}.csv",
-                                                   rows + instance_metrics_rows("ALL", pooled))
+                                                   with_class_rows(rows + instance_metrics_rows("ALL", pooled),
+                                                                   records))
     return found

@@ -138,7 +138,11 @@ def _make_forward(model, info: ModelInfo, tta: bool, squares: bool) -> Callable:
         logits = tf.cast(logits, tf.float32)
         if info.label_kind == "semantic":
             return tf.nn.softmax(logits, axis=-1)
-        return tf.where(tf.constant(binary), tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
+        maps = tf.where(tf.constant(binary), tf.sigmoid(logits), tf.clip_by_value(logits, 0.0, 1.0))
+        n_class = sum(kind == "class" for kind in info.channel_kinds)  # a class head: softmax over its planes
+        if n_class:
+            maps = tf.concat([maps[..., :-n_class], tf.nn.softmax(logits[..., -n_class:], axis=-1)], axis=-1)
+        return maps
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, info.input_channels], tf.float32)])
     def forward(x):

@@ -206,7 +206,8 @@ class BatchProducer:
             # (exact in float32 below 2**24) for matching statistics at evaluation.
             instances = label if label.ndim == 2 else label[:, :, 0]
             n_targets = label_out.shape[-1] - 1
-            make_targets(instances, self.target_spec, out=label_out[:, :, :n_targets])
+            classes = label[:, :, 1] if label.ndim == 3 and label.shape[2] > 1 else None
+            make_targets(instances, self.target_spec, out=label_out[:, :, :n_targets], classes=classes)
             label_out[:, :, n_targets] = instances
             return
         if spec.check_labels and label.size:

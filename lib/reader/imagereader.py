@@ -434,11 +434,12 @@ class ImageReader:
             if label_kind != "instance":
                 raise ValueError(f"targets need a database of instance labels (build_lmdb.py --mask_type instance); "
                                  f"got {label_kind!r} labels in {self.database}")
-            n_targets = len(TargetSpec.from_dict(targets).validate().channels)
-            label_tail, label_dtype = (n_targets + 1,), np.dtype(np.float32)
-            if len(label0.shape) == 3 and label0.shape[2] != 1:
-                raise ValueError(f"targets need one instance-id channel; got labels of shape {label0.shape} in "
-                                 f"{self.database}")
+            target_spec = TargetSpec.from_dict(targets).validate()
+            label_tail, label_dtype = (len(target_spec.channels) + 1,), np.dtype(np.float32)
+            wanted = 2 if target_spec.n_class_planes else 1  # instance ids (and the class of each pixel)
+            if (label0.shape[2] if len(label0.shape) == 3 else 1) != wanted:
+                raise ValueError(f"targets need {wanted} label channel(s) (instance ids{', classes' * (wanted == 2)}); "
+                                 f"got labels of shape {label0.shape} in {self.database}")
         if mode == "test":
             per_epoch = math.ceil(n_used / batch_size)
         else:

@@ -26,23 +26,6 @@ NAMES = ("background", "round", "long", "odd")
 SPEC = with_classes(parse_instance_channels("F,C,Db"), NAMES)
 
 
-def _needs_hunks() -> bool:
-    import inspect
-
-    import lib.inference.folder_files
-    import lib.inference.predictor
-    import lib.model_folder
-    import lib.reader.batches
-
-    return ("with_class_rows" in inspect.getsource(lib.inference.folder_files)
-            and '"class"' in inspect.getsource(lib.inference.predictor)
-            and "classes=classes" in inspect.getsource(lib.reader.batches)
-            and "class" in lib.model_folder.CHANNEL_KINDS)
-
-
-pytestmark = pytest.mark.skipif(not _needs_hunks(), reason="needs the class hunks in lib/inference/predictor.py, "
-                                "lib/inference/folder_files.py, lib/reader/batches.py, lib/reader/imagereader.py and "
-                                "lib/model_folder.py (issue 17 item 2, helper H's report)")
 
 
 def seeded_classes(ids: np.ndarray, seed: int) -> np.ndarray:

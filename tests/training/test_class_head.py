@@ -12,20 +12,6 @@ import pytest
 from lib.common.settings import ConfigError
 from lib.reader.targets import TargetSpec, channel_kind, make_targets, parse_instance_channels, with_classes
 
-
-def _reader_knows_classes() -> bool:
-    """The hunks of lib/reader/imagereader.py, lib/reader/batches.py and lib/model_folder.py that pass the class
-    channel to make_targets and accept the kind "class" (helper H's report, issue 17 item 2) are in."""
-    import inspect
-
-    import lib.model_folder
-    import lib.reader.batches
-
-    return "classes=classes" in inspect.getsource(lib.reader.batches) and "class" in lib.model_folder.CHANNEL_KINDS
-
-
-needs_reader = pytest.mark.skipif(not _reader_knows_classes(), reason="needs the class hunks in lib/reader and "
-                                  "lib/model_folder.py (issue 17 item 2, helper H's report)")
 TINY = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
 NAMES = ("background", "class 1", "class 2", "class 3")
 
@@ -99,7 +85,6 @@ def test_class_loss_and_activation_by_hand():
         make_instance_loss(("class", "binary", "class"), (1.0,) * 3)
 
 
-@needs_reader
 def test_reader_delivers_class_planes(db):
     from lib.reader.imagereader import ImageReader
     from lib.store.lmdb_store import LmdbReader
@@ -118,7 +103,6 @@ def test_reader_delivers_class_planes(db):
     np.testing.assert_array_equal(labels[0, :, :, 7], stored[..., 0])
 
 
-@needs_reader
 def test_training_learns_the_class_head_and_records_it(db, tmp_path):
     import keras
 
