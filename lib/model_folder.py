@@ -306,6 +306,19 @@ def check_members(infos: Sequence[ModelInfo], names: Sequence[str] | None = None
                          ((0, getattr(first, key)), (1, getattr(info, key)))}
                 raise ModelError(f"ensemble members must agree on {key}; got {shown[0]} in {names[0]} and "
                                  f"{shown[1]} in {name}. Their outputs are averaged channel by channel")
+        if _per_image_normalization(info) != _per_image_normalization(first):
+            raise ModelError(f"ensemble members must agree on their per-image normalisation (mode and percentiles: "
+                             f"each image's statistics are computed once for all members); got "
+                             f"{_per_image_normalization(first)} in {names[0]} and {_per_image_normalization(info)} "
+                             f"in {name}. Ensemble models trained with the same --normalization")
+
+
+def _per_image_normalization(info: ModelInfo) -> str:
+    """'dataset' (each member uses its own training statistics), or the per-image mode with its percentiles."""
+    if info.normalization == "percentile":
+        percentiles = (info.meta.get("normalization") or {}).get("percentiles") or (1.0, 99.8)
+        return f"percentile {float(percentiles[0]):g}-{float(percentiles[1]):g}"
+    return info.normalization
 
 
 def load_model(model_path: Path):

@@ -132,3 +132,19 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     with pytest.raises(model_folder.CheckpointError, match="belongs to a different model"):
         model_folder.load_checkpoint(tmp_path, small, small_optimizer)
     assert model_folder.checkpoint_state(tmp_path / "none") is None
+
+
+def test_ensemble_members_must_share_their_per_image_normalisation():
+    from lib.model_folder import ModelError, ModelInfo, check_members
+
+    def info(**normalization):
+        return ModelInfo.from_dict(description(normalization={"mean": [300.0], "std": [90.0], **normalization}))
+
+    dataset_a = info(mode="dataset")
+    dataset_b = ModelInfo.from_dict(description(normalization={"mode": "dataset", "mean": [10.0], "std": [2.0]}))
+    check_members([dataset_a, dataset_b], ["a", "b"])  # each member keeps its own training statistics
+    percentile = info(mode="percentile", percentiles=[1.0, 99.8])
+    check_members([percentile, info(mode="percentile", percentiles=[1, 99.8])], ["a", "b"])
+    for other in (dataset_a, info(mode="tile"), info(mode="percentile", percentiles=[2.0, 99.0])):
+        with pytest.raises(ModelError, match="per-image normalisation .* in a and .* in b"):
+            check_members([percentile, other], ["a", "b"])
