@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 SETTINGS_FILE = "inference.json"
 # Values of settings that folders written before they were recorded were made with.
-LEGACY_COMPARED = {"precision": "float32"}
+# Folders written before a setting was compared hold outputs made with the value it had then.
+LEGACY_COMPARED = {"precision": "float32", "output_format": "tif", "pixel_size": None}
 
 
 def shard_suffix(config: InferenceConfig) -> str:
@@ -35,7 +36,8 @@ def run_settings(context: RunContext) -> dict:
     exact = halo >= radius
     settings = {
         "compared": {"model": predictor.source, "model_fingerprint": predictor.fingerprint, "halo": halo, "tta": config.tta,
-                     "tile_size": None if exact else config.tile_size, "precision": predictor.precision},
+                     "tile_size": None if exact else config.tile_size, "precision": predictor.precision,
+                     "output_format": config.output_format, "pixel_size": config.pixel_size},
         "precision": predictor.precision,
         "config": config.to_dict(), "members": [m.info.path for m in predictor.members],
         "receptive_field_radius": radius, "size_divisor": divisor, "exact": exact,

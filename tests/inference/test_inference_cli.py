@@ -305,3 +305,19 @@ def test_a_batch_log_gets_progress_lines_instead_of_bars(model_folder, data, tmp
 def test_quiet_runs_print_no_progress_lines(model_folder, data, tmp_path, capsys):
     assert run("--model", model_folder, "--image_folder", data / "images", "--output_folder", tmp_path / "out") == 0
     assert "inference: " not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("first, second", [
+    (["--output_format", "tif"], ["--output_format", "ome-zarr"]),
+    ([], ["--pixel_size", "0.5"]),
+])
+def test_a_folder_keeps_one_output_format_and_pixel_size(model_folder, data, tmp_path, capsys, first, second):
+    out = tmp_path / "out"
+    base = ["--model", model_folder, "--image_folder", data / "images", "--output_folder", out, "--quiet"]
+    assert run(*base, *first) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert run(*base, *second) == 2
+    err = capsys.readouterr().err
+    assert "output_folder must hold outputs of these settings only" in err and "--overwrite" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing added or replaced
+    assert run(*base, *second, "--overwrite") == 0
