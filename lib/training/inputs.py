@@ -161,19 +161,33 @@ def train_records_for_priors(config: TrainConfig, train_meta: dict) -> list[int]
 
 
 def channel_priors(database: str, spec, records: list[int] | None = None, max_records: int = 64) -> list[float]:
-    """Mean of each target channel over up to ``max_records`` evenly spaced stored tiles (no augmentation)."""
+    """Mean of each target channel over up to ``max_records`` evenly spaced stored tiles (no augmentation).
+
+    Ray channels (StarDist, kind "ray") are learnt on object pixels only: their prior is the mean over the
+    pixels where they are positive, so that the rays start at a typical object's size instead of near 0 (at
+    0 no candidate polygon passes the shortest-ray rule and a young model finds no object at all).
+    """
+    kinds = tuple(spec.kinds)
     with LmdbReader(database) as reader:
         pool = np.arange(len(reader)) if records is None else np.asarray(records)
         chosen = pool[np.linspace(0, len(pool) - 1, min(max_records, len(pool))).round().astype(int)]
         sums, pixels = np.zeros(len(spec.channels)), 0
+        positive_sums, positive_counts = np.zeros(len(spec.channels)), np.zeros(len(spec.channels))
         for record in np.unique(chosen):
             _, label = reader[int(record)]
             instances = label if label.ndim == 2 else label[:, :, 0]
             classes = label[:, :, 1] if spec.n_class_planes and label.ndim == 3 and label.shape[2] > 1 else None
             targets = make_targets(np.ascontiguousarray(instances), spec, classes=classes)
             sums += targets.sum(axis=(0, 1), dtype=np.float64)
+            positive = targets > 0
+            positive_sums += np.where(positive, targets, 0).sum(axis=(0, 1), dtype=np.float64)
+            positive_counts += positive.sum(axis=(0, 1))
             pixels += instances.size
-    return [float(v) for v in sums / max(pixels, 1)]
+    priors = sums / max(pixels, 1)
+    for k, kind in enumerate(kinds):
+        if kind == "ray" and positive_counts[k]:
+            priors[k] = positive_sums[k] / positive_counts[k]
+    return [float(v) for v in priors]
 
 
 def set_head_bias(model, priors: list[float], kinds) -> None:

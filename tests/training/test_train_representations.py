@@ -93,3 +93,26 @@ def test_invalid_combinations_exit_2(generated, tmp_path, capsys, channels, mess
     assert "instance targets are invalid" in err
     assert re.search(message, err) and "F,R" in err and "F,H,V" in err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_ray_priors_are_object_means_so_young_models_find_polygons(generated):
+    """Rays are learnt on object pixels only; a prior over all pixels would start them near 0, where no candidate
+    polygon passes the shortest-ray rule (a 5-minute CPU run of F,R found no object at all that way)."""
+    from lib.reader.targets import parse_instance_channels
+    from lib.store.lmdb_store import LmdbReader
+    from lib.training.inputs import channel_priors
+
+    database = str(generated / "db" / "train-r.lmdb")
+    spec = parse_instance_channels("F,R", None)
+    priors = channel_priors(database, spec)
+    with LmdbReader(database) as reader:
+        from lib.reader.targets import make_targets
+
+        targets = np.concatenate([make_targets(np.ascontiguousarray(reader[i][1]), spec)[None]
+                                  for i in range(len(reader))])
+    rays = [k for k, kind in enumerate(spec.kinds) if kind == "ray"]
+    for k in rays:
+        plane = targets[..., k]
+        assert priors[k] == pytest.approx(plane[plane > 0].mean(), rel=1e-6)
+        assert priors[k] > 2 * plane.mean()
+    assert priors[0] == pytest.approx(targets[..., 0].mean(), rel=1e-6)  # F: the mean over all pixels
