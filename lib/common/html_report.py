@@ -12,7 +12,8 @@ import base64
 import html
 import io
 import math
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -114,3 +115,17 @@ def page(title: str, body: str) -> str:
 def ours(text: str) -> bool:
     """Whether an existing HTML file's text was written by :func:`page` (safe to replace)."""
     return f'content="{GENERATOR}"' in text[:2000]
+
+
+def may_write(target: Path, log: Callable[[str], None]) -> bool:
+    """Whether ``target`` is absent or a page this tool wrote; otherwise say so through ``log`` (never replace
+    a file the tool did not write)."""
+    if not target.exists():
+        return True
+    try:
+        mine = ours(target.read_text(errors="replace"))
+    except OSError:
+        mine = False
+    if not mine:
+        log(f"warning: {target} was not written by this tool; no report written (move it away to get one)")
+    return mine

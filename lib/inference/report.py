@@ -345,14 +345,8 @@ def write_report(output_folder: str | Path, log: Callable[[str], None] = print) 
     """
     out = Path(output_folder)
     target = out / REPORT_HTML
-    if target.exists():
-        try:
-            mine = page.ours(target.read_text(errors="replace"))
-        except OSError:
-            mine = False
-        if not mine:
-            log(f"warning: {target} was not written by this tool; no report written (move it away to get one)")
-            return None
+    if not page.may_write(target, log):
+        return None
     records = read_records(out)
     try:
         settings = json.loads((out / "inference.json").read_text()) if (out / "inference.json").is_file() else {}

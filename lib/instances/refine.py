@@ -60,15 +60,20 @@ def repair_blobs(labels: np.ndarray, size: int) -> np.ndarray:
                 edges[edges == other] = blob
     for blob in blobs:
         box = ndi.find_objects((out == blob).astype(np.uint8))[0]
-        crop = out[box]
-        own = crop == blob
-        holes, n = ndi.label(ndi.binary_fill_holes(own) & ~own)
-        if n:
-            foreign = np.bincount(holes.ravel(), weights=(crop != 0).ravel(), minlength=n + 1)
-            fill = foreign == 0
-            fill[0] = False
-            crop[fill[holes]] = blob
+        fill_background_holes(out[box], blob)
     return out
+
+
+def fill_background_holes(crop: np.ndarray, label: int) -> None:
+    """Fill, in place, the holes of ``label`` in ``crop`` (a view of the labels around it) that are all
+    background: an object inside a ring stays."""
+    own = crop == label
+    holes, n_holes = ndi.label(ndi.binary_fill_holes(own) & ~own)
+    if n_holes:
+        foreign = np.bincount(holes.ravel(), weights=(crop != 0).ravel(), minlength=n_holes + 1)
+        fill = foreign == 0
+        fill[0] = False
+        crop[fill[holes]] = label
 
 
 def apply_step(labels: np.ndarray, name: str, size: int | None, border: tuple[bool, bool, bool, bool],
@@ -85,15 +90,7 @@ def apply_step(labels: np.ndarray, name: str, size: int | None, border: tuple[bo
         for label, box in enumerate(ndi.find_objects(labels), 1):
             if box is None:
                 continue
-            crop = labels[box]
-            own = crop == label
-            holes, n_holes = ndi.label(ndi.binary_fill_holes(own) & ~own)
-            if n_holes:
-                # a hole is filled only when it is all background: an object inside a ring stays
-                foreign = np.bincount(holes.ravel(), weights=(crop != 0).ravel(), minlength=n_holes + 1)
-                fill = foreign == 0
-                fill[0] = False
-                crop[fill[holes]] = label
+            fill_background_holes(labels[box], label)
         return labels
     if name == "clear_border":
         edges = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]

@@ -143,14 +143,8 @@ def write_training_report(folder: str | Path, samples: int = SAMPLES, log: Calla
     """
     folder = Path(folder)
     target = folder / REPORT_HTML
-    if target.exists():
-        try:
-            mine = page.ours(target.read_text(errors="replace"))
-        except OSError:
-            mine = False
-        if not mine:
-            log(f"warning: {target} was not written by this tool; no report written (move it away to get one)")
-            return None
+    if not page.may_write(target, log):
+        return None
     try:
         meta = json.loads((folder / model_folder.MODEL_JSON).read_text())
     except (OSError, ValueError) as exc:
