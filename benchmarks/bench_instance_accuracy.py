@@ -56,30 +56,23 @@ def touching_objects(labels: np.ndarray) -> int:
 
 
 def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
-    """Whole-image prediction with the best model, then the model's post-processing."""
-    import keras
-
-    import lib.models  # noqa: F401  (registers the toolkit's layers)
+    """Whole-image prediction with the best model through the toolkit's predictor (the model's own
+    normalisation, per-image percentiles by default), then the model's post-processing."""
+    from lib.inference.predictor import load_predictor
     from lib.instances.postprocess import PostProcessConfig, postprocess
 
     meta = json.loads((run / "model.json").read_text())
-    model = keras.models.load_model(run / "model.keras", safe_mode=True, compile=False)
-    mean = np.asarray(meta["normalization"]["mean"], np.float32)
-    std = np.asarray(meta["normalization"]["std"], np.float32)
-    kinds = meta["instance"]["kinds"]
     config = PostProcessConfig.from_dict(meta["instance"]["postprocess"])
-    divisor = meta["size_divisor"]
+    predictor = load_predictor(run)
+    divisor = predictor.size_divisor
     out = []
     for image in images:
         h, w = image.shape[:2]
-        x = (image.astype(np.float32).reshape(h, w, -1) - mean) / std
-        ph, pw = -h % divisor, -w % divisor
-        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-        logits = model.predict(x[np.newaxis], verbose=0)[0, :h, :w].astype(np.float32)
-        maps = np.empty_like(logits)
-        for k, kind in enumerate(kinds):
-            maps[..., k] = 1 / (1 + np.exp(-logits[..., k])) if kind == "binary" else np.clip(logits[..., k], 0, 1)
-        out.append(postprocess(maps, config))
+        x = image.reshape(h, w, -1)
+        statistics = predictor.image_statistics(x)
+        x = np.pad(x, ((0, -h % divisor), (0, -w % divisor), (0, 0)), mode="reflect")
+        maps, _ = predictor.predict_batch(x[np.newaxis], statistics)
+        out.append(postprocess(np.asarray(maps[0, :h, :w], np.float32), config))
     return out
 
 

@@ -74,7 +74,7 @@ from scipy import ndimage as ndi
 
 from ..common.settings import ConfigError
 from . import targets_fields as fields
-from .targets_stardist import encode_rays, is_ray_name, ray_count, ray_names, star_distances
+from .targets_stardist import encode_rays, grid_offset, is_ray_name, ray_count, ray_names, star_distances
 
 CHANNELS: dict[str, str] = {"F": "binary", "C": "binary", "Db": "distance", "P": "binary", "T": "binary"}
 # The channels of issue 17 (one plane each; R and A are shorthands for several planes, below).
@@ -431,7 +431,8 @@ def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None
     n_rays = ray_count(spec.channels)
     if n_rays:
         first = index["R0"]
-        out[..., first:first + n_rays] = encode_rays(star_distances(labels, n_rays, spec.ray_grid))
+        offset = grid_offset(labels, spec.ray_grid)
+        out[..., first:first + n_rays] = encode_rays(star_distances(labels, n_rays, spec.ray_grid, offset))
     planes = [(k, fields.affinity_offset(name)) for k, name in enumerate(spec.channels)]
     planes = [(k, offset) for k, offset in planes if offset is not None]
     if planes:

@@ -36,16 +36,23 @@ def ray_directions(n_rays: int) -> tuple[np.ndarray, np.ndarray]:
     return dy, dx
 
 
-def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1) -> np.ndarray:
+def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1, offset: tuple[int, int] = (0, 0)
+                   ) -> np.ndarray:
     """Distances in pixels from every object pixel to its object's boundary along ``n_rays`` rays.
 
     Parameters
     ----------
     labels : (H, W) integer labels, 0 = background (any non-negative ids; objects may touch).
     n_rays : number of rays (>= 3).
-    grid : compute the rays of every ``grid``-th pixel along each axis only (rows and columns
-        0, grid, 2 grid, ...), as StarDist's ``grid`` option; the others stay 0 and the ray loss
-        ignores them (it weights by ``distance > 0``). 2 makes this 4 times faster.
+    grid : compute the rays of every ``grid``-th pixel along each axis only (rows
+        ``offset[0] + k grid``, columns ``offset[1] + k grid``), as StarDist's ``grid`` option; the
+        others stay 0 and the ray loss ignores them (it weights by ``distance > 0``). 2 makes this
+        4 times faster.
+    offset : ``(row, column)`` of the first grid pixel, each in ``[0, grid)``. The reader varies it
+        from patch to patch (:func:`grid_offset`): a network sees every pixel parity supervised.
+        With a fixed offset, a UNet (whose pooling makes its output depend on the position modulo
+        16) learnt the rays on the grid pixels only and returned arbitrary rays between them, which
+        made every polygon of a 5-minute run far too large or empty.
 
     Returns
     -------
@@ -54,7 +61,10 @@ def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1) -> np.nd
     h, w = labels.shape
     out = np.zeros((h, w, n_rays), np.float32)
     on_grid = np.zeros((h, w), bool)
-    on_grid[::grid, ::grid] = True
+    oy, ox = (int(v) for v in offset)
+    if not (0 <= oy < grid and 0 <= ox < grid):
+        raise ValueError(f"offset must be in [0, grid={grid}) along each axis; got {offset}")
+    on_grid[oy::grid, ox::grid] = True
     ys, xs = np.nonzero((labels != 0) & on_grid)
     if ys.size == 0:
         return out
@@ -91,6 +101,16 @@ def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1) -> np.nd
     correction = (0.5 / np.maximum(np.abs(dy), np.abs(dx))).astype(np.float32)
     out[ys, xs] = survived.reshape(n, n_rays) + correction[None, :]
     return out
+
+
+def grid_offset(labels: np.ndarray, grid: int) -> tuple[int, int]:
+    """The ray grid's offset for one patch: its object pixel count, modulo ``grid**2``, as
+    ``(row, column)``. Deterministic (the same patch gets the same targets) and spread evenly over
+    the ``grid**2`` parities by the augmentation's random crops, flips and scales."""
+    if grid <= 1:
+        return 0, 0
+    k = int(np.count_nonzero(labels)) % (grid * grid)
+    return k // grid, k % grid
 
 
 def encode_rays(distances: np.ndarray) -> np.ndarray:
