@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inst.add_argument("--thresholds", type=_thresholds, default=None,
                       help="seed thresholds by channel on top of model.json's, NAME=VALUE with a number in [0, 1] or "
                            "auto (Otsu), comma-separated; 'growth' sets the growth mask's (e.g. F=0.5,Db=auto); 'nms' "
-                           "the polygon suppression IoU (models with an R channel only)")
+                           "the polygon suppression IoU (models with an R channel only); 'seed' the embedding "
+                           "clustering's seed score (models with the E channels only)")
     inst.add_argument("--refinements", type=_refinements, default=None,
                       help="refinements after the watershed, replacing model.json's, comma-separated, or none "
                            "(e.g. 'fill_holes,remove_small_objects 20'; also clear_border, remove_large_objects N, "

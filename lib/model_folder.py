@@ -165,7 +165,7 @@ class ModelInfo:
 LABEL_KINDS = ("semantic", "instance")
 
 
-CHANNEL_KINDS = ("binary", "distance", "ray", "class")  # lib.reader.targets.channel_kind
+CHANNEL_KINDS = ("binary", "distance", "ray", "embedding", "class")  # lib.reader.targets.channel_kind
 
 
 def _instance_channels(meta: dict, problems: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -132,7 +132,7 @@ def _preprocessing(info: ModelInfo) -> list[dict]:
 def _postprocessing(info: ModelInfo) -> tuple[list[dict], str]:
     if info.label_kind == "semantic":
         return [{"id": "softmax", "kwargs": {"axis": "channel"}}], "class probabilities (softmax over the channels)"
-    if all(kind == "binary" for kind in info.channel_kinds):
+    if all(kind in ("binary", "embedding") for kind in info.channel_kinds):
         return [{"id": "sigmoid"}], "instance channel probabilities (sigmoid)"
     return [], ("instance channel logits: apply a sigmoid to the binary channels and clip the distance channels "
                 "to [0, 1] (no bioimage.io operation does this per channel)")

@@ -69,9 +69,9 @@ class InstanceSegmentation:
 def parse_thresholds(text: str) -> dict[str, float | str]:
     """``"F=0.5,Db=auto,growth=0.3"`` -> ``{"F": 0.5, "Db": "auto", "growth": 0.3}``.
 
-    Names are channel names (seed thresholds), ``growth`` (the growth mask's threshold) or ``nms``
-    (the IoU of the polygon suppression of StarDist models); values are numbers in [0, 1] or
-    ``auto`` (Otsu; not for ``nms``). Raises ``ValueError`` naming every bad item.
+    Names are channel names (seed thresholds), ``growth`` (the growth mask's threshold), ``nms``
+    (the IoU of the polygon suppression of StarDist models) or ``seed`` (the seed score of
+    embedding models); values are numbers in [0, 1] or ``auto`` (Otsu; not for ``nms``, ``seed``). Raises ``ValueError`` naming every bad item.
     """
     out: dict[str, float | str] = {}
     problems = []
@@ -112,7 +112,8 @@ def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str
     The base is ``instance.postprocess`` of the first member's model.json
     (:meth:`lib.instances.postprocess.PostProcessConfig.default_for` its channels when absent).
     ``thresholds`` replace or add seed thresholds by channel name; the key ``growth`` sets the
-    growth mask's threshold, ``nms`` the IoU threshold of the polygon suppression (``F,R`` models). ``refinements`` replace the model's list.
+    growth mask's threshold, ``nms`` the IoU threshold of the polygon suppression (``F,R`` models), ``seed``
+    the seed score of the embedding clustering (``E`` models). ``refinements`` replace the model's list.
 
     Returns a validated :class:`lib.instances.postprocess.PostProcessConfig`. Raises :class:`ModelError`
     for a bad block in model.json, ``lib.common.settings.ConfigError`` for overrides that do not fit.
@@ -130,12 +131,14 @@ def postprocess_settings(predictor: Predictor, thresholds: dict[str, float | str
                          f"got {list(base.channels)} in {info.path}")
     changes: dict[str, Any] = {}
     if thresholds:
-        seeds = {k: v for k, v in thresholds.items() if k not in ("growth", "nms")}
+        seeds = {k: v for k, v in thresholds.items() if k not in ("growth", "nms", "seed")}
         changes["thresholds"] = {**base.thresholds, **seeds}
         if "growth" in thresholds:
             changes["growth_threshold"] = thresholds["growth"]
         if "nms" in thresholds:
             changes["nms_threshold"] = thresholds["nms"]
+        if "seed" in thresholds:
+            changes["seed_score"] = thresholds["seed"]
     if refinements is not None:
         changes["refinements"] = tuple(refinements)
     config = dataclasses.replace(base, **changes)
@@ -349,6 +352,10 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
         raise ConfigError([f"thresholds nms (the IoU of the polygon suppression) applies only to a model that "
                            f"makes polygons (an R channel, StarDist); got nms={config.thresholds['nms']!r} with the "
                            f"channels {','.join(predictor.channel_names)} of {predictor.source}. Leave nms out"])
+    if config.thresholds and "seed" in config.thresholds and "embedding" not in predictor.channel_kinds:
+        raise ConfigError([f"thresholds seed (the seed score of the embedding clustering) applies only to a model with "
+                           f"the E channels (EmbedSeg); got seed={config.thresholds['seed']!r} with the channels "
+                           f"{','.join(predictor.channel_names)} of {predictor.source}. Leave seed out"])
     return postprocess_settings(predictor, config.thresholds, config.refinements)
 
 

@@ -31,6 +31,7 @@ from ..export.savedmodel import computed_precision
 from ..model_folder import ModelError, ModelInfo, check_members, find_models, load_model
 from .intensity import dtype_decision
 from .ownership import model_fingerprint
+from .tta import apply_plan, channel_plan, transforms, tta_problem
 
 
 class InputMismatch(BadInput, ValueError):
@@ -129,7 +130,10 @@ def _make_forward(model, info: ModelInfo, tta: bool, squares: bool) -> Callable:
     """
     import tensorflow as tf
 
-    binary = [kind == "binary" for kind in info.channel_kinds]
+    binary = [kind in ("binary", "embedding") for kind in info.channel_kinds]  # through a sigmoid
+    # instance channels that hold directions are turned back too (lib/inference/tta.py)
+    plans = {t: channel_plan(info.channel_names, *t) for t in transforms()} \
+        if tta and info.label_kind == "instance" else {}
 
     def probabilities(x):
         logits = model(x, training=False)
@@ -159,6 +163,8 @@ def _make_forward(model, info: ModelInfo, tta: bool, squares: bool) -> Callable:
                 if flip:
                     p = tf.reverse(p, [2])
                 p = tf.image.rot90(p, (4 - k) % 4)
+                if plans:
+                    p = apply_plan(p, plans[(k, flip)])
                 total = p if total is None else total + p
                 if squares:
                     square = p * p if square is None else square + p * p
@@ -331,6 +337,9 @@ def predictor_from_models(models: Sequence[tuple[Any, dict | ModelInfo]], tta: b
     """
     infos = [m if isinstance(m, ModelInfo) else ModelInfo.from_dict(m) for _, m in models]
     check_members(infos)
+    problem = tta_problem(infos[0].channel_names) if tta and infos[0].label_kind == "instance" else None
+    if problem:
+        raise ModelError(f"--tta cannot be used with {source}: {problem}. Predict without --tta")
     precision = resolve_precision(precision)
     samples = len(models) * (8 if tta else 1)
     squares = samples > 1 if spread is None else spread

@@ -46,8 +46,10 @@ from scipy import ndimage as ndi
 
 from ..common.settings import ConfigError
 from ..reader.targets import channel_kind
+from ..reader.targets_embedding import EMBEDDING_PLANES
 from ..reader.targets_stardist import ray_count
 from .affinities import aggregate
+from .embedding import cluster_instances
 from .labels import LABEL_DTYPES, check_labels, choose_label_dtype, is_int, renumber
 from .offsets import gradient_map
 from .refine import apply_step
@@ -59,11 +61,13 @@ MORE_CHANNELS = ("B", "H", "V", "D", "Dc", "Dn")
 DERIVED = {"HV": "HoVer-Net gradient of H and V (lib/instances/offsets.py)",
            "Amin": "minimum of the affinities (lib/instances/affinities.py)",
            "Amax": "maximum of the affinities"}
-SEED_ABOVE = ("F", "Db", "P", "D", "Dc", "Amin")  # seed where map > threshold
+SEED_ABOVE = ("F", "Db", "P", "D", "Dc", "Amin", "Eseed")  # seed where map > threshold
 SEED_BELOW = ("C", "T", "B", "Dn", "HV")  # seed where map < threshold
-SURFACE_CHANNELS = ("C", "Db", "F", "HV", "D", "Dc", "Amin")  # C, HV flooded as they are, the others negated
-GROWTH_CHANNELS = ("F", "Db", "P", "D", "Amax")
-METHODS = ("watershed", "polygons")  # polygons: StarDist non-maximum suppression (lib/instances/stardist.py)
+SURFACE_CHANNELS = ("C", "Db", "F", "HV", "D", "Dc", "Amin", "Eseed")  # C, HV flooded as they are, the others negated
+GROWTH_CHANNELS = ("F", "Db", "P", "D", "Amax", "Eseed")
+# polygons: StarDist non-maximum suppression (lib/instances/stardist.py); embedding: EmbedSeg
+# clustering around seeds (lib/instances/embedding.py)
+METHODS = ("watershed", "polygons", "embedding")
 REFINEMENTS = {  # name -> whether it takes a positive integer argument
     "fill_holes": False,
     "clear_border": False,
@@ -123,6 +127,11 @@ class PostProcessConfig:
         ``nms_threshold`` (:func:`lib.instances.stardist.polygon_instances`); seeds, surface and
         growth are then unused, refinements apply.
     nms_threshold : the IoU above which a candidate polygon is suppressed (method ``polygons``).
+    method ``"embedding"`` (the five ``E`` planes): EmbedSeg clustering
+        (:func:`lib.instances.embedding.cluster_instances`) with the mask ``Eseed >
+        thresholds["Eseed"]``, seeds above ``seed_score``, proposals of at least ``min_seed_size``
+        px (at least 1) of which a fraction ``min_unclustered`` is new; refinements apply.
+    seed_score, min_unclustered : see method ``embedding``.
 
     Besides the plane names, seed, surface and growth channels may name maps derived from
     several planes (:data:`DERIVED`): ``HV`` from ``H`` and ``V``, ``Amin`` and ``Amax`` from the
@@ -144,6 +153,8 @@ class PostProcessConfig:
     label_dtype: str = "auto"
     method: str = "watershed"
     nms_threshold: float = 0.4
+    seed_score: float = 0.9
+    min_unclustered: float = 0.5
 
     def __post_init__(self):
         # JSON gives lists; the settings are tuples so that the object stays immutable
@@ -222,6 +233,11 @@ class PostProcessConfig:
             v.append(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         elif self.method == "polygons" and ("F" not in channels or not ray_count(channels)):
             v.append(f"method 'polygons' needs channels F and R0..; got {self.channels!r}")
+        elif self.method == "embedding" and not set(EMBEDDING_PLANES) <= set(channels):
+            v.append(f"method 'embedding' needs channels {','.join(EMBEDDING_PLANES)}; got {self.channels!r}")
+        for name in ("seed_score", "min_unclustered"):
+            if not _is_threshold(getattr(self, name)) or isinstance(getattr(self, name), str):
+                v.append(f"{name} must be a number in [0, 1]; got {getattr(self, name)!r}")
         if not _is_threshold(self.nms_threshold) or isinstance(self.nms_threshold, str):
             v.append(f"nms_threshold must be a number in [0, 1]; got {self.nms_threshold!r}")
         if v:
@@ -286,6 +302,10 @@ class PostProcessConfig:
         if not problems and ray_count(channels) and "F" in channels:
             return cls(channels=channels, thresholds={"F": 0.5}, seed_channels=("F",), surface_channel="F",
                        method="polygons").validate()
+        if not problems and set(EMBEDDING_PLANES) <= set(channels):
+            return cls(channels=channels, thresholds={"Eseed": 0.5}, seed_channels=("Eseed",),
+                       surface_channel="Eseed", growth_channel="Eseed", min_seed_size=5,
+                       method="embedding").validate()
         names = channels + _derived(channels)
         if not any(c in SEED_ABOVE for c in names):
             problems.append(f"channels must include F, Db or P to build seeds from; got {channels!r}")
@@ -547,6 +567,16 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
         for step in config.refinements:
             labels = _refine(labels, *parse_refinement(step), border, growth)
         return labels, seeds, channel("F"), growth
+    if config.method == "embedding":
+        first = config.channels.index("Ey")
+        labels, centres = cluster_instances(maps[..., first:first + len(EMBEDDING_PLANES)], thresholds["Eseed"],
+                                            config.seed_score, max(config.min_seed_size, 1), config.min_unclustered)
+        seeds = np.zeros(labels.shape, np.int32)
+        seeds[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
+        growth = channel("Eseed") > thresholds["Eseed"]
+        for step in config.refinements:
+            labels = _refine(labels, *parse_refinement(step), border, growth)
+        return labels, seeds, -channel("Eseed"), growth
     growth = channel(config.growth_channel) > thresholds["growth"]
     seed_mask = growth.copy()
     for name in config.seed_channels:

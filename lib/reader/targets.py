@@ -36,13 +36,18 @@ name      kind       meaning
 ``A``     binary     affinities: ``A`` stands for ``A0_1, A1_0``; ``A<dy>_<dx>`` (any offsets,
                      e.g. ``A0_4,A4_0`` for long range) is 1 where a pixel and the one at
                      ``(y + dy, x + dx)`` belong to the same object.
+``E``     embedding  EmbedSeg pixel embeddings: ``E`` stands for ``Ey, Ex`` (offsets of up to
+                     256 px), ``Esy, Esx`` (the clustering bandwidth) and ``Eseed`` (seediness),
+                     all through a sigmoid; trained by a loss on whole objects
+                     (lib/training/embedding_loss.py); the maps here are the ideal ones
+                     (:mod:`.targets_embedding`). Works alone.
 ``K``     class      a class per instance: planes ``K0`` (background) .. ``K<n>``, one-hot of the
                      class of each pixel's object (databases with two-channel instance masks,
                      lib/store/instance_classes.py); trained with a softmax cross-entropy over
                      the K planes together. Added by the trainer, never named by the user.
 ========  =========  ==========================================================================
 
-The shorthands ``R`` and ``A`` are expanded by :func:`parse_instance_channels`: a spec always
+The shorthands ``R``, ``A`` and ``E`` are expanded by :func:`parse_instance_channels`: a spec always
 lists one name per plane, so ``len(spec.channels)`` is the number of output planes.
 
 Binary channels are trained with sigmoid cross-entropy, distance channels with L1 or MSE
@@ -74,6 +79,7 @@ from scipy import ndimage as ndi
 
 from ..common.settings import ConfigError
 from . import targets_fields as fields
+from .targets_embedding import EMBEDDING_PLANES, embedding_targets, is_embedding_name
 from .targets_stardist import encode_rays, grid_offset, is_ray_name, ray_count, ray_names, star_distances
 
 CHANNELS: dict[str, str] = {"F": "binary", "C": "binary", "Db": "distance", "P": "binary", "T": "binary"}
@@ -83,11 +89,14 @@ MORE_CHANNELS: dict[str, str] = {"B": "binary", "H": "distance", "V": "distance"
 # A class per instance: planes K0 (background) .. K<n>, kind "class" (see with_classes).
 CLASS_PREFIX = "K"
 # Shorthands that stand for several planes (expanded by parse_instance_channels).
-SHORTHANDS = ("R", "A")
+SHORTHANDS = ("R", "A", "E")
 # Channel sets whose maps the post-processing turns into instances (lib/instances/postprocess.py).
 WORKING_COMBINATIONS = ("F,C,Db (the default)", "F", "F,C", "F,Db", "F,P", "F,C,T", "Db", "F,R", "F,H,V", "F,D",
-                        "D", "F,Dc", "F,Dn", "F,B", "A", "F,A")
+                        "D", "F,Dc", "F,Dn", "F,B", "A", "F,A", "E")
 CONTOUR_MODES = ("thick", "inner", "outer")
+# The ray planes' default loss weights add up to this: an error of 1 px on a typical ray (8 px, encoded
+# d / (d + 16)) then costs about 0.1, as much as F's cross-entropy late in training.
+RAY_TOTAL_WEIGHT = 4.0
 DISTANCE_LOSSES = ("l1", "mse")
 
 # find_objects returns one entry per possible id, so ids above _DIRECT_ID_LIMIT are renumbered
@@ -148,11 +157,15 @@ class TargetSpec:
                 if channel_kind(name) is None:
                     v.append(f"channels must be names from {', '.join(CHANNELS)} (case-sensitive); got {name!r}."
                              + _did_you_mean(name) + f" Also valid: {', '.join(MORE_CHANNELS)}, R0.. (rays), "
-                             "A<dy>_<dx> (affinities)")
+                             "A<dy>_<dx> (affinities), E (embeddings)")
             rays = [c for c in self.channels if is_ray_name(c)]
             if rays and _is_int(self.n_rays) and tuple(rays) != ray_names(self.n_rays):
                 v.append(f"channels must hold the n_rays={self.n_rays} ray planes R0..R{self.n_rays - 1} in order; "
                          f"got {','.join(rays)}. Write R in --instance_channels to get them all")
+            embedding = tuple(c for c in self.channels if is_embedding_name(c))
+            if embedding and embedding != EMBEDDING_PLANES:
+                v.append(f"channels must hold the embedding planes {','.join(EMBEDDING_PLANES)} together and in order; "
+                         f"got {','.join(embedding)}. Write E in --instance_channels to get them all")
             repeated = sorted({c for c in self.channels if isinstance(c, str) and self.channels.count(c) > 1})
             if repeated:
                 v.append(f"channels must not repeat a name; got {', '.join(repeated)} more than once "
@@ -205,9 +218,13 @@ class TargetSpec:
 
     @property
     def loss_weights(self) -> tuple[float, ...]:
-        """Per channel loss weight; 1.0 each when :attr:`weights` is ``None``."""
+        """Per channel loss weight. When :attr:`weights` is ``None``: 1.0 each, but the ray planes
+        share :data:`RAY_TOTAL_WEIGHT` (each ``RAY_TOTAL_WEIGHT / n_rays``): with weight 1 each, 32
+        ray planes outweighed ``F`` 32 to 1 and a 3-minute CPU run had not yet learnt ``F`` at all
+        (StarDist, too, weighs its mean ray loss, not the sum, against the probability's)."""
         if self.weights is None:
-            return (1.0,) * len(self.channels)
+            n_rays = ray_count(self.channels)
+            return tuple(RAY_TOTAL_WEIGHT / n_rays if is_ray_name(c) else 1.0 for c in self.channels)
         return tuple(float(w) for w in self.weights)
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,7 +261,8 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
     **options : other :class:`TargetSpec` fields (``contour_mode``, ``point_radius``, ...).
 
     ``R`` stands for the ``n_rays`` ray planes ``R0..``, ``A`` for the affinity planes
-    ``A0_1,A1_0``; a weight given for a shorthand applies to each of its planes.
+    ``A0_1,A1_0``, ``E`` for the five embedding planes ``Ey,Ex,Esy,Esx,Eseed``; a weight given for a
+    shorthand applies to each of its planes.
 
     Raises
     ------
@@ -262,6 +280,8 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
             names += ray_names(n_rays) if _is_int(n_rays) and 3 <= n_rays <= 256 else ["R0"]
         elif name == "A":
             names += [fields.affinity_name(*offset) for offset in fields.DEFAULT_AFFINITIES]
+        elif name == "E":
+            names += EMBEDDING_PLANES
         else:
             names.append(name)
     if any(not name for name in names):
@@ -290,6 +310,8 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
 def _planes(name: str, options: dict) -> int:
     if name == "R":
         return int(options.get("n_rays", TargetSpec.n_rays))
+    if name == "E":
+        return len(EMBEDDING_PLANES)
     return len(fields.DEFAULT_AFFINITIES) if name == "A" else 1
 
 
@@ -333,7 +355,8 @@ def _class_problems(spec: TargetSpec) -> list[str]:
 
 
 def channel_kind(name: Any) -> str | None:
-    """``"binary"``, ``"distance"``, ``"ray"`` or ``"class"`` for a plane name; None for an unknown one."""
+    """``"binary"``, ``"distance"``, ``"ray"``, ``"embedding"`` or ``"class"`` for a plane name; None for an
+    unknown one."""
     if not isinstance(name, str):
         return None
     if is_class_name(name):
@@ -342,6 +365,8 @@ def channel_kind(name: Any) -> str | None:
         return CHANNELS.get(name) or MORE_CHANNELS[name]
     if is_ray_name(name):
         return "ray"
+    if is_embedding_name(name):
+        return "embedding"
     offset = fields.affinity_offset(name)
     if offset is not None and offset != (0, 0) and max(map(abs, offset)) <= fields.MAX_AFFINITY_OFFSET:
         return "binary"
@@ -351,18 +376,22 @@ def channel_kind(name: Any) -> str | None:
 def combination_problems(names: tuple[str, ...]) -> list[str]:
     """Why the post-processing could not make instances from these planes ([] when it can)."""
     present = set(names)
-    affinity = any(fields.affinity_offset(n) is not None for n in names)
+    # affinities and embeddings build seeds and masks from their own planes
+    self_sufficient = any(fields.affinity_offset(n) is not None for n in names) or "Eseed" in present
     problems = []
+    if ray_count(names) and "Eseed" in present:
+        problems.append("channels R (polygons) and E (embedding clustering) each make the instances: choose one")
     if ray_count(names) and "F" not in present:
         problems.append("channels with R (star-convex polygons) need F, the object probability of each polygon")
     if ("H" in present) != ("V" in present) or (("H" in present) and "F" not in present):
         problems.append("channels H and V (HoVer-Net offsets) go together and need F")
-    if not affinity and not present & {"F", "Db", "P", "D", "Dc"}:
-        problems.append("channels must include F, Db, P, D, Dc or affinities to build seeds from")
-    if not affinity and not present & {"F", "Db", "D"}:
-        problems.append("channels must include F, Db, D or affinities to build the growth mask from")
+    if not self_sufficient and not present & {"F", "Db", "P", "D", "Dc"}:
+        problems.append("channels must include F, Db, P, D, Dc, affinities or E to build seeds from")
+    if not self_sufficient and not present & {"F", "Db", "D"}:
+        problems.append("channels must include F, Db, D, affinities or E to build the growth mask from")
     if problems:
-        got = ",".join("R" if n == "R0" else n for n in names if not is_ray_name(n) or n == "R0")
+        got = ",".join("R" if n == "R0" else "E" if n == "Ey" else n for n in names
+                       if not (is_ray_name(n) or is_embedding_name(n)) or n in ("R0", "Ey"))
         problems = [f"instance channels {got} cannot be post-processed: " + "; ".join(problems)
                     + ". Sets that work: " + "; ".join(WORKING_COMBINATIONS)
                     + " (other channels may be added to any of them)"]
@@ -433,6 +462,9 @@ def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None
         first = index["R0"]
         offset = grid_offset(labels, spec.ray_grid)
         out[..., first:first + n_rays] = encode_rays(star_distances(labels, n_rays, spec.ray_grid, offset))
+    if "Ey" in index:
+        first = index["Ey"]
+        out[..., first:first + len(EMBEDDING_PLANES)] = embedding_targets(labels)
     planes = [(k, fields.affinity_offset(name)) for k, name in enumerate(spec.channels)]
     planes = [(k, offset) for k, offset in planes if offset is not None]
     if planes:

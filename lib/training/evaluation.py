@@ -29,6 +29,9 @@ EVAL_MATCHING_THRESHOLDS = (0.5,)
 TUNING_SEED_THRESHOLDS = {"Db": (0.3, 0.4, 0.5, 0.6, 0.7), "C": (0.2, 0.3, 0.5, 0.7), "P": (0.3, 0.5, 0.7),
                           "T": (0.3, 0.5, 0.7)}
 TUNING_MIN_SEED_SIZES = (5, 20)
+# the setting of each instance method beyond the watershed that the tuning varies, and its values
+TUNING_METHOD_SETTINGS = {"polygons": ("nms_threshold", (0.3, 0.4, 0.5)),
+                          "embedding": ("seed_score", (0.6, 0.75, 0.9))}
 TUNING_MAX_TILES = 128
 
 
@@ -97,17 +100,27 @@ def postprocess_candidates(spec) -> list[PostProcessConfig]:
     """The defaults first, then every combination of the tuning grid for the channels predicted.
 
     F keeps its 0.5 (it sets what is object at all); the thresholds that decide how objects
-    split (Db, C, P, T) and the smallest seed vary.
+    split (Db, C, P, T) and the smallest seed vary; for polygons (R) the NMS IoU threshold
+    instead of the smallest seed, for embeddings (E) the seed score too.
     """
     base = postprocess_defaults(spec)
     tuned = [c for c in base.seed_channels if c in TUNING_SEED_THRESHOLDS]
+    setting, setting_values = TUNING_METHOD_SETTINGS.get(base.method, (None, (None,)))
+    sizes = (base.min_seed_size,) if base.method == "polygons" else TUNING_MIN_SEED_SIZES
     candidates = [base]
-    for values in itertools.product(*(TUNING_SEED_THRESHOLDS[c] for c in tuned), TUNING_MIN_SEED_SIZES):
-        thresholds = dict(base.thresholds, **dict(zip(tuned, values[:-1])))
-        candidate = dataclasses.replace(base, thresholds=thresholds, min_seed_size=values[-1])
-        if candidate != base:
+    for values in itertools.product(*(TUNING_SEED_THRESHOLDS[c] for c in tuned), sizes, setting_values):
+        thresholds = dict(base.thresholds, **dict(zip(tuned, values[:-2])))
+        candidate = dataclasses.replace(base, thresholds=thresholds, min_seed_size=values[-2])
+        if setting is not None:
+            candidate = dataclasses.replace(candidate, **{setting: values[-1]})
+        if candidate not in candidates:
             candidates.append(candidate)
     return candidates
+
+
+def _method_setting(config: PostProcessConfig) -> dict:
+    setting = TUNING_METHOD_SETTINGS.get(config.method, (None,))[0]
+    return {setting: getattr(config, setting)} if setting else {}
 
 
 def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -> dict:
@@ -142,7 +155,7 @@ def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -
         best, best_f1 = scored[0]
     record = {"tiles": len(maps), "metric": "pooled matching F1 at IoU 0.5", "default_f1": default_f1,
               "chosen_f1": best_f1, "candidates": [{"thresholds": c.thresholds, "min_seed_size": c.min_seed_size,
-                                                    "f1": f} for c, f in scored]}
+                                                    **_method_setting(c), "f1": f} for c, f in scored]}
 
     def change(meta: dict) -> None:
         meta["instance"]["postprocess"] = best.to_dict()
@@ -150,7 +163,7 @@ def tune_postprocess(out: Path, test_reader, spec, log: Callable[[str], None]) -
 
     model_folder.update_model_json(out, change)
     changed = ", ".join(f"{c} {best.thresholds[c]}" for c in best.seed_channels) + \
-        f", min_seed_size {best.min_seed_size}"
+        f", min_seed_size {best.min_seed_size}" + "".join(f", {k} {v}" for k, v in _method_setting(best).items())
     log(f"post-processing tuned on {len(maps)} validation tiles in {time.perf_counter() - start:.1f} s: {changed} "
         f"-> F1@0.5 {best_f1:.3f} (defaults {default_f1:.3f}); written to model.json")
     return record

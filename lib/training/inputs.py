@@ -13,6 +13,7 @@ import numpy as np
 from ..common import normalization as norm
 from ..reader.imagereader import ImageReader
 from ..reader.targets import make_targets
+from ..reader.targets_embedding import SIGMA_PLANES
 from ..store.lmdb_store import LmdbReader, StoreError
 from .config import TrainConfig, TrainingError
 
@@ -185,7 +186,7 @@ def channel_priors(database: str, spec, records: list[int] | None = None, max_re
             pixels += instances.size
     priors = sums / max(pixels, 1)
     for k, kind in enumerate(kinds):
-        if kind == "ray" and positive_counts[k]:
+        if (kind == "ray" or spec.channels[k] in SIGMA_PLANES) and positive_counts[k]:
             priors[k] = positive_sums[k] / positive_counts[k]
     return [float(v) for v in priors]
 
@@ -197,7 +198,8 @@ def set_head_bias(model, priors: list[float], kinds) -> None:
     bias = getattr(layer, "bias", None)
     if bias is None or tuple(bias.shape) != (len(priors),):
         return
-    values = [math.log(min(max(p, 1e-3), 1 - 1e-3) / (1 - min(max(p, 1e-3), 1 - 1e-3))) if kind == "binary" else
+    values = [math.log(min(max(p, 1e-3), 1 - 1e-3) / (1 - min(max(p, 1e-3), 1 - 1e-3)))
+              if kind in ("binary", "embedding") else
               math.log(max(p, 1e-3)) if kind == "class" else p for p, kind in zip(priors, kinds)]
     bias.assign(np.asarray(values, np.float32).astype(bias.dtype))
 

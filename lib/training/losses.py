@@ -66,7 +66,8 @@ def make_loss(name: str, n_classes: int, class_weights: Sequence[float] | None =
 
 
 INSTANCE_DISTANCE_LOSSES = ("l1", "mse")
-INSTANCE_KINDS = ("binary", "distance", "ray", "class")
+INSTANCE_KINDS = ("binary", "distance", "ray", "embedding", "class")
+SIGMOID_KINDS = ("binary", "embedding")  # maps through a sigmoid; the others are clipped to [0, 1]
 
 
 def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_loss: str = "l1"
@@ -87,6 +88,9 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     multiplied by its weight; the trainer's loss is the sum over channels. The planes of kind
     "class" (a class per instance, one-hot targets K0..K<n>, the last planes) share one softmax
     cross-entropy over them all, split equally among their columns (their sum is the class loss).
+    The five planes of kind "embedding" (EmbedSeg, contiguous) share the loss of
+    :func:`lib.training.embedding_loss.embedding_loss`, which needs the instance ids that follow
+    the K target channels, split equally among their columns.
     Raises ``ValueError`` for unknown kinds or losses.
     """
     import tensorflow as tf
@@ -102,11 +106,16 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
     n_class = sum(k == "class" for k in kinds)
     if n_class and (n_class < 2 or any(k != "class" for k in kinds[n - n_class:])):
         raise ValueError(f"class planes must be the last channels, at least 2 (background and a class); got {kinds}")
+    n_embedding = sum(k == "embedding" for k in kinds)
+    first_embedding = kinds.index("embedding") if n_embedding else 0
+    if n_embedding and kinds[first_embedding:first_embedding + n_embedding] != ("embedding",) * n_embedding:
+        raise ValueError(f"embedding planes must be contiguous; got {kinds}")
     binary = tf.constant([k == "binary" for k in kinds])
     ray = tf.constant([k == "ray" for k in kinds])
     weight = tf.constant(list(weights), tf.float32)
 
     def per_channel(targets, logits):
+        targets_all = targets
         targets = tf.cast(targets[..., :n], tf.float32)
         logits = tf.cast(logits, tf.float32)
         bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
@@ -119,6 +128,15 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
             masked = tf.reduce_sum(regression * on_object, axis=[1, 2]) / tf.maximum(
                 tf.reduce_sum(on_object, axis=[1, 2]), 1.0)
             mean = tf.where(ray, masked, mean)
+        if n_embedding:
+            from .embedding_loss import embedding_loss
+
+            if targets_all.shape[-1] is not None and targets_all.shape[-1] <= n:
+                raise ValueError("the embedding loss needs the instance ids after the target channels")
+            end = first_embedding + n_embedding
+            ids = tf.cast(targets_all[..., n], tf.float32)
+            share = embedding_loss(ids, logits[..., first_embedding:end])[:, tf.newaxis] / n_embedding
+            mean = tf.concat([mean[:, :first_embedding], tf.repeat(share, n_embedding, axis=1), mean[:, end:]], axis=1)
         if n_class:
             first = n - n_class
             ce = tf.nn.softmax_cross_entropy_with_logits(labels=targets[..., first:], logits=logits[..., first:])
@@ -130,13 +148,13 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
 
 
 def instance_activations(kinds: Sequence[str]) -> Callable[[object], object]:
-    """``f(logits (B, H, W, K)) -> maps`` float32: sigmoid for binary channels, clip to [0, 1] for the
+    """``f(logits (B, H, W, K)) -> maps`` float32: sigmoid for binary and embedding channels, clip to [0, 1] for the
     others (distances and rays: every regression target is encoded in [0, 1]), a softmax over the
     class planes (the last ones) together."""
     import tensorflow as tf
 
     kinds = tuple(kinds)
-    binary = tf.constant([k == "binary" for k in kinds])
+    binary = tf.constant([k in SIGMOID_KINDS for k in kinds])
     first = len(kinds) - sum(k == "class" for k in kinds)
 
     def activate(logits):

@@ -43,6 +43,7 @@ def generated(tmp_path_factory) -> Path:
     ("F,H,V", 3, {"binary", "distance"}),
     ("F,D,Dc,Dn,B", 5, {"binary", "distance"}),
     ("A", 2, {"binary"}),
+    ("E", 5, {"embedding"}),
 ])
 def test_representation_trains_and_infers(generated, tmp_path, channels, planes, kinds):
     import keras
@@ -59,7 +60,7 @@ def test_representation_trains_and_infers(generated, tmp_path, channels, planes,
     assert meta["output_channels"] == planes and len(meta["instance"]["channels"]) == planes
     assert set(meta["instance"]["kinds"]) == kinds
     method = meta["instance"]["postprocess"].get("method", "watershed")
-    assert method == ("polygons" if "R" in channels else "watershed")
+    assert method == ("polygons" if "R" in channels else "embedding" if channels == "E" else "watershed")
     out = tmp_path / "out"
     code = inference.main(["--model", str(run), "--image_folder", str(generated / "data/images"),
                            "--output_folder", str(out), "--mask_folder", str(generated / "data/instances"),
@@ -80,6 +81,7 @@ def test_representation_trains_and_infers(generated, tmp_path, channels, planes,
     ("F,H", "H and V \\(HoVer-Net offsets\\) go together and need F"),
     ("R", "R \\(star-convex polygons\\) need F"),
     ("Dn", "Sets that work: F,C,Db"),
+    ("F,R,E", "R \\(polygons\\) and E \\(embedding clustering\\) each make the instances"),
 ])
 def test_invalid_combinations_exit_2(generated, tmp_path, capsys, channels, message):
     import re
