@@ -21,7 +21,7 @@ import numpy as np
 from ..common.settings import ConfigError
 from ..instances.measure import measure, measurement_columns
 from ..instances.postprocess import PostProcessConfig, postprocess, postprocess_windowed
-from ..instances.rules import filter_instances
+from ..instances.rules import CLASS_PROPERTY, filter_instances, parse_rules
 from ..model_folder import ModelError
 from ..scoring.reports import (
     associations_rows,
@@ -352,6 +352,10 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
         raise ConfigError([f"thresholds nms (the IoU of the polygon suppression) applies only to a model that "
                            f"makes polygons (an R channel, StarDist); got nms={config.thresholds['nms']!r} with the "
                            f"channels {','.join(predictor.channel_names)} of {predictor.source}. Leave nms out"])
+    if config.filter_rules and CLASS_PROPERTY in parse_rules(config.filter_rules).properties \
+            and not class_names(predictor):
+        raise ConfigError([f"filter_rules name the class, but {predictor.source} has no class per instance (it was "
+                           f"trained without instance classes); got {config.filter_rules!r}. Leave the class out"])
     if config.thresholds and "seed" in config.thresholds and "embedding" not in predictor.channel_kinds:
         raise ConfigError([f"thresholds seed (the seed score of the embedding clustering) applies only to a model with "
                            f"the E channels (EmbedSeg); got seed={config.thresholds['seed']!r} with the channels "

@@ -1,7 +1,9 @@
 """Rules on measurement rows, and removing (or keeping) the instances they match.
 
 ``"npixels < 100 and circularity <= 0.7; area > 5000"``: groups separated by ``;`` are OR-ed,
-the conditions of a group joined by ``and`` are AND-ed. Parsed without ``eval``.
+the conditions of a group joined by ``and`` are AND-ed. Parsed without ``eval``. For models with a
+class per instance, ``class == NAME`` and ``class != NAME`` compare the predicted class's name
+(``"class == debris and area < 50"``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ _OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": opera
               "!=": operator.ne}
 _CONDITION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*"
                         r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*")
+_CLASS_CONDITION = re.compile(r"\s*(class)\s*(==|!=)\s*([A-Za-z0-9_.+-]+)\s*")
+CLASS_PROPERTY = "class"  # the name of the predicted class (models with a class head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +31,16 @@ class Condition:
 
     property: str
     op: str
-    value: float
+    value: float | str  # a class name for the class property
 
     def holds(self, row: dict[str, Any]) -> bool:
         """Whether the row satisfies the condition (NaN satisfies only ``!=``)."""
+        if isinstance(self.value, str):
+            return bool(_OPERATORS[self.op](str(row[self.property]), self.value))
         return bool(_OPERATORS[self.op](float(row[self.property]), self.value))
 
     def __str__(self) -> str:
-        return f"{self.property} {self.op} {self.value:g}"
+        return f"{self.property} {self.op} {self.value if isinstance(self.value, str) else format(self.value, 'g')}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +95,15 @@ def parse_rules(text: str | Sequence[str], properties: Sequence[str] | None = No
             continue
         conditions = []
         for item in re.split(r"\band\b", part, flags=re.IGNORECASE):
+            named = _CLASS_CONDITION.fullmatch(item)
+            if named is not None:
+                conditions.append(Condition(CLASS_PROPERTY, named.group(2), named.group(3)))
+                continue
             match = _CONDITION.fullmatch(item)
             if match is None:
                 problems.append(f"condition must be '<property> <op> <number>' with op one of "
-                                f"{' '.join(_OPERATORS)}, joined by 'and' (groups by ';'); got {item.strip()!r}")
+                                f"{' '.join(_OPERATORS)}, or 'class == NAME' / 'class != NAME', joined by 'and' "
+                                f"(groups by ';'); got {item.strip()!r}")
                 continue
             name, op, value = match.groups()
             if name not in known:

@@ -307,6 +307,32 @@ def parse_instance_channels(text: str, weights: str | None = None, **options: An
     return spec.validate()
 
 
+def plane_groups(channels: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+    """The planes grouped as a user names them: ``R`` (every ray plane), ``E`` (the embedding planes),
+    ``K`` (the class planes), each other plane alone; ``(name, plane indices)`` in plane order.
+    For log lines: 32 ray planes read as one ``R``."""
+    groups: list[tuple[str, list[int]]] = []
+    for k, name in enumerate(channels):
+        group = "R" if is_ray_name(name) else "E" if is_embedding_name(name) else "K" if is_class_name(name) else name
+        if groups and groups[-1][0] == group and group in ("R", "E", "K"):
+            groups[-1][1].append(k)
+        else:
+            groups.append((group, [k]))
+    return groups
+
+
+def describe_targets(spec: TargetSpec) -> str:
+    """``"F (binary, weight 1), R: 32 planes (ray, weight 0.125 each)"``: the spec for a log line."""
+    weights, parts = spec.loss_weights, []
+    for name, planes in plane_groups(spec.channels):
+        kind, weight = spec.kinds[planes[0]], weights[planes[0]]
+        same = all(weights[k] == weight for k in planes)
+        each = f"weight {weight:g}{' each' if len(planes) > 1 else ''}" if same else \
+            "weights " + ",".join(f"{weights[k]:g}" for k in planes)
+        parts.append(f"{name}: {len(planes)} planes ({kind}, {each})" if len(planes) > 1 else f"{name} ({kind}, {each})")
+    return ", ".join(parts)
+
+
 def _planes(name: str, options: dict) -> int:
     if name == "R":
         return int(options.get("n_rays", TargetSpec.n_rays))

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import model_folder
 from ..instances.postprocess import PostProcessConfig, postprocess
+from ..reader.targets import plane_groups
 from ..scoring.metrics import confusion_matrix, match_instances, pool_stats, scores
 from .config import TrainConfig
 from .losses import instance_activations
@@ -89,7 +90,8 @@ def _evaluate_instances(spec, test_reader, eval_step) -> dict:
                 "recall": pooled.recall, "objects_true": pooled.n_true, "objects_predicted": pooled.n_pred}
     s.update(matching, channel_losses={c: float(v) for c, v in zip(spec.channels, channel_losses)})
     return {"test_loss": float(channel_losses.sum()), **_pixel_metrics(s),
-            "channel_losses": " ".join(f"{c}={v:.4f}" for c, v in zip(spec.channels, channel_losses)),
+            "channel_losses": " ".join(f"{name}={channel_losses[planes].sum():.4f}"
+                                       for name, planes in plane_groups(spec.channels)),
             **matching, "scores": s}
 
 

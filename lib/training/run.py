@@ -38,6 +38,7 @@ from .. import model_folder
 from ..common.device import select_strategy, worker_info
 from ..export.model_card import write_model_card
 from ..reader.imagereader import as_tf_dataset
+from ..reader.targets import describe_targets
 from ..store.lmdb_store import LmdbReader, StoreError
 from .agreement import SIGNALS, Agreement, peer_errors
 from .config import (
@@ -265,8 +266,7 @@ class TrainingRun:
             self.log("class weights from the training pixel counts: " + ", ".join(f"{w:.3g}" for w in class_weights))
         loss_fn, channel_loss_fn = make_losses(config, class_weights)
         if spec is not None:
-            self.log("instance targets: " + ", ".join(
-                f"{c} ({k}, weight {w:g})" for c, k, w in zip(spec.channels, spec.kinds, spec.loss_weights)))
+            self.log("instance targets: " + describe_targets(spec))
         self.train_step = make_train_step(self.strategy, self.model, self.optimizer, loss_fn, self.global_batch,
                                           config.jit_compile)
         self.eval_step = make_eval_step(config, self.model, loss_fn, channel_loss_fn)

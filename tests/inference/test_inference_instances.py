@@ -355,6 +355,16 @@ def test_instance_flags_are_refused_for_a_semantic_model(tmp_path, capsys):
     assert "pixel_size" not in err  # any model records the pixel size in its OME outputs
 
 
+def test_class_rules_need_a_model_with_classes(oracle_folder, tmp_path, capsys):
+    from tests.conftest import write_pairs
+
+    data = write_pairs(tmp_path / "data", [(20, 20)])
+    assert run("--model", oracle_folder, "--image_folder", data / "images", "--output_folder", tmp_path / "out",
+               "--filter_rules", "class == debris") == 2
+    assert "has no class per instance" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.tif"))
+
+
 def test_stacks_are_refused_by_name(oracle_folder, tmp_path, capsys):
     write_image(tmp_path / "images" / "stack.tif", np.zeros((3, 20, 20, 3), np.float32))
     write_image(tmp_path / "images" / "plane.tif", np.zeros((20, 20, 3), np.float32))

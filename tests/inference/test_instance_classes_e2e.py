@@ -102,6 +102,15 @@ def test_each_object_gets_the_majority_class_and_matching_is_per_class(tmp_path,
         assert int(pooled[(name, "0.5")]["n_true"]) == sum(int(r["n_true"]) for r in per_image)
     n_true = sum(int(pooled[(name, "0.5")]["n_true"]) for name in NAMES[1:])
     assert n_true == int(pooled[("all", "0.5")]["n_true"])
+    # rules on the class: remove every "long" object smaller than 10000 px
+    filtered = tmp_path / "filtered"
+    assert inference.main(["--model", str(model), "--image_folder", str(tmp_path / "images"), "--output_folder",
+                           str(filtered), "--filter_rules", "class == long and npixels < 10000", "--quiet"]) == 0
+    rows = read_csv(filtered / "img_0_instances.csv")
+    labels = read_image(filtered / "img_0.tif")[..., 0]
+    assert {r["status"] for r in rows if r["class"] == "long"} == {"removed"}
+    assert {r["status"] for r in rows if r["class"] != "long"} == {"kept"}
+    assert set(np.unique(labels[labels > 0])) == {int(r["label"]) for r in rows if r["class"] != "long"}
 
 
 def test_build_train_infer_gives_per_class_rows(tmp_path):
