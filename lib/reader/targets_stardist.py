@@ -13,9 +13,15 @@ The network learns the distances encoded into [0, 1) as ``d / (d + RAY_SCALE)`` 
 so that post-processing can decode them without knowing the run: inference clips non-binary
 channels to [0, 1]); :func:`decode_rays` is the inverse. Rays in pixels are not capped.
 
-Vectorised: all (pixel, ray) pairs step together, a pair leaving the active set at its first
-sample off its object, so the work is the sum of the ray lengths. ``grid`` 2 computes every
-other row and column only (StarDist's ``grid``), a quarter of the work.
+Vectorised: the rays of a pixel are handled in groups of 4 consecutive rays (fewer when ``N`` is not
+a multiple of 4); one row per (pixel, group), rows ordered by group, so that one step's 4 sample
+offsets are the same for a whole run of rows. Every step gathers the label under each row's
+samples at once (one ``np.take`` on the flattened, padded labels), and keeps per ray an "alive"
+flag (every sample so far on the object) and its count of samples inside. Every 4 steps the rows
+whose 4 rays have all ended are written out and dropped, so the work is about the sum over rows
+of the longest ray of the group (rays of nearby angles have similar lengths) plus at most 3
+steps; the ended rays of a running row keep stepping, but no longer count. ``grid`` 2 computes every other row and column only
+(StarDist's ``grid``), a quarter of the work.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 
 RAY_SCALE = 16.0  # px: a distance d is learnt as d / (d + RAY_SCALE)
 RAY_PREFIX = "R"
+_EVERY = 4  # steps between two compactions of the rays still running
 
 
 def ray_directions(n_rays: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,14 +67,13 @@ def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1, offset: 
     """
     h, w = labels.shape
     out = np.zeros((h, w, n_rays), np.float32)
-    on_grid = np.zeros((h, w), bool)
     oy, ox = (int(v) for v in offset)
     if not (0 <= oy < grid and 0 <= ox < grid):
         raise ValueError(f"offset must be in [0, grid={grid}) along each axis; got {offset}")
-    on_grid[oy::grid, ox::grid] = True
-    ys, xs = np.nonzero((labels != 0) & on_grid)
-    if ys.size == 0:
+    gy, gx = np.nonzero(labels[oy::grid, ox::grid])
+    if gy.size == 0:
         return out
+    ys, xs = gy * grid + oy, gx * grid + ox
     # A one-pixel sentinel ring around the patch: each step moves at most one pixel per axis,
     # so a ray that leaves the patch ends on the ring.
     padded = np.full((h + 2, w + 2), -1, np.int64 if labels.max() >= 2 ** 31 else np.int32)
@@ -76,30 +82,54 @@ def star_distances(labels: np.ndarray, n_rays: int = 32, grid: int = 1, offset: 
     wp = w + 2
     dy, dx = ray_directions(n_rays)
     max_steps = h + w + 2
-    t = np.arange(1, max_steps + 1)[None, :]
-    offsets = (np.floor(t * dy[:, None] + 0.5).astype(np.int64) * wp
-               + np.floor(t * dx[:, None] + 0.5).astype(np.int64))  # (n_rays, max_steps), flat in padded
+    t = np.arange(1, max_steps + 1)
+    offsets = (np.floor(t * dy[:, None] + 0.5).astype(np.intp) * wp
+               + np.floor(t * dx[:, None] + 0.5).astype(np.intp))  # (n_rays, max_steps), flat in padded
 
-    # every (pixel, ray) pair steps together; a pair leaves the active set at its first sample
-    # off its object, so the work is the sum of the ray lengths
+    # rows: (pixel, group of `lanes` consecutive rays), group-major, so that a step's offsets are one
+    # constant run per group; a row is dropped (every `_EVERY` steps) once all its rays have ended
+    lanes = next((g for g in (4, 3, 2) if n_rays % g == 0), 1)
+    groups = n_rays // lanes
+    table = np.ascontiguousarray(offsets.reshape(groups, lanes, max_steps).transpose(2, 1, 0))  # (step, lane, group)
     n = ys.size
-    pair_at = np.repeat(((ys + 1) * wp + xs + 1).astype(np.int64), n_rays)
-    pair_ray = np.tile(np.arange(n_rays), n)
-    pair_own = flat[pair_at]
-    pair_index = np.arange(n * n_rays)
-    survived = np.zeros(n * n_rays, np.float32)
-    offsets = np.ascontiguousarray(offsets.T)  # (max_steps, n_rays): one small row per step
+    rows = groups * n
+    start0 = ((ys + 1) * wp + xs + 1).astype(np.intp)
+    start = np.tile(start0, groups)[None]
+    own = np.tile(flat[start0], groups)[None]
+    row_id = np.arange(rows)  # group * n + pixel, stays sorted
+    counts = np.full(groups, n)
+    count_type = np.uint16 if max_steps < 2 ** 16 else np.int32
+    inside_count = np.zeros((lanes, rows), count_type)  # samples inside so far, while alive
+    alive = np.ones((lanes, rows), bool)
+    result = np.zeros((lanes, rows), count_type)
+    lane_base = (np.arange(lanes) * rows)[:, None]
+    label_buffer, inside_buffer = np.empty(lanes * rows, flat.dtype), np.empty(lanes * rows, bool)
     for step in range(max_steps):
-        inside = np.take(flat, pair_at + np.take(offsets[step], pair_ray)) == pair_own
-        if not inside.all():
-            survived[pair_index[~inside]] = step
-            pair_at, pair_ray, pair_own, pair_index = (a[inside] for a in (pair_at, pair_ray, pair_own, pair_index))
-            if pair_index.size == 0:
-                break
-    # the ray left at step survived + 1; the boundary is taken half a pixel (along the dominant
+        at = np.repeat(table[step], counts, axis=1)
+        at += start
+        size = at.size
+        # rays that ended step on past the ring: 'wrap' keeps their (ignored) samples in the array
+        sample = np.take(flat, at, mode="wrap", out=label_buffer[:size].reshape(at.shape))
+        alive &= np.equal(sample, own, out=inside_buffer[:size].reshape(at.shape))
+        inside_count += alive
+        if step % _EVERY == _EVERY - 1:
+            keep = np.logical_or.reduce(alive, 0)
+            if not keep.all():
+                done = np.flatnonzero(~keep)
+                np.put(result, row_id[done] + lane_base, np.take(inside_count, done, axis=1))
+                kept = np.flatnonzero(keep)
+                if kept.size == 0:
+                    break
+                start, own, row_id = np.take(start, kept, axis=1), np.take(own, kept, axis=1), row_id[kept]
+                inside_count, alive = np.take(inside_count, kept, axis=1), np.take(alive, kept, axis=1)
+                counts = np.diff(np.searchsorted(row_id, np.arange(groups + 1) * n))
+    else:
+        np.put(result, row_id + lane_base, inside_count)
+    # the ray left at sample (count + 1); the boundary is taken half a pixel (along the dominant
     # axis) beyond the last sample inside
     correction = (0.5 / np.maximum(np.abs(dy), np.abs(dx))).astype(np.float32)
-    out[ys, xs] = survived.reshape(n, n_rays) + correction[None, :]
+    survived = result.reshape(lanes, groups, n).transpose(2, 1, 0).reshape(n, n_rays)
+    out[ys, xs] = survived.astype(np.float32) + correction
     return out
 
 
