@@ -473,8 +473,8 @@ def make_targets(instances: np.ndarray, spec: TargetSpec, out: np.ndarray | None
             out[..., k] = touching_areas(labels, spec.touch_width, foreground)
         elif name == "Dn":
             out[..., k] = fields.neighbour_distance(labels, spec.dn_scale)
-        else:  # the others below, several planes at a time
-            out[..., k] = 0
+        elif not (is_ray_name(name) or is_embedding_name(name)):  # the others below, several planes at a time
+            out[..., k] = 0  # (rays and embeddings overwrite their planes whole: zeroing 32 strided planes cost 10 ms)
     per_object = {name: index[name] for name in ("Db", "P", "Dc") if name in index}
     inside = np.zeros(labels.shape, np.float32) if "D" in index else None
     if per_object or inside is not None:
