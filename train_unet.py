@@ -265,9 +265,23 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         collective_timeout=args.collective_timeout, keep_checkpoints=args.keep_checkpoints,
         percentiles=tuple(args.percentiles), **reader)
     try:
-        return config.validate()
+        config = config.validate()
     except ConfigError as exc:
         parser.error("\n".join(exc.violations))
+    for name in _unused_instance_options(config):
+        print(f"warning: --{name} {config.instance_options[name]} changes nothing: "
+              + (f"--instance_channels {config.instance_channels} has no channel it applies to"
+                 if config.target == "instance" else "it applies to --target instance only"), file=sys.stderr)
+    return config
+
+
+def _unused_instance_options(config: TrainConfig) -> list[str]:
+    from lib.reader.targets import TargetSpec, parse_instance_channels, unused_options
+
+    if config.target != "instance":
+        return [name for name, value in config.instance_options.items() if value != getattr(TargetSpec(), name)]
+    spec = parse_instance_channels(config.instance_channels, config.instance_weights, **config.instance_options)
+    return unused_options(spec, config.instance_options)
 
 
 def run_training(argv: list[str] | None, prog: str, description: str, architectures: dict[str, str],

@@ -321,6 +321,21 @@ def plane_groups(channels: tuple[str, ...]) -> list[tuple[str, list[int]]]:
     return groups
 
 
+# The channels each option of TargetSpec shapes (an option set for none of them changes nothing).
+OPTION_CHANNELS = {"contour_mode": ("C",), "point_radius": ("P",), "touch_width": ("T",),
+                   "n_rays": ("R0",), "ray_grid": ("R0",), "d_alpha": ("D",), "d_beta": ("D",), "dn_scale": ("Dn",),
+                   "distance_loss": ("Db", "H", "V", "D", "Dc", "Dn", "R0")}
+
+
+def unused_options(spec: TargetSpec, options: dict[str, Any]) -> list[str]:
+    """The options of ``options`` that differ from their defaults while ``spec`` has none of the
+    channels they shape (``["n_rays"]`` for ``F,C,Db`` with ``n_rays=16``)."""
+    defaults = TargetSpec()
+    return [name for name, channels in OPTION_CHANNELS.items()
+            if name in options and options[name] != getattr(defaults, name)
+            and not any(c in spec.channels for c in channels)]
+
+
 def describe_targets(spec: TargetSpec) -> str:
     """``"F (binary, weight 1), R: 32 planes (ray, weight 0.125 each)"``: the spec for a log line."""
     weights, parts = spec.loss_weights, []

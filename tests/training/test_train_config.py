@@ -125,6 +125,17 @@ def test_representation_options_reach_the_config():
     assert sum(name.startswith("R") for name in config.target_spec().channels) == 16
 
 
+def test_representation_options_without_their_channel_are_warned_about(capsys):
+    _cli_config(train_unet, ["--target", "instance", "--instance_channels", "F,R", "--n_rays", "16"])
+    assert "warning" not in capsys.readouterr().err
+    _cli_config(train_unet, ["--target", "instance", "--n_rays", "16", "--dn_scale", "7"])
+    err = capsys.readouterr().err
+    assert "warning: --n_rays 16 changes nothing: --instance_channels F,C,Db has no channel it applies to" in err
+    assert "--dn_scale 7.0 changes nothing" in err
+    _cli_config(train_unet, ["--number_classes", "2", "--d_alpha", "3"])
+    assert "--d_alpha 3.0 changes nothing: it applies to --target instance only" in capsys.readouterr().err
+
+
 def test_settings_added_after_a_run_was_recorded_count_as_their_defaults():
     from lib.training.run import differing_settings, recorded_settings
 
