@@ -140,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inst.add_argument("--save_intermediates", action="store_true",
                       help="also write intermediates/KEY_seeds.tif (seed labels, uint32), KEY_surface.tif (the "
                            "flooded surface, float32) and KEY_growth.tif (growth mask, uint8 0/1)")
+    inst.add_argument("--class_mask_folder", default=None,
+                      help="true class masks beside one-channel instance masks in --mask_folder (same file names; "
+                           "class of each pixel's object, 0 on background), for matching per class with a model "
+                           "that has a class per instance; two-channel masks need no such folder")
     inst.add_argument("--matching_thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.75],
                       help="IoU thresholds at which predicted and true instances are matched (with --mask_folder)")
     inst.add_argument("--postprocess_window", type=int, default=4096,
@@ -185,7 +189,8 @@ def _config(args: argparse.Namespace, config_class):
         probabilities=args.probabilities, uncertainty=args.uncertainty, tta=args.tta, z_filter=args.z_filter,
         overwrite=args.overwrite, shard=args.shard, precision=args.precision, thresholds=args.thresholds,
         refinements=args.refinements, pixel_size=args.pixel_size, filter_rules=args.filter_rules,
-        save_intermediates=args.save_intermediates, matching_thresholds=tuple(sorted(args.matching_thresholds)),
+        save_intermediates=args.save_intermediates, class_mask_folder=args.class_mask_folder,
+        matching_thresholds=tuple(sorted(args.matching_thresholds)),
         postprocess_window=args.postprocess_window, postprocess_overlap=args.postprocess_overlap)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 # Settings that only instance models take; given with a semantic model they are refused.
 # --pixel_size is not among them: every model records it in its OME-TIFF / OME-Zarr outputs.
-INSTANCE_SETTINGS = ("thresholds", "refinements", "filter_rules", "save_intermediates")
+INSTANCE_SETTINGS = ("thresholds", "refinements", "filter_rules", "save_intermediates", "class_mask_folder")
 
 # Images whose height or width exceeds this are post-processed window by window.
 POSTPROCESS_WINDOW = 4096
@@ -302,13 +303,25 @@ def class_map(labels: np.ndarray, classes: dict[int, int], n_classes: int) -> np
 
 def _evaluate_classes(context: "RunContext", job: "ImageJob", labels: np.ndarray, pred_classes: dict[int, int],
                       names: Sequence[str]) -> dict:
-    """Matching per class against a two-channel truth mask (ids, classes); nothing for a one-channel mask."""
-    truth = read_image(job.mask_path)
-    if truth.shape[2] != 2 or job.mask_path.suffix.lower() not in (".tif", ".tiff"):  # a 2-channel PNG: grey+alpha
-        context.log(f"note: {job.mask_path.name} has no class channel (a two-channel TIFF: ids, classes): matching "
-                    "over all classes only")
-        return {}
-    ids, classes = read_mask(job.mask_path, binary_255=False), truth[..., 1]
+    """Matching per class against a two-channel truth mask (ids, classes), or a one-channel one and its
+    class mask of the same name in ``--class_mask_folder``; nothing for a one-channel mask alone."""
+    folder = context.config.class_mask_folder
+    if folder is not None:
+        class_path = Path(folder) / job.mask_path.name
+        if not class_path.is_file():
+            context.log(f"note: no class mask {class_path} for {job.mask_path.name}: matching over all classes only")
+            return {}
+        ids, classes = read_mask(job.mask_path, binary_255=False), read_mask(class_path, binary_255=False)
+        if classes.shape != ids.shape:
+            raise ValueError(f"class mask must have the shape of its instance mask {ids.shape}; got "
+                             f"{classes.shape} in {class_path}")
+    else:
+        truth = read_image(job.mask_path)
+        if truth.shape[2] != 2 or job.mask_path.suffix.lower() not in (".tif", ".tiff"):  # 2-channel PNG: grey+alpha
+            context.log(f"note: {job.mask_path.name} has no class channel (a two-channel TIFF: ids, classes, or "
+                        "--class_mask_folder): matching over all classes only")
+            return {}
+        ids, classes = read_mask(job.mask_path, binary_255=False), truth[..., 1]
     stats = evaluate_instance_classes(labels, pred_classes, ids, classes, names,
                                       context.config.matching_thresholds)
     return {"instance_class_stats": stats}
@@ -352,6 +365,9 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
         raise ConfigError([f"thresholds nms (the IoU of the polygon suppression) applies only to a model that "
                            f"makes polygons (an R channel, StarDist); got nms={config.thresholds['nms']!r} with the "
                            f"channels {','.join(predictor.channel_names)} of {predictor.source}. Leave nms out"])
+    if config.class_mask_folder is not None and not class_names(predictor):
+        raise ConfigError([f"class_mask_folder gives true classes, but {predictor.source} has no class per instance "
+                           f"(it was trained without instance classes); got {config.class_mask_folder!r}. Leave it out"])
     if config.filter_rules and CLASS_PROPERTY in parse_rules(config.filter_rules).properties \
             and not class_names(predictor):
         raise ConfigError([f"filter_rules name the class, but {predictor.source} has no class per instance (it was "

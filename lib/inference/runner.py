@@ -99,6 +99,7 @@ class InferenceConfig:
     refinements: tuple[str, ...] | None = None  # replace model.json's refinements
     pixel_size: float | None = None  # physical side of a pixel, for the measurements
     filter_rules: str | None = None  # lib.instances.rules.parse_rules text: instances to remove
+    class_mask_folder: str | None = None  # true classes beside one-channel instance masks (same file names)
     save_intermediates: bool = False  # seeds, surface and growth mask
     matching_thresholds: tuple[float, ...] = (0.3, 0.5, 0.75)  # IoU thresholds of the evaluation
     postprocess_window: int = POSTPROCESS_WINDOW
@@ -122,12 +123,17 @@ class InferenceConfig:
                 v.append(f"image_folder must be an existing folder; got {self.image_folder!r}")
             if self.mask_folder is not None and not Path(self.mask_folder).is_dir():
                 v.append(f"mask_folder must be an existing folder; got {self.mask_folder!r}")
-            for name in ("image_folder", "mask_folder"):  # predicted KEY.tif would replace the input KEY.tif
+            if self.class_mask_folder is not None and not Path(self.class_mask_folder).is_dir():
+                v.append(f"class_mask_folder must be an existing folder; got {self.class_mask_folder!r}")
+            for name in ("image_folder", "mask_folder", "class_mask_folder"):  # predicted KEY.tif would replace the input KEY.tif
                 folder = getattr(self, name)
                 if folder is not None and Path(folder).is_dir() and (
                         files.is_inside(self.output_folder, folder) or files.is_inside(folder, self.output_folder)):
                     v.append(f"output_folder must not be, contain or lie inside {name} (outputs would replace "
                              f"inputs); got {self.output_folder!r} and {folder!r}. Choose a new folder")
+        if self.class_mask_folder is not None and self.mask_folder is None:
+            v.append("class_mask_folder needs mask_folder: the class masks sit beside the instance masks, one per "
+                     f"instance mask with the same file name; got class_mask_folder {self.class_mask_folder!r} alone")
         for name in ("batch_size", "tile_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

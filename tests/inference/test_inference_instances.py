@@ -363,6 +363,10 @@ def test_class_rules_need_a_model_with_classes(oracle_folder, tmp_path, capsys):
                "--filter_rules", "class == debris") == 2
     assert "has no class per instance" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.tif"))
+    (tmp_path / "classes").mkdir()
+    assert run("--model", oracle_folder, "--image_folder", data / "images", "--output_folder", tmp_path / "out",
+               "--mask_folder", data / "masks", "--class_mask_folder", tmp_path / "classes") == 2
+    assert "class_mask_folder gives true classes, but" in capsys.readouterr().err
 
 
 def test_stacks_are_refused_by_name(oracle_folder, tmp_path, capsys):

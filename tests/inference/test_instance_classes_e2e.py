@@ -102,6 +102,15 @@ def test_each_object_gets_the_majority_class_and_matching_is_per_class(tmp_path,
         assert int(pooled[(name, "0.5")]["n_true"]) == sum(int(r["n_true"]) for r in per_image)
     n_true = sum(int(pooled[(name, "0.5")]["n_true"]) for name in NAMES[1:])
     assert n_true == int(pooled[("all", "0.5")]["n_true"])
+    # the same truth as one-channel instance masks and a class mask folder: the same per-class rows
+    for key, (ids, classes) in truth.items():
+        write_image(tmp_path / "ids" / f"{key}.tif", ids)
+        write_image(tmp_path / "classes" / f"{key}.tif", classes)
+    split = tmp_path / "split"
+    assert inference.main(["--model", str(model), "--image_folder", str(tmp_path / "images"), "--mask_folder",
+                           str(tmp_path / "ids"), "--class_mask_folder", str(tmp_path / "classes"),
+                           "--output_folder", str(split), "--quiet"]) == 0
+    assert read_csv(split / "instance_metrics.csv") == metrics
     # rules on the class: remove every "long" object smaller than 10000 px
     filtered = tmp_path / "filtered"
     assert inference.main(["--model", str(model), "--image_folder", str(tmp_path / "images"), "--output_folder",
@@ -136,3 +145,14 @@ def test_build_train_infer_gives_per_class_rows(tmp_path):
     metrics = read_csv(out / "instance_metrics.csv")
     classes = {r["class"] for r in metrics}
     assert classes == {"all", "class 1", "class 2", "class 3"}
+
+
+def test_class_mask_folder_is_refused_without_masks_or_classes(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "classes").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        inference.main(["--model", "m", "--image_folder", str(tmp_path / "images"), "--output_folder",
+                        str(tmp_path / "out"), "--class_mask_folder", str(tmp_path / "classes")])
+    assert stop.value.code == 2
+    assert "class_mask_folder needs --mask_folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
