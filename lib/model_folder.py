@@ -168,6 +168,13 @@ LABEL_KINDS = ("semantic", "instance")
 CHANNEL_KINDS = ("binary", "distance", "ray", "embedding", "class")  # lib.reader.targets.channel_kind
 
 
+def probability_planes(names, kinds) -> list[bool]:
+    """Which instance planes are probabilities (worth an entropy, a preview, a threshold at 0.5): the
+    binary ones and the embeddings' seediness ``Eseed`` (the other embedding planes are offsets and
+    bandwidths through a sigmoid)."""
+    return [kind == "binary" or name == "Eseed" for name, kind in zip(names, kinds)]
+
+
 def _instance_channels(meta: dict, problems: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Validate the ``instance`` block of an instance model's model.json; append problems; return (names, kinds)."""
     block = meta.get("instance")

@@ -133,9 +133,11 @@ def _postprocessing(info: ModelInfo) -> tuple[list[dict], str]:
     if info.label_kind == "semantic":
         return [{"id": "softmax", "kwargs": {"axis": "channel"}}], "class probabilities (softmax over the channels)"
     if all(kind in ("binary", "embedding") for kind in info.channel_kinds):
-        return [{"id": "sigmoid"}], "instance channel probabilities (sigmoid)"
-    return [], ("instance channel logits: apply a sigmoid to the binary channels and clip the distance channels "
-                "to [0, 1] (no bioimage.io operation does this per channel)")
+        return [{"id": "sigmoid"}], ("instance channel maps through a sigmoid (probabilities; for embedding planes "
+                                     "offsets, bandwidths and seediness in [0, 1])")
+    return [], ("instance channel logits: apply a sigmoid to the binary and embedding channels, a softmax over the "
+                "class planes, and clip the distance and ray channels to [0, 1] (no bioimage.io operation does this "
+                "per channel)")
 
 
 def describe(info: ModelInfo, files: dict[str, bytes], weights: dict[str, dict], options: dict) -> dict:

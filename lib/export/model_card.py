@@ -19,7 +19,7 @@ from ..common.errors import BadInput
 from ..common.files import write_text
 from ..common.pictures import OVERLAY_ALPHA, colour_labels, display_image, save_png
 from ..inference.predictor import load_predictor
-from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, read_model_json
+from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, probability_planes, read_model_json
 from ..store.images import read_image
 from ..store.lmdb_store import LmdbReader
 
@@ -111,12 +111,19 @@ def _busiest_record(reader, candidates: int = SAMPLE_CANDIDATES) -> int:
 
 
 def prediction_labels(info: ModelInfo, maps: np.ndarray) -> np.ndarray:
-    """Labels to draw from predicted maps (H, W, K): the class (semantic) or connected objects (instance)."""
+    """Labels to draw from predicted maps (H, W, K): the class (semantic), or the objects of the model's
+    own post-processing (instance; connected regions of its first probability plane when it records none)."""
     if info.label_kind == "semantic":
         return maps.argmax(axis=-1)
     from scipy import ndimage
 
-    channel = next((k for k, kind in enumerate(info.channel_kinds) if kind == "binary"), 0)
+    from ..instances.postprocess import PostProcessConfig, postprocess
+
+    block = (info.meta.get("instance") or {}).get("postprocess")
+    if block:
+        return postprocess(np.asarray(maps, np.float32), PostProcessConfig.from_dict(block))
+    planes = probability_planes(info.channel_names, info.channel_kinds)
+    channel = planes.index(True) if any(planes) else 0
     return ndimage.label(maps[..., channel] > 0.5)[0]
 
 
@@ -158,8 +165,9 @@ def card_text(info: ModelInfo, sample_from: str | None = None) -> str:
         lines.append(f"Output: {info.number_classes} classes (softmax over logits): {', '.join(output_names(info))}.")
     else:
         kinds = ", ".join(f"{n} ({k})" for n, k in zip(info.channel_names, info.channel_kinds))
-        lines.append(f"Output: instance channels {kinds}; binary channels through a sigmoid, distance channels "
-                     "clipped to [0, 1], then the toolkit's post-processing into objects.")
+        lines.append(f"Output: instance channels {kinds}; binary and embedding channels through a sigmoid, "
+                     "distance and ray channels clipped to [0, 1], class planes through a softmax, then the "
+                     "toolkit's post-processing into objects.")
     lines += ["", f"Input: {info.input_channels} channel(s) of {info.input_dtype}.", "", "## Normalisation", ""]
     if info.normalization == "dataset":
         lines.append("Each channel is z-scored with the training statistics: (x - mean) / std with mean "

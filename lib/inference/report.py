@@ -39,6 +39,7 @@ from ..common import html_report as page
 from ..common.errors import ToolkitError
 from ..common.files import write_text
 from ..common.pictures import PREVIEW_MAX_SIDE, colour_labels, enlarge, preview, save_png, with_legend
+from ..model_folder import probability_planes
 from ..store.ome_zarr import OmeZarrImage, OmeZarrView, is_zarr_path, open_ome_zarr
 from .intensity import COLUMN as INTENSITY_COLUMN
 
@@ -196,7 +197,7 @@ def preview_channels(settings: dict) -> set[str] | None:
     names, kinds = block.get("channels"), block.get("kinds")
     if not isinstance(names, list) or not isinstance(kinds, list) or len(names) != len(kinds):
         return None
-    return {name for name, kind in zip(names, kinds) if kind == "binary"}
+    return {name for name, is_probability in zip(names, probability_planes(names, kinds)) if is_probability}
 
 
 def _read_labels(path: Path) -> np.ndarray:

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..model_folder import probability_planes
 from ..scoring.metrics import confusion_matrix
 from ..store.images import smallest_uint
 from ..store.tiling import TilePlan, default_batch_size, inference_plan, read_window, round_up
@@ -102,7 +103,7 @@ def pixel_uncertainty(predictor: Predictor, maps: np.ndarray) -> np.ndarray:
     class probabilities (semantic) or :func:`binary_entropy` of the binary channels (instance)."""
     if predictor.label_kind == "semantic":
         return normalized_entropy(maps)
-    return binary_entropy(maps, [kind == "binary" for kind in predictor.channel_kinds])
+    return binary_entropy(maps, probability_planes(predictor.channel_names, predictor.channel_kinds))
 
 
 class UncertaintyScores:

@@ -3,7 +3,7 @@
 ``"npixels < 100 and circularity <= 0.7; area > 5000"``: groups separated by ``;`` are OR-ed,
 the conditions of a group joined by ``and`` are AND-ed. Parsed without ``eval``. For models with a
 class per instance, ``class == NAME`` and ``class != NAME`` compare the predicted class's name
-(``"class == debris and area < 50"``).
+(``"class == debris and area_px2 < 50"``; names with spaces in quotes: ``class == "class 1"``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": opera
               "!=": operator.ne}
 _CONDITION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*"
                         r"([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*")
-_CLASS_CONDITION = re.compile(r"\s*(class)\s*(==|!=)\s*([A-Za-z0-9_.+-]+)\s*")
+_CLASS_CONDITION = re.compile(r"\s*(class)\s*(==|!=)\s*(?:\"([^\"]*)\"|'([^']*)'|([A-Za-z0-9_.+-]+))\s*")
 CLASS_PROPERTY = "class"  # the name of the predicted class (models with a class head)
 
 
@@ -97,7 +97,8 @@ def parse_rules(text: str | Sequence[str], properties: Sequence[str] | None = No
         for item in re.split(r"\band\b", part, flags=re.IGNORECASE):
             named = _CLASS_CONDITION.fullmatch(item)
             if named is not None:
-                conditions.append(Condition(CLASS_PROPERTY, named.group(2), named.group(3)))
+                name = next(g for g in named.groups()[2:] if g is not None)
+                conditions.append(Condition(CLASS_PROPERTY, named.group(2), name))
                 continue
             match = _CONDITION.fullmatch(item)
             if match is None:

@@ -22,6 +22,10 @@ from ..common.errors import BadInput
 from ..store.lmdb_store import LmdbReader, StoreError
 from .augment import AugmentParams, Transform, apply_transform, augment, crop_centre
 from .targets import TargetSpec, make_targets
+from .targets_fields import consecutive
+
+# Instance ids ride beside the targets in float32, exact below 2**24: larger ids are renumbered per patch.
+_FLOAT32_EXACT = 1 << 24
 
 
 class LabelValueError(BadInput, ValueError):
@@ -205,6 +209,8 @@ class BatchProducer:
             # Targets from the augmented instance ids; the ids ride along as the last channel
             # (exact in float32 below 2**24) for matching statistics at evaluation.
             instances = label if label.ndim == 2 else label[:, :, 0]
+            if instances.size and instances.max() >= _FLOAT32_EXACT:  # float32 would merge neighbouring ids
+                instances = consecutive(instances)[0]
             n_targets = label_out.shape[-1] - 1
             classes = label[:, :, 1] if label.ndim == 3 and label.shape[2] > 1 else None
             make_targets(instances, self.target_spec, out=label_out[:, :, :n_targets], classes=classes)

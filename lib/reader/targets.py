@@ -163,8 +163,9 @@ class TargetSpec:
                 v.append(f"channels must hold the n_rays={self.n_rays} ray planes R0..R{self.n_rays - 1} in order; "
                          f"got {','.join(rays)}. Write R in --instance_channels to get them all")
             embedding = tuple(c for c in self.channels if is_embedding_name(c))
-            if embedding and embedding != EMBEDDING_PLANES:
-                v.append(f"channels must hold the embedding planes {','.join(EMBEDDING_PLANES)} together and in order; "
+            first = self.channels.index(embedding[0]) if embedding else 0
+            if embedding and self.channels[first:first + len(EMBEDDING_PLANES)] != EMBEDDING_PLANES:
+                v.append(f"channels must hold the embedding planes {','.join(EMBEDDING_PLANES)} side by side and in order; "
                          f"got {','.join(embedding)}. Write E in --instance_channels to get them all")
             repeated = sorted({c for c in self.channels if isinstance(c, str) and self.channels.count(c) > 1})
             if repeated:
@@ -422,6 +423,10 @@ def combination_problems(names: tuple[str, ...]) -> list[str]:
     problems = []
     if ray_count(names) and "Eseed" in present:
         problems.append("channels R (polygons) and E (embedding clustering) each make the instances: choose one")
+    elif "Eseed" in present and any(not is_embedding_name(n) and not is_class_name(n) for n in names):
+        problems.append("channels E make the instances by clustering alone: the other channels "
+                        f"({','.join(n for n in names if not is_embedding_name(n) and not is_class_name(n))}) would "
+                        "be trained and never used; give E alone")
     if ray_count(names) and "F" not in present:
         problems.append("channels with R (star-convex polygons) need F, the object probability of each polygon")
     if ("H" in present) != ("V" in present) or (("H" in present) and "F" not in present):

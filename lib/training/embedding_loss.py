@@ -10,15 +10,18 @@ Per example, from the instance ids the reader passes beside the targets and the 
   ``phi_k(i) = exp(-sum_axis exp(10 s_k) (e_i - c_k)^2)``;
 * instance loss: the Lovasz hinge (Berman et al. 2018, the convex surrogate of the IoU that
   EmbedSeg uses) between ``2 phi_k - 1`` and the object's mask, averaged over the objects;
-* variance loss: the mean squared difference between each pixel's ``s`` and its object's ``s_k``
-  (held constant), averaged over the objects, weight 10;
+* variance loss: the squared difference between each pixel's ``s`` and its object's ``s_k`` (held
+  constant), summed over the two axes, averaged over each object's pixels, then over the objects,
+  weight 10;
 * seed loss: on background the seediness squared, on objects ``(seed - phi_own)^2`` with
   ``phi_own`` held constant, weight 10 on object pixels (they are the minority), averaged over
   the pixels.
 
 The sum is the example's loss. Objects are told apart within an example only: ``phi_k`` is
 computed over the pixels of the example that holds ``k``. Memory grows as objects x pixels per
-example (about 30 MB per float tensor for 320 objects in a batch of 128 x 128 patches).
+example, as EmbedSeg's: about 21 MB per float tensor for 320 objects in a batch of 128 x 128
+patches, 16 times that for whole 256-px tiles with 4 times the objects (the validation pass), and
+the loss holds about a dozen such tensors. Train E on patches (``--patch_size``), not whole images.
 """
 
 from __future__ import annotations

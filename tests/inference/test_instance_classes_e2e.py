@@ -120,6 +120,11 @@ def test_each_object_gets_the_majority_class_and_matching_is_per_class(tmp_path,
     assert {r["status"] for r in rows if r["class"] == "long"} == {"removed"}
     assert {r["status"] for r in rows if r["class"] != "long"} == {"kept"}
     assert set(np.unique(labels[labels > 0])) == {int(r["label"]) for r in rows if r["class"] != "long"}
+    # a class the model does not know is refused, naming the ones it knows
+    assert inference.main(["--model", str(model), "--image_folder", str(tmp_path / "images"), "--output_folder",
+                           str(tmp_path / "typo"), "--filter_rules", "class == lnog", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "filter_rules must name classes of the model ('round', 'long', 'odd'" in err and "'lnog'" in err
 
 
 def test_build_train_infer_gives_per_class_rows(tmp_path):

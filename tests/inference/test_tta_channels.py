@@ -100,3 +100,17 @@ def test_predictor_refuses_tta_for_such_a_model():
     predictor_from_models([(model, meta)], tta=False)
     with pytest.raises(ModelError, match="--tta cannot be used .*divisible by 4"):
         predictor_from_models([(model, meta)], tta=True)
+
+
+def test_bandwidths_swap_planes_when_the_axes_swap():
+    """Per-axis bandwidths (Esy, Esx) move to each other's plane under quarter turns, not under flips
+    (the ideal maps above have Esy == Esx, so this is checked on its own)."""
+    names = parse_instance_channels("E").channels
+    esy, esx = names.index("Esy"), names.index("Esx")
+    maps = np.zeros((1, 6, 6, 5), np.float32)
+    maps[..., esy], maps[..., esx] = 0.2, 0.7
+    for k, flip in transforms():
+        fixed = apply_plan(tf.constant(maps), channel_plan(names, k, flip)).numpy()
+        swapped = k % 2 == 1
+        assert np.allclose(fixed[..., esy], 0.7 if swapped else 0.2)
+        assert np.allclose(fixed[..., esx], 0.2 if swapped else 0.7)

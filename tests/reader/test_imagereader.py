@@ -263,6 +263,26 @@ def test_instance_labels_keep_their_ids_and_dtype(tmp_path):
         assert labels.dtype == np.uint32 and set(np.unique(labels)) <= set(ids.tolist())
 
 
+def test_instance_ids_beyond_float32_stay_apart_beside_the_targets(tmp_path):
+    """The ids ride beside the targets in float32 (exact below 2**24): larger ids are renumbered per
+    patch, so neighbouring objects with ids 2**24 and 2**24 + 1 stay two objects (for the
+    embedding loss and the matching)."""
+    ids = np.array([0, 1 << 24, (1 << 24) + 1], np.uint32)
+
+    def label_fn(i, rng):
+        label = np.zeros((32, 32), np.uint32)
+        label[4:14, 4:28], label[14:24, 4:28] = ids[1], ids[2]
+        return label
+
+    database = write_db(tmp_path / "db", label_kind="instance", classes=2, label_dtype=np.uint32, label_fn=label_fn)
+    with reader(database, reader_count=0, mode="test", targets={"channels": ["F"]},
+                augment_params=AugmentParams.none()) as r:
+        labels = next(iter(r.epoch())).labels
+    assert labels.dtype == np.float32 and labels.shape[-1] == 2
+    for example in labels[..., 1]:
+        assert len(np.unique(example[example > 0])) == 2
+
+
 # Lifecycle and failures
 
 

@@ -180,3 +180,16 @@ def test_working_sets_make_targets_in_range(text):
     targets = make_targets(labels, spec)
     assert targets.shape == (64, 64, len(spec.channels)) and targets.dtype == np.float32
     assert targets.min() >= 0.0 and targets.max() <= 1.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("F,C,Db,E", "E make the instances by clustering alone: the other channels \\(F,C,Db\\)"),
+    ("F,R,E", "R \\(polygons\\) and E \\(embedding clustering\\) each make the instances"),
+])
+def test_embedding_planes_are_refused_when_split_or_mixed(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_instance_channels(text)
+    # a spec written by hand (model.json) is checked too
+    with pytest.raises(ConfigError, match="embedding planes Ey,Ex,Esy,Esx,Eseed side by side and in order"):
+        TargetSpec(channels=("Ey", "Ex", "K0", "Esy", "Esx", "Eseed")).validate()
+
