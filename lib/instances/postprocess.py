@@ -486,6 +486,12 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
     wider than the overlap (its distance transform is not local) is lost that way: raise the
     overlap above the largest clump, or predict a C or Db channel.
 
+    Methods ``polygons`` and ``embedding`` follow the same keep-or-drop rule per window, but their
+    objects are not clumps of the growth mask: a polygon reaches as far as its rays, an embedding
+    cluster gathers pixels that point at one centre (up to 256 px away, and not always connected).
+    An object is then found whole when the window whose core holds its centre holds all of it:
+    keep the overlap above twice the largest object.
+
     Raises ``ValueError`` for a bad window or overlap or maps of the wrong shape,
     ``ConfigError`` for invalid settings.
     """
