@@ -58,8 +58,11 @@ def touching_objects(labels: np.ndarray) -> int:
 def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     """Whole-image prediction with the best model through the toolkit's predictor (the model's own
     normalisation, per-image percentiles by default), then the model's post-processing."""
+    from lib.common.device import quiet_tensorflow_logs
     from lib.inference.predictor import load_predictor
     from lib.instances.postprocess import PostProcessConfig, postprocess
+
+    quiet_tensorflow_logs()
 
     meta = json.loads((run / "model.json").read_text())
     config = PostProcessConfig.from_dict(meta["instance"]["postprocess"])
