@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 # Settings that only instance models take; given with a semantic model they are refused.
 # --pixel_size is not among them: every model records it in its OME-TIFF / OME-Zarr outputs.
 INSTANCE_SETTINGS = ("thresholds", "refinements", "filter_rules", "save_intermediates", "class_mask_folder")
+# --thresholds keys of one post-processing method: (key, channel kind the model needs, what, which models)
+METHOD_THRESHOLDS = (("nms", "ray", "the IoU of the polygon suppression", "that makes polygons (an R channel, StarDist)"),
+                     ("seed", "embedding", "the seed score of the embedding clustering",
+                      "with the E channels (EmbedSeg)"))
 
 # Images whose height or width exceeds this are post-processed window by window.
 POSTPROCESS_WINDOW = 4096
@@ -361,10 +365,11 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
     if config.output_format not in ("tif", "ome-zarr"):
         raise ConfigError([f"output_format must be tif for an instance model, or ome-zarr (its labels may need "
                            f"uint32, which PNG cannot hold); got {config.output_format!r}"])
-    if config.thresholds and "nms" in config.thresholds and "ray" not in predictor.channel_kinds:
-        raise ConfigError([f"thresholds nms (the IoU of the polygon suppression) applies only to a model that "
-                           f"makes polygons (an R channel, StarDist); got nms={config.thresholds['nms']!r} with the "
-                           f"channels {','.join(predictor.channel_names)} of {predictor.source}. Leave nms out"])
+    for key, kind, what, model in METHOD_THRESHOLDS:
+        if config.thresholds and key in config.thresholds and kind not in predictor.channel_kinds:
+            raise ConfigError([f"thresholds {key} ({what}) applies only to a model {model}; got "
+                               f"{key}={config.thresholds[key]!r} with the channels "
+                               f"{','.join(predictor.channel_names)} of {predictor.source}. Leave {key} out"])
     if config.class_mask_folder is not None and not class_names(predictor):
         raise ConfigError([f"class_mask_folder gives true classes, but {predictor.source} has no class per instance "
                            f"(it was trained without instance classes); got {config.class_mask_folder!r}. Leave it out"])
@@ -379,10 +384,6 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
         if unknown:
             raise ConfigError([f"filter_rules must name classes of the model ({', '.join(map(repr, class_names(predictor)[1:]))}; "
                                f"in quotes when a name has spaces: class == \"class 1\"); got {', '.join(map(repr, unknown))}"])
-    if config.thresholds and "seed" in config.thresholds and "embedding" not in predictor.channel_kinds:
-        raise ConfigError([f"thresholds seed (the seed score of the embedding clustering) applies only to a model with "
-                           f"the E channels (EmbedSeg); got seed={config.thresholds['seed']!r} with the channels "
-                           f"{','.join(predictor.channel_names)} of {predictor.source}. Leave seed out"])
     return postprocess_settings(predictor, config.thresholds, config.refinements)
 
 

@@ -154,6 +154,11 @@ def test_nms_is_refused_without_polygons(oracle, images, tmp_path, capsys):
     assert "thresholds nms (the IoU of the polygon suppression) applies only to a model that makes polygons" in err
     assert "F,C,Db" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    assert run("--model", oracle, "--image_folder", images, "--output_folder", tmp_path / "out",
+               "--thresholds", "seed=0.7") == 2
+    assert "thresholds seed (the seed score of the embedding clustering) applies only to a model with the E " \
+        "channels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     assert run("--model", oracle, "--image_folder", images, "--output_folder", tmp_path / "png",
                "--output_format", "png") == 2
     assert "or ome-zarr" in capsys.readouterr().err
