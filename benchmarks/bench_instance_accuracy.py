@@ -55,7 +55,7 @@ def touching_objects(labels: np.ndarray) -> int:
     return int(len(np.unique(labels[contact])))
 
 
-def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+def predict_instances(run: Path, images: list[np.ndarray], tta: bool = False) -> list[np.ndarray]:
     """Whole-image prediction with the best model through the toolkit's predictor (the model's own
     normalisation, per-image percentiles by default), then the model's post-processing."""
     from lib.common.device import quiet_tensorflow_logs
@@ -66,7 +66,7 @@ def predict_instances(run: Path, images: list[np.ndarray]) -> list[np.ndarray]:
 
     meta = json.loads((run / "model.json").read_text())
     config = PostProcessConfig.from_dict(meta["instance"]["postprocess"])
-    predictor = load_predictor(run)
+    predictor = load_predictor(run, tta=tta)
     divisor = predictor.size_divisor
     out = []
     for image in images:
@@ -125,6 +125,10 @@ def main() -> int:
     parser.add_argument("--channels", default="F,C,Db",
                         help="';'-separated instance channel sets, one model each (default: F,C,Db)")
     parser.add_argument("--target_speed", action="store_true", help="only time the targets of each channel set")
+    parser.add_argument("--tta", action="store_true",
+                        help="also score each model with test-time augmentation (8 flips and rotations)")
+    parser.add_argument("--score_only", action="store_true",
+                        help="with --keep: score the runs already in that folder (run0, run1, ...) again, no training")
     args = parser.parse_args()
     channel_sets = [c.strip() for c in args.channels.split(";") if c.strip()]
     if args.target_speed:
@@ -140,12 +144,16 @@ def main() -> int:
                      "train_args": args.train_args, "channels": channel_sets}
     with tempfile.TemporaryDirectory(prefix="bench_instances_") as tmp_name:
         work = Path(args.keep) if args.keep else Path(tmp_name)
-        generate_dataset(work / "train", n_images=args.train_images, n_experts=0, seed=0)
-        generate_dataset(work / "test", n_images=args.test_images, n_experts=0, seed=1)
-        subprocess.run([sys.executable, str(ROOT / "build_lmdb.py"), "--image_folder", str(work / "train/images"),
-                        "--mask_folder", str(work / "train/instances"), "--output_folder", str(work / "db"),
-                        "--dataset_name", "cells", "--mask_type", "instance", "--train_fraction", "0.8",
-                        "--seed", "0", "--quiet", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+        if args.score_only and not (args.keep and (work / "test/images").is_dir()):
+            print("--score_only needs --keep FOLDER holding an earlier run of this benchmark", file=sys.stderr)
+            return 2
+        if not args.score_only:
+            generate_dataset(work / "train", n_images=args.train_images, n_experts=0, seed=0)
+            generate_dataset(work / "test", n_images=args.test_images, n_experts=0, seed=1)
+            subprocess.run([sys.executable, str(ROOT / "build_lmdb.py"), "--image_folder", str(work / "train/images"),
+                            "--mask_folder", str(work / "train/instances"), "--output_folder", str(work / "db"),
+                            "--dataset_name", "cells", "--mask_type", "instance", "--train_fraction", "0.8",
+                            "--seed", "0", "--quiet", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
         keys = sorted(p.stem for p in (work / "test/images").glob("*.tif"))
         images = [read_image(work / "test/images" / f"{k}.tif") for k in keys]
         truths = [read_mask(work / "test/instances" / f"{k}.tif").astype(np.int64) for k in keys]
@@ -155,11 +163,11 @@ def main() -> int:
         for n, channels in enumerate(channel_sets):
             run = work / f"run{n}"
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--train_database",
-                                   str(work / "db/train-cells.lmdb"), "--test_database",
-                                   str(work / "db/test-cells.lmdb"), "--output_dir", str(run), "--target", "instance",
-                                   "--instance_channels", channels, "--max_minutes", str(args.minutes)]
-                                  + args.train_args.split(), capture_output=True, text=True)
+            train = [sys.executable, str(ROOT / "train_unet.py"), "--train_database", str(work / "db/train-cells.lmdb"),
+                     "--test_database", str(work / "db/test-cells.lmdb"), "--output_dir", str(run), "--target",
+                     "instance", "--instance_channels", channels, "--max_minutes", str(args.minutes)]
+            proc = subprocess.run(["true"] if args.score_only else train + args.train_args.split(),
+                                  capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode != 0:
                 print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
@@ -168,13 +176,15 @@ def main() -> int:
                 return 1
             meta = json.loads((run / "model.json").read_text())
             steps = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
-            entry = {"training": {"wall_minutes": round(wall / 60, 2), "steps": steps,
+            entry = {"training": {"wall_minutes": None if args.score_only else round(wall / 60, 2), "steps": steps,
                                   "best_step": meta["best"]["step"],
                                   "validation_f1@0.5": round(float(meta["best"]["f1"]), 4),
                                   "planes": len(meta["instance"]["channels"])}}
             start = time.perf_counter()
             entry.update(score(truths, predict_instances(run, images)))
             entry["seconds"] = round(time.perf_counter() - start, 2)
+            if args.tta:
+                entry["tta"] = score(truths, predict_instances(run, images, tta=True))
             results["models"][channels] = entry
             print(f"{channels}: {json.dumps(entry)}", flush=True)
         start = time.perf_counter()
