@@ -107,6 +107,9 @@ def parse_rules(text: str | Sequence[str], properties: Sequence[str] | None = No
                                 f"(groups by ';'); got {item.strip()!r}")
                 continue
             name, op, value = match.groups()
+            if name == CLASS_PROPERTY:
+                problems.append(f"class compares names only: 'class == NAME' or 'class != NAME'; got {item.strip()!r}")
+                continue
             if name not in known:
                 problems.append(f"property must be one of {', '.join(known)}; got {name!r}")
                 continue

@@ -633,8 +633,10 @@ def test_measure_rejects(call, message):
                            "minor_axis_px, eccentricity, solidity, circularity, area_um2, centroid_y_um, "
                            "centroid_x_um, perimeter_um"),
     ("npixel < 100", None, "sphericity, volume_um3, centroid_z_um, surface_area_um2; got 'npixel'"),
-    ("npixels =< 100", None, "condition must be '<property> <op> <number>' with op one of < <= > >= == !=, joined by "
-                             "'and' (groups by ';'); got 'npixels =< 100'"),
+    ("npixels =< 100", None, "condition must be '<property> <op> <number>' with op one of < <= > >= == !=, or "
+                             "'class == NAME' / 'class != NAME', joined by 'and' (groups by ';'); got 'npixels =< 100'"),
+    ("class == 'class 1' and npixels < 5; class != long", "class == class 1 and npixels < 5; class != long", None),
+    ("class < 3", None, "got 'class < 3'"),
     ("npixels < ", None, "got 'npixels <'"),
     ("npixels < 100 or area > 5", None, "got 'npixels < 100 or area > 5'"),
     ("npixels < abs(1)", None, "got 'npixels < abs(1)'"),
