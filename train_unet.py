@@ -276,7 +276,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 
 def _unused_instance_options(config: TrainConfig) -> list[str]:
-    from lib.reader.targets import TargetSpec, parse_instance_channels, unused_options
+    from lib.reader.targets import TargetSpec, parse_instance_channels
+    from lib.reader.targets_describe import unused_options
 
     if config.target != "instance":
         return [name for name, value in config.instance_options.items() if value != getattr(TargetSpec(), name)]

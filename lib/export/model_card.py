@@ -19,6 +19,7 @@ from ..common.errors import BadInput
 from ..common.files import write_text
 from ..common.pictures import OVERLAY_ALPHA, colour_labels, display_image, save_png
 from ..inference.predictor import load_predictor
+from ..instances.postprocess import PostProcessConfig, postprocess
 from ..model_folder import MODEL_FILE, MODEL_JSON, ModelInfo, probability_planes, read_model_json
 from ..store.images import read_image
 from ..store.lmdb_store import LmdbReader
@@ -116,8 +117,6 @@ def prediction_labels(info: ModelInfo, maps: np.ndarray) -> np.ndarray:
     if info.label_kind == "semantic":
         return maps.argmax(axis=-1)
     from scipy import ndimage
-
-    from ..instances.postprocess import PostProcessConfig, postprocess
 
     block = (info.meta.get("instance") or {}).get("postprocess")
     if block:

@@ -127,11 +127,9 @@ class PostProcessConfig:
         ``nms_threshold`` (:func:`lib.instances.stardist.polygon_instances`); seeds, surface and
         growth are then unused, refinements apply.
     nms_threshold : the IoU above which a candidate polygon is suppressed (method ``polygons``).
-    method ``"embedding"`` (the five ``E`` planes): EmbedSeg clustering
-        (:func:`lib.instances.embedding.cluster_instances`) with the mask ``Eseed >
-        thresholds["Eseed"]``, seeds above ``seed_score``, proposals of at least ``min_seed_size``
-        px (at least 1) of which a fraction ``min_unclustered`` is new; refinements apply.
-    seed_score, min_unclustered : see method ``embedding``.
+    method ``"embedding"`` (the ``E`` planes): EmbedSeg clustering (:mod:`.embedding`), mask ``Eseed >
+        thresholds["Eseed"]``, seeds above ``seed_score``, proposals of at least ``min_seed_size`` px
+        of which a fraction ``min_unclustered`` is new; refinements apply.
 
     Besides the plane names, seed, surface and growth channels may name maps derived from
     several planes (:data:`DERIVED`): ``HV`` from ``H`` and ``V``, ``Amin`` and ``Amax`` from the
@@ -486,10 +484,8 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
     wider than the overlap (its distance transform is not local) is lost that way: raise the
     overlap above the largest clump, or predict a C or Db channel.
 
-    Methods ``polygons`` and ``embedding`` follow the same keep-or-drop rule per window, but their
-    objects are not clumps of the growth mask: a polygon reaches as far as its rays, an embedding
-    cluster gathers pixels that point at one centre (up to 256 px away, and not always connected).
-    An object is then found whole when the window whose core holds its centre holds all of it:
+    Methods ``polygons`` and ``embedding`` keep the same rule, but a polygon reaches as far as its
+    rays and an embedding cluster gathers the pixels that point at one centre (not always connected):
     keep the overlap above twice the largest object.
 
     Raises ``ValueError`` for a bad window or overlap or maps of the wrong shape,

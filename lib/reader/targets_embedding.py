@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 
+from .targets_fields import consecutive
+
 EMBEDDING_PLANES = ("Ey", "Ex", "Esy", "Esx", "Eseed")
 REACH = 256.0  # px: the largest offset an embedding plane can express (objects up to about 500 px across)
 SIGMA_SCALE = 10.0  # phi uses exp(SIGMA_SCALE * s) as the precision, as EmbedSeg
@@ -48,8 +50,6 @@ def embedding_targets(labels: np.ndarray) -> np.ndarray:
     """The ideal ``(H, W, 5)`` float32 maps of ``labels`` (0 = background), in plane order
     :data:`EMBEDDING_PLANES`: offsets to each object's centroid (0.5 on background), the bandwidth
     of each object's equivalent radius ``sqrt(area / pi)`` (0 on background), seediness 1 on objects."""
-    from .targets_fields import consecutive
-
     h, w = labels.shape
     out = np.zeros((h, w, 5), np.float32)
     out[..., 0:2] = 0.5

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import model_folder
 from ..instances.postprocess import PostProcessConfig, postprocess
-from ..reader.targets import plane_groups
+from ..reader.targets_describe import plane_groups
 from ..scoring.metrics import confusion_matrix, match_instances, pool_stats, scores
 from .config import TrainConfig
 from .losses import instance_activations

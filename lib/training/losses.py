@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from .embedding_loss import embedding_loss
+
 LOSSES = ("ce", "weighted_ce", "dice", "ce_dice")
 
 
@@ -129,8 +131,6 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
                 tf.reduce_sum(on_object, axis=[1, 2]), 1.0)
             mean = tf.where(ray, masked, mean)
         if n_embedding:
-            from .embedding_loss import embedding_loss
-
             if targets_all.shape[-1] is not None and targets_all.shape[-1] <= n:
                 raise ValueError("the embedding loss needs the instance ids after the target channels")
             end = first_embedding + n_embedding

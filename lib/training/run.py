@@ -38,7 +38,7 @@ from .. import model_folder
 from ..common.device import select_strategy, worker_info
 from ..export.model_card import write_model_card
 from ..reader.imagereader import as_tf_dataset
-from ..reader.targets import describe_targets
+from ..reader.targets_describe import describe_targets
 from ..store.lmdb_store import LmdbReader, StoreError
 from .agreement import SIGNALS, Agreement, peer_errors
 from .config import (
