@@ -135,7 +135,11 @@ def make_instance_loss(kinds: Sequence[str], weights: Sequence[float], distance_
                 raise ValueError("the embedding loss needs the instance ids after the target channels")
             end = first_embedding + n_embedding
             ids = tf.cast(targets_all[..., n], tf.float32)
-            share = embedding_loss(ids, logits[..., first_embedding:end])[:, tf.newaxis] / n_embedding
+            # one example at a time: the loss holds (objects x pixels) tensors, so a batch at once
+            # multiplied the peak memory by the batch size (validation passes on whole tiles)
+            per_example = tf.map_fn(lambda pair: embedding_loss(pair[0][tf.newaxis], pair[1][tf.newaxis])[0],
+                                    (ids, logits[..., first_embedding:end]), fn_output_signature=tf.float32)
+            share = per_example[:, tf.newaxis] / n_embedding
             mean = tf.concat([mean[:, :first_embedding], tf.repeat(share, n_embedding, axis=1), mean[:, end:]], axis=1)
         if n_class:
             first = n - n_class
