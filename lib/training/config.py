@@ -217,9 +217,14 @@ class TrainConfig:
             v.append(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
         elif self.target == "instance":
             try:
-                self.target_spec()
+                spec = self.target_spec()
             except (TypeError, ValueError) as exc:
                 v.append(f"instance targets are invalid: {exc}")
+            else:
+                if self.jit_compile and "embedding" in spec.kinds:
+                    v.append("jit_compile must be off for the E channels: XLA cannot compile the gradient of the "
+                             "embedding loss (its number of objects changes from batch to batch); leave out "
+                             "--jit_compile")
             if self.loss != "ce":
                 v.append(f"loss must be left at 'ce' for --target instance (each channel has its own loss: sigmoid "
                          f"cross-entropy or L1/MSE); got {self.loss!r}")

@@ -146,3 +146,12 @@ def test_settings_added_after_a_run_was_recorded_count_as_their_defaults():
     assert differing_settings(older, now) == []
     older["normalization"] = "dataset"  # recorded before percentile became the default: a real difference
     assert differing_settings(older, now) == ["normalization"]
+
+
+def test_jit_compile_is_refused_for_embeddings(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _cli_config(train_unet, ["--target", "instance", "--instance_channels", "E", "--jit_compile"])
+    assert stop.value.code == 2
+    assert "jit_compile must be off for the E channels" in capsys.readouterr().err
+    _cli_config(train_unet, ["--target", "instance", "--instance_channels", "F,C,Db", "--jit_compile"])
+
