@@ -373,16 +373,17 @@ def instance_settings(predictor: Predictor, config: InferenceConfig) -> PostProc
     if config.class_mask_folder is not None and not class_names(predictor):
         raise ConfigError([f"class_mask_folder gives true classes, but {predictor.source} has no class per instance "
                            f"(it was trained without instance classes); got {config.class_mask_folder!r}. Leave it out"])
-    if config.filter_rules and CLASS_PROPERTY in parse_rules(config.filter_rules).properties:
-        if not class_names(predictor):
+    rules = parse_rules(config.filter_rules) if config.filter_rules else None
+    if rules is not None and CLASS_PROPERTY in rules.properties:
+        names = class_names(predictor)
+        if not names:
             raise ConfigError([f"filter_rules name the class, but {predictor.source} has no class per instance (it "
                                f"was trained without instance classes); got {config.filter_rules!r}. Leave the class "
                                "out"])
-        named = {str(c.value) for group in parse_rules(config.filter_rules).groups for c in group
-                 if c.property == CLASS_PROPERTY}
-        unknown = sorted(named - set(class_names(predictor)[1:]))
+        named = {str(c.value) for group in rules.groups for c in group if c.property == CLASS_PROPERTY}
+        unknown = sorted(named - set(names[1:]))
         if unknown:
-            raise ConfigError([f"filter_rules must name classes of the model ({', '.join(map(repr, class_names(predictor)[1:]))}; "
+            raise ConfigError([f"filter_rules must name classes of the model ({', '.join(map(repr, names[1:]))}; "
                                f"in quotes when a name has spaces: class == \"class 1\"); got {', '.join(map(repr, unknown))}"])
     return postprocess_settings(predictor, config.thresholds, config.refinements)
 

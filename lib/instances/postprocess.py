@@ -556,29 +556,30 @@ def postprocess_windowed(maps: Any, config: PostProcessConfig, window: int = 204
 def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, float],
              border: tuple[bool, bool, bool, bool]):
     """Labels (not renumbered), seed labels, surface and growth mask of one image or window."""
+    channel = _planes(maps, config.channels)
+    if config.method == "watershed":
+        labels, seeds, surface, growth = _watershed(config, thresholds, channel)
+    else:  # polygons and embedding clusters make the objects themselves; their centres are the seeds
+        if config.method == "polygons":
+            first, mask, surface = config.channels.index("R0"), "F", channel("F")
+            labels, centres = polygon_instances(channel("F"), maps[..., first:first + ray_count(config.channels)],
+                                                thresholds["F"], config.nms_threshold)
+        else:
+            first, mask, surface = config.channels.index("Ey"), "Eseed", -channel("Eseed")
+            labels, centres = cluster_instances(maps[..., first:first + len(EMBEDDING_PLANES)], thresholds["Eseed"],
+                                                config.seed_score, max(config.min_seed_size, 1), config.min_unclustered)
+        seeds = np.zeros(labels.shape, np.int32)
+        seeds[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
+        growth = channel(mask) > thresholds[mask]
+    for step in config.refinements:
+        labels = _refine(labels, *parse_refinement(step), border, growth)
+    return labels, seeds, surface, growth
+
+
+def _watershed(config: PostProcessConfig, thresholds: dict[str, float], channel: Callable[[str], np.ndarray]):
+    """Labels, seed labels, surface and growth mask by marker-controlled watershed (refinements not applied)."""
     from skimage.segmentation import watershed
 
-    channel = _planes(maps, config.channels)
-    if config.method == "polygons":
-        first = config.channels.index("R0")
-        labels, centres = polygon_instances(channel("F"), maps[..., first:first + ray_count(config.channels)],
-                                            thresholds["F"], config.nms_threshold)
-        seeds = np.zeros(labels.shape, np.int32)
-        seeds[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
-        growth = channel("F") > thresholds["F"]
-        for step in config.refinements:
-            labels = _refine(labels, *parse_refinement(step), border, growth)
-        return labels, seeds, channel("F"), growth
-    if config.method == "embedding":
-        first = config.channels.index("Ey")
-        labels, centres = cluster_instances(maps[..., first:first + len(EMBEDDING_PLANES)], thresholds["Eseed"],
-                                            config.seed_score, max(config.min_seed_size, 1), config.min_unclustered)
-        seeds = np.zeros(labels.shape, np.int32)
-        seeds[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
-        growth = channel("Eseed") > thresholds["Eseed"]
-        for step in config.refinements:
-            labels = _refine(labels, *parse_refinement(step), border, growth)
-        return labels, seeds, -channel("Eseed"), growth
     growth = channel(config.growth_channel) > thresholds["growth"]
     seed_mask = growth.copy()
     for name in config.seed_channels:
@@ -602,8 +603,6 @@ def _segment(maps: np.ndarray, config: PostProcessConfig, thresholds: dict[str, 
     else:
         surface = -channel(config.surface_channel)
     labels = watershed(_ranks(surface), seeds, mask=growth, connectivity=1).astype(np.int32, copy=False)
-    for step in config.refinements:
-        labels = _refine(labels, *parse_refinement(step), border, growth)
     return labels, seeds, surface, growth
 
 

@@ -17,13 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 import inference  # noqa: E402
 from lib.store.images import read_image, read_volume, write_image
-from tests.conftest import unet_folder, write_pairs  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    pytest.importorskip("keras")
-    return unet_folder(tmp_path_factory.mktemp("model"), 3, "uint16", 30000.0, 17000.0, depth=2)
+from tests.conftest import write_pairs  # noqa: E402
 
 
 @pytest.fixture

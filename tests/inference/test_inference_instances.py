@@ -82,15 +82,6 @@ def disks(shape, centres, radius: float) -> np.ndarray:
     return labels
 
 
-@pytest.fixture(scope="module")
-def oracle_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("oracle") / "run"
-    folder.mkdir()
-    oracle_model().save(folder / "model.keras")
-    (folder / "model.json").write_text(json.dumps(instance_json()))
-    return folder
-
-
 @pytest.fixture
 def instance_data(tmp_path) -> Path:
     """Four synthetic images (logits of perfect maps, float32) and their instance masks (uint16)."""

@@ -20,18 +20,9 @@ from lib.store.images import read_image, write_image  # noqa: E402
 keras = pytest.importorskip("keras")
 zarr = pytest.importorskip("zarr")
 
-from tests.inference.test_inference_instances import disks, instance_json, oracle_model, perfect_logits  # noqa: E402
+from tests.inference.test_inference_instances import disks, perfect_logits  # noqa: E402
 
 CENTRES = [(12, 12), (12, 40), (36, 20), (40, 48)]
-
-
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("oracle_px") / "run"
-    folder.mkdir()
-    oracle_model().save(folder / "model.keras")
-    (folder / "model.json").write_text(json.dumps(instance_json()))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +56,9 @@ def measurements(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_labels_and_maps_carry_the_input_pixel_size_and_measure_in_um(oracle, images, tmp_path, capsys):
+def test_labels_and_maps_carry_the_input_pixel_size_and_measure_in_um(oracle_folder, images, tmp_path, capsys):
     out = tmp_path / "out"
-    assert inference.main(["--model", str(oracle), "--image_folder", str(images), "--output_folder", str(out),
+    assert inference.main(["--model", str(oracle_folder), "--image_folder", str(images), "--output_folder", str(out),
                            "--probabilities"]) == 0
     assert "disks.tif: measurements in um (0.5 um per pixel from the image's metadata)" in capsys.readouterr().out
     for name in ("disks.tif", "probabilities/disks_F.tif", "probabilities/disks_Db.tif"):
@@ -79,14 +70,14 @@ def test_labels_and_maps_carry_the_input_pixel_size_and_measure_in_um(oracle, im
     assert record["instances"]["measurement_pixel_size"] == 0.5 and record["pixel_size"] == [0.5, 0.5]
 
 
-def test_the_pixel_size_flag_wins_and_filter_rules_keep_pixel_units(oracle, images, tmp_path, capsys):
+def test_the_pixel_size_flag_wins_and_filter_rules_keep_pixel_units(oracle_folder, images, tmp_path, capsys):
     out = tmp_path / "given"
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", out, "--probabilities",
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", out, "--probabilities",
                "--pixel_size", "2") == 0
     assert physical_size_x(out / "disks.tif") == 2.0 and physical_size_x(out / "probabilities/disks_C.tif") == 2.0
     assert "area_um2" in measurements(out / "disks_instances.csv")[0]
     ruled = tmp_path / "ruled"
-    assert inference.main(["--model", str(oracle), "--image_folder", str(images), "--output_folder", str(ruled),
+    assert inference.main(["--model", str(oracle_folder), "--image_folder", str(images), "--output_folder", str(ruled),
                            "--filter_rules", "npixels < 5"]) == 0
     assert "measurements in pixels (the image records 0.5 x 0.5 um, but --filter_rules are in pixel units)" in \
         capsys.readouterr().out
@@ -94,14 +85,14 @@ def test_the_pixel_size_flag_wins_and_filter_rules_keep_pixel_units(oracle, imag
     assert physical_size_x(ruled / "disks.tif") == 0.5  # the files still carry it
 
 
-def test_streamed_instance_outputs_carry_the_pixel_size(oracle, images, tmp_path, monkeypatch):
+def test_streamed_instance_outputs_carry_the_pixel_size(oracle_folder, images, tmp_path, monkeypatch):
     import lib.inference.runner
     import lib.inference.tiled
 
     monkeypatch.setattr(lib.inference.runner, "STREAM_PIXELS", 1000)
     monkeypatch.setattr(lib.inference.tiled, "TIFF_TILE", 16)
     out = tmp_path / "streamed"
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", out, "--probabilities") == 0
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", out, "--probabilities") == 0
     assert json.loads((out / "records" / "disks.json").read_text())["plan"]["streamed"]
     assert physical_size_x(out / "disks.tif") == 0.5 and physical_size_x(out / "probabilities/disks_F.tif") == 0.5
     assert read_image(out / "disks.tif")[..., 0].max() == len(CENTRES)
@@ -114,15 +105,15 @@ def _zarr(path: Path) -> tuple[np.ndarray, list]:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_ome_zarr_outputs_of_an_instance_model(oracle, images, tmp_path, monkeypatch, streamed):
+def test_ome_zarr_outputs_of_an_instance_model(oracle_folder, images, tmp_path, monkeypatch, streamed):
     import lib.inference.runner
 
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", tmp_path / "tif",
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", tmp_path / "tif",
                "--probabilities", "--uncertainty") == 0
     if streamed:
         monkeypatch.setattr(lib.inference.runner, "STREAM_PIXELS", 1000)
     out = tmp_path / "zarr"
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", out, "--probabilities",
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", out, "--probabilities",
                "--uncertainty", "--output_format", "ome-zarr", "--mask_folder",
                images.parent / f"{images.name}_masks") == 0
     assoc = (out / "associations" / "disks.csv").read_text().splitlines()
@@ -147,18 +138,18 @@ def test_ome_zarr_outputs_of_an_instance_model(oracle, images, tmp_path, monkeyp
     assert not list(out.rglob("*.partial*"))
 
 
-def test_nms_is_refused_without_polygons(oracle, images, tmp_path, capsys):
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", tmp_path / "out",
+def test_nms_is_refused_without_polygons(oracle_folder, images, tmp_path, capsys):
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", tmp_path / "out",
                "--thresholds", "nms=0.4") == 2
     err = capsys.readouterr().err
     assert "thresholds nms (the IoU of the polygon suppression) applies only to a model that makes polygons" in err
     assert "F,C,Db" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", tmp_path / "out",
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", tmp_path / "out",
                "--thresholds", "seed=0.7") == 2
     assert "thresholds seed (the seed score of the embedding clustering) applies only to a model with the E " \
         "channels" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert run("--model", oracle, "--image_folder", images, "--output_folder", tmp_path / "png",
+    assert run("--model", oracle_folder, "--image_folder", images, "--output_folder", tmp_path / "png",
                "--output_format", "png") == 2
     assert "or ome-zarr" in capsys.readouterr().err

@@ -16,16 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import inference  # noqa: E402
 from lib.store.images import pixel_size_of, read_image, read_volume, write_image  # noqa: E402
 from lib.store.ome_zarr import write_ome_zarr  # noqa: E402
-from tests.conftest import unet_folder, write_pairs  # noqa: E402
+from tests.conftest import write_pairs  # noqa: E402
 
 zarr = pytest.importorskip("zarr")
 SHAPES = [(70, 90), (64, 64), (100, 50)]
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    pytest.importorskip("keras")
-    return unet_folder(tmp_path_factory.mktemp("model"), 3, "uint16", 30000.0, 17000.0, depth=2)
 
 
 @pytest.fixture
